@@ -1,0 +1,103 @@
+"""The training configuration: one flat dataclass, its checks, and its command line.
+
+Every field is a command-line flag (`--epochs 5`) and an MLproject parameter (`-P epochs=5`).
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from mnistflow.data import DATASETS
+from mnistflow.models import DEFAULT_MODEL, MODELS
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("onecycle", "none")
+PHASES = ("development", "tuning", "production")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the value and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"
+    model: str = DEFAULT_MODEL
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.01            # the peak rate when lr_schedule is onecycle
+    optimizer: str = "adamw"
+    momentum: float = 0.9       # sgd only
+    weight_decay: float = 0.0005
+    lr_schedule: str = "onecycle"
+    label_smoothing: float = 0.05
+    patience: int = 0           # epochs without a better val_loss before stopping; 0 = never stop early
+    seed: int = 42
+    deterministic: bool = True
+    device: str = "auto"
+    val_fraction: float = 0.1
+    max_train_samples: int = 0  # 0 = all; a small number makes a smoke run
+    data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
+    log_every: int = 50         # steps between step-level `loss` metrics
+    phase: str = "development"
+    note: str = ""
+    register: bool = False
+    resume: str = ""            # a run id to continue
+
+    def validate(self) -> "TrainConfig":
+        def choose(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
+
+        def at_least(name, low):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be >= {low}")
+
+        choose("dataset", DATASETS)
+        choose("model", MODELS)
+        choose("optimizer", OPTIMIZERS)
+        choose("lr_schedule", LR_SCHEDULES)
+        choose("phase", PHASES)
+        choose("device", DEVICES)
+        at_least("epochs", 1)
+        at_least("batch_size", 1)
+        at_least("patience", 0)
+        at_least("max_train_samples", 0)
+        at_least("log_every", 1)
+        at_least("weight_decay", 0)
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} is not allowed; it must be > 0")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} is not allowed; it must be in (0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} is not allowed; it must be in [0, 1)")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum} is not allowed; it must be in [0, 1)")
+        return self
+
+
+def parse_bool(text: str) -> bool:
+    # MLflow passes every parameter as a string, so `-P register=true` arrives as "true".
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad flag in one line (not usage + error) and exits with code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    for field in dataclasses.fields(cls):
+        kind = parse_bool if field.type is bool else field.type
+        parser.add_argument(f"--{field.name}", type=kind, default=field.default)
+
+
+def from_args(args: argparse.Namespace, cls=TrainConfig):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

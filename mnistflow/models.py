@@ -1,0 +1,105 @@
+"""The named CNN architectures, and the wrapper that turns one into a servable model.
+
+Every network takes a normalised (N, 1, 28, 28) batch and returns (N, 10) logits.
+"""
+import torch
+from torch import nn
+
+
+def baseline() -> nn.Module:
+    """Pipeline doc, Run 1: Conv32 -> max pool -> dense 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 13 * 13, 10),
+    )
+
+
+def enhanced() -> nn.Module:
+    """Pipeline doc, Run 2: Conv64 -> pool -> dropout .25 -> dense 128 -> dropout .5 -> dense 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Flatten(), nn.Linear(64 * 13 * 13, 128), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(128, 10),
+    )
+
+
+def cnn_bn() -> nn.Module:
+    """The Optuna classifier's net: two conv layers with batch norm, max pool, dropout, two dense layers."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.25), nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10),
+    )
+
+
+def simple() -> nn.Module:
+    """The MLOps sample's net (as in pytorch/examples mnist): conv32, conv64, dense 128, dropout .25."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.25), nn.Flatten(),
+        nn.Linear(64 * 12 * 12, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10),
+    )
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def fast() -> nn.Module:
+    """The default: chosen for test accuracy per second of CPU training (see bench/train_speed.py).
+
+    Narrow convolutions at full resolution are the expensive part on a CPU, so width grows
+    only after each pooling; batch norm lets the one-cycle schedule use a high learning rate.
+    """
+    return nn.Sequential(
+        *_conv_bn(1, 16), nn.MaxPool2d(2),            # 14x14
+        *_conv_bn(16, 32), *_conv_bn(32, 32), nn.MaxPool2d(2),  # 7x7
+        *_conv_bn(32, 64), nn.MaxPool2d(2),           # 3x3
+        nn.Flatten(), nn.Dropout(0.1), nn.Linear(64 * 3 * 3, 10),
+    )
+
+
+MODELS = {"fast": fast, "baseline": baseline, "enhanced": enhanced, "cnn_bn": cnn_bn, "simple": simple}
+DEFAULT_MODEL = "fast"
+
+
+def build(name: str) -> nn.Module:
+    return MODELS[name]()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def summary(model: nn.Module) -> str:
+    """One line per layer with its output shape and parameter count, for a (1, 1, 28, 28) input."""
+    lines = [f"{'layer':<40}{'output shape':>20}{'params':>12}"]
+    x = torch.zeros(1, 1, 28, 28)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model):
+            x = layer(x)
+            n = sum(p.numel() for p in layer.parameters())
+            lines.append(f"{f'{i}: {layer}':<40.40}{str(tuple(x.shape)):>20}{n:>12,}")
+    model.train(was_training)
+    lines.append(f"{'total':<40}{'':>20}{count_params(model):>12,}")
+    return "\n".join(lines)
+
+
+class Normalize(nn.Module):
+    """Applies the training data's normalisation, so served models take raw [0, 1] pixels."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def servable(net: nn.Module, mean: float, std: float) -> nn.Module:
+    """(N, 1, 28, 28) pixels in [0, 1] -> (N, 10) class probabilities."""
+    return nn.Sequential(Normalize(mean, std), net, nn.Softmax(dim=1)).eval()

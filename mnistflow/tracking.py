@@ -1,0 +1,207 @@
+"""MLflow helpers: the run's life cycle, what makes it reproducible, checkpoints, results and the model."""
+import dataclasses
+import getpass
+import os
+import platform
+import signal
+import subprocess
+import tempfile
+import warnings
+from contextlib import contextmanager
+
+import mlflow
+import numpy as np
+import torch
+import torchvision
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from sklearn.metrics import classification_report, confusion_matrix
+
+from mnistflow import plots
+from mnistflow.data import Data
+from mnistflow.models import count_params, servable
+from mnistflow.train import evaluate
+
+CHECKPOINTS = "checkpoints"
+
+
+class AsyncMetrics:
+    """Logs metrics without blocking the training loop; `flush` waits and raises on any failed write."""
+
+    def __init__(self):
+        self._pending = []
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        self._pending.append(mlflow.log_metrics(metrics, step=step, synchronous=False))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def tracked_run(**start_run_args):
+    """Start or continue a run; yield (run, log_metrics).
+
+    The run ends FINISHED only when the body succeeds and every metric was written; an error
+    ends it FAILED, Ctrl-C or SIGTERM ends it KILLED.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    log_metrics = AsyncMetrics()
+    run = mlflow.start_run(**start_run_args)
+    try:
+        yield run, log_metrics
+        log_metrics.flush()
+    except BaseException as exc:
+        try:
+            log_metrics.flush()  # keep what was measured before the failure
+        except MlflowException as flush_error:
+            print(f"warning: some metrics were not written: {flush_error}", flush=True)
+        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def run_tags(phase: str, dataset: str, note: str = "") -> dict:
+    """Who ran what: git commit/branch/dirty, user, phase, dataset, and the note."""
+    tags = {
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_branch": _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown",
+        "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "user": getpass.getuser(),
+        "phase": phase,
+        "dataset": dataset,
+    }
+    if note:
+        tags["mlflow.note.content"] = note
+    return tags
+
+
+def library_versions() -> dict:
+    return {
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "mlflow_version": mlflow.__version__,
+    }
+
+
+def log_config(cfg) -> None:
+    """The resolved config both as params (searchable) and as config.yaml (re-runnable)."""
+    config = dataclasses.asdict(cfg)
+    mlflow.log_params(config)
+    mlflow.log_dict(config, "config.yaml")
+
+
+def log_datasets(data: Data) -> None:
+    for context, split in (("training", data.train), ("validation", data.val), ("test", data.test)):
+        with warnings.catch_warnings():
+            # MLflow registers two local-path source types under one name and warns that it
+            # picked one of them; either is right for a local data directory.
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(),
+                                             source=data.root, name=f"{data.name}-{context}",
+                                             digest=split.digest)
+        mlflow.log_input(dataset, context=context)
+
+
+def checkpoint_saver(directory: str):
+    """A `save_checkpoint(state, is_best)` for `fit` that logs last.pt (and best.pt) to the run."""
+    def save(state: dict, is_best: bool) -> None:
+        path = os.path.join(directory, "last.pt")
+        torch.save(state, path)
+        mlflow.log_artifact(path, CHECKPOINTS)
+        if is_best:
+            best = os.path.join(directory, "best.pt")
+            torch.save({"epoch": state["epoch"], "model": state["model"]}, best)
+            mlflow.log_artifact(best, CHECKPOINTS)
+    return save
+
+
+def load_checkpoint(run_id: str) -> dict | None:
+    """The run's last checkpoint, or None when it has none yet."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{CHECKPOINTS}/last.pt", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        # weights_only: a checkpoint is data; never let it run code while loading.
+        return torch.load(path, weights_only=True)
+
+
+def log_missing_epochs(run_id: str, history: list[dict], log_metrics) -> None:
+    """Log the epochs a checkpoint holds but the run lacks (a crash between the two writes)."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")}
+    for epoch, metrics in enumerate(history, start=1):
+        if epoch not in logged:
+            log_metrics(metrics, epoch)
+
+
+def log_test_results(net: torch.nn.Module, data: Data, device: torch.device, prefix: str = "test") -> dict:
+    """Final metrics on the test split: loss, accuracy, per-class precision/recall/F1, report and plots."""
+    loss, accuracy, logits = evaluate(net, data.test, device)
+    labels, preds = data.test.labels.numpy(), logits.argmax(1).numpy()
+    report = classification_report(labels, preds, labels=range(len(data.classes)),
+                                   target_names=data.classes, output_dict=True, zero_division=0)
+    metrics = {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}
+    for i, name in enumerate(data.classes):
+        for key in ("precision", "recall", "f1-score"):
+            metrics[f"{prefix}_{key.split('-')[0]}_class_{i}"] = report[name][key]
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict(report, f"{prefix}/classification_report.json")
+    mlflow.log_text(classification_report(labels, preds, labels=range(len(data.classes)),
+                                          target_names=data.classes, digits=4, zero_division=0),
+                    f"{prefix}/classification_report.txt")
+    cm = confusion_matrix(labels, preds, labels=range(len(data.classes)))
+    _log_figure(plots.confusion_matrix(cm, data.classes), f"plots/{prefix}_confusion_matrix.png")
+    wrong = np.flatnonzero(preds != labels)
+    images = data.test.images[wrong] * data.std + data.mean  # back to [0, 1] pixels for display
+    _log_figure(plots.misclassified(images, labels[wrong], preds[wrong], data.classes),
+                f"plots/{prefix}_misclassified.png")
+    return metrics
+
+
+def _log_figure(figure, path: str) -> None:
+    mlflow.log_figure(figure, path)
+    plots.close(figure)
+
+
+def log_curves(history: list[dict]) -> None:
+    _log_figure(plots.curves(history), "plots/loss_accuracy_curves.png")
+
+
+def log_model(net: torch.nn.Module, data: Data) -> mlflow.models.model.ModelInfo:
+    """Log the net as a servable model: [0, 1] pixels (N, 1, 28, 28) in, class probabilities out."""
+    model = servable(net.cpu(), data.mean, data.std)
+    example = (data.test.images[:5] * data.std + data.mean).numpy()
+    with torch.no_grad():
+        probabilities = model(torch.from_numpy(example)).numpy()
+    return mlflow.pytorch.log_model(
+        model, name="model",
+        signature=infer_signature(example, probabilities),
+        input_example=example,
+        # Listed, not inferred: inference imports the model in a subprocess and costs ~15 s.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                          f"numpy=={np.__version__}"],
+        # pt2 (torch.export) stores a traced graph: loading runs no pickled code and needs no
+        # mnistflow import, unlike the pickle format.
+        serialization_format="pt2",
+    )
+
+
+def model_params(net: torch.nn.Module, device: torch.device) -> dict:
+    return {"num_params": count_params(net), "resolved_device": str(device), **library_versions()}

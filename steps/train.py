@@ -1,0 +1,99 @@
+"""The `train` step: train one CNN on MNIST or Fashion-MNIST and track everything in MLflow.
+
+    python -m steps.train --epochs 5
+    mlflow run . -e train -P epochs=5 --env-manager local
+    python -m steps.train --resume <run_id>      # continue a FAILED or KILLED run where it stopped
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from mnistflow import data as datasets
+from mnistflow import models, tracking
+from mnistflow.config import ConfigError, OneLineParser, TrainConfig, add_arguments, from_args
+from mnistflow.data import DataError
+from mnistflow.train import fit, select_device, seed_everything
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = OneLineParser(prog="train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return from_args(parser.parse_args(argv))
+
+
+def resumed_config(run_id: str) -> TrainConfig:
+    """The config a run was started with, so the continued run trains exactly as it began."""
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"unknown resume run id {run_id!r}: no such run in {mlflow.get_tracking_uri()}")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
+    try:
+        config = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.yaml")
+    except MlflowException:
+        raise ConfigError(f"run {run_id} has no config.yaml, so it was not started by the train step")
+    return TrainConfig(**{**config, "resume": run_id})
+
+
+def main(argv=None) -> None:
+    started = time.perf_counter()
+    cfg = parse_config(argv)
+    try:
+        if cfg.resume:
+            cfg = resumed_config(cfg.resume)
+        cfg.validate()
+        if cfg.register:
+            raise ConfigError("register=true is not available yet: the register step is still to be built")
+        data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
+    except (ConfigError, DataError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = select_device(cfg.device)
+    net = models.build(cfg.model)
+    state = tracking.load_checkpoint(cfg.resume) if cfg.resume else None
+    launcher_run = os.environ.get("MLFLOW_RUN_ID")  # set when started by `mlflow run`
+
+    with tracking.tracked_run(run_id=cfg.resume or None) as (run, log_metrics), \
+            tempfile.TemporaryDirectory() as checkpoint_dir:
+        run_id = run.info.run_id
+        if cfg.resume and launcher_run and launcher_run != run_id:
+            # `mlflow run` opened a run of its own before this step started; point it here.
+            mlflow.MlflowClient().set_tag(launcher_run, "mlflow.note.content", f"resumed run {run_id}")
+        if state is None:
+            tracking.log_config(cfg)
+            mlflow.log_params({
+                **tracking.model_params(net, device),
+                "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
+                "steps_per_epoch": -(-len(data.train) // cfg.batch_size),
+            })
+            mlflow.set_tags(tracking.run_tags(cfg.phase, cfg.dataset, cfg.note))
+            tracking.log_datasets(data)
+            mlflow.log_text(models.summary(net), "model_summary.txt")
+            print(f"run {run_id}: {cfg.model} ({models.count_params(net):,} params) on {cfg.dataset}, "
+                  f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
+        else:
+            print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
+            tracking.log_missing_epochs(run_id, state["history"], log_metrics)
+
+        state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
+                    save_checkpoint=tracking.checkpoint_saver(checkpoint_dir))
+        tracking.log_curves(state["history"])
+        results = tracking.log_test_results(net, data, device)
+        tracking.log_model(net, data)
+
+    print(f"run {run_id} FINISHED in {time.perf_counter() - started:.0f} s: "
+          f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f} "
+          f"(best epoch {state['best']['epoch']}); tracking URI {mlflow.get_tracking_uri()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

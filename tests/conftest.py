@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny MNIST-format IDX files and a throw-away MLflow store per test."""
+import os
+import struct
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file, the format of the MNIST distribution files."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def learnable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise with a bright 6x6 patch whose position encodes the label: easy but not trivial."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28))
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        images[i, 4 + row * 12:10 + row * 12, 2 + col * 5:8 + col * 5] = 255
+    return images
+
+
+def make_dataset(root: str, folder: str = "MNIST", n_train: int = 600, n_test: int = 200, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, folder, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n)
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), learnable_images(labels, rng))
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """A data directory with small MNIST and Fashion-MNIST files in torchvision's layout."""
+    root = str(tmp_path_factory.mktemp("data"))
+    make_dataset(root, "MNIST")
+    make_dataset(root, "FashionMNIST", seed=1)
+    return root
+
+
+EXPERIMENT = "tests"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store with artifacts beside it, for this process and its children.
+
+    The experiment is created here with an absolute artifact location, so runs started from
+    the project directory (as `mlflow run .` must be) still write their artifacts into tmp_path.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().create_experiment(EXPERIMENT, artifact_location=str(tmp_path / "artifacts"))
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def run_step(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command from the project root, as a user would, capturing its output."""
+    return subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_step(sys.executable, "-m", module, *args, **kwargs)

@@ -1,0 +1,87 @@
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from mnistflow import data, models
+from mnistflow.config import ConfigError, TrainConfig
+from mnistflow.train import fit, seed_everything
+
+CPU = torch.device("cpu")
+
+
+def train(cfg, dataset, state=None, checkpoints=None, logged=None):
+    seed_everything(cfg.seed, cfg.deterministic)
+    net = models.build(cfg.model)
+    save = (lambda s, best: checkpoints.append(copy.deepcopy(s))) if checkpoints is not None else None
+    log = (lambda metrics, step: logged.append((step, metrics))) if logged is not None else (lambda m, s: None)
+    kwargs = {"save_checkpoint": save} if save else {}
+    state = fit(cfg, net, dataset, CPU, log_metrics=log, state=state, **kwargs)
+    return net, state
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_data):
+    return data.load("mnist", tiny_data, seed=0)
+
+
+def test_fit_learns_and_logs_every_epoch(tiny):
+    cfg = TrainConfig(model="baseline", epochs=3, batch_size=32, lr=0.003, log_every=5)
+    logged = []
+    _, state = train(cfg, tiny, logged=logged)
+    epochs = [(step, m) for step, m in logged if "val_loss" in m]
+    assert [step for step, _ in epochs] == [1, 2, 3]
+    assert set(epochs[0][1]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                                 "epoch_time_s", "images_per_s"}
+    steps = [step for step, m in logged if "loss" in m and "val_loss" not in m]
+    assert steps == list(range(5, 3 * 17 + 1, 5))  # 540 images / 32 = 17 steps per epoch
+    assert state["history"][-1]["val_accuracy"] > 0.9
+    assert state["history"][-1]["train_loss"] < state["history"][0]["train_loss"]
+
+
+def test_same_seed_same_result(tiny):
+    cfg = TrainConfig(epochs=2, batch_size=64)
+    _, a = train(cfg, tiny)
+    _, b = train(cfg, tiny)
+    assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_training(tiny):
+    cfg = TrainConfig(epochs=3, batch_size=64)
+    checkpoints = []
+    full_net, full = train(cfg, tiny, checkpoints=checkpoints)
+    assert [c["epoch"] for c in checkpoints] == [1, 2, 3]
+    resumed_net, resumed = train(cfg, tiny, state=checkpoints[0])
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in full["history"]]
+    for a, b in zip(full_net.state_dict().values(), resumed_net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny):
+    # Validation labels shuffled: the more the net learns the training set, the worse its val_loss.
+    shuffled = tiny.val.labels[torch.randperm(len(tiny.val), generator=torch.Generator().manual_seed(0))]
+    noisy = dataclasses.replace(tiny, val=data.Split(tiny.val.images, shuffled, "shuffled"))
+    cfg = TrainConfig(model="baseline", epochs=8, batch_size=32, lr=0.001, lr_schedule="none",
+                      label_smoothing=0.0, patience=2)
+    net, state = train(cfg, noisy)
+    assert state["stopped_early"]
+    assert len(state["history"]) < 6
+    best = state["best"]["epoch"]
+    assert len(state["history"]) == best + 2
+    assert torch.equal(net.state_dict()["4.weight"], state["best"]["model"]["4.weight"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 0}, "epochs=0 is not allowed; it must be >= 1"),
+    ({"lr": -0.1}, "lr=-0.1 is not allowed; it must be > 0"),
+    ({"model": "resnet"}, "unknown model 'resnet'; choose from fast, baseline"),
+    ({"dataset": "cifar"}, "unknown dataset 'cifar'; choose from mnist, fashion_mnist"),
+    ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose from adamw, adam, sgd"),
+    ({"val_fraction": 1.0}, "val_fraction=1.0 is not allowed; it must be in (0, 1)"),
+    ({"val_fraction": 0}, "val_fraction=0 is not allowed; it must be in (0, 1)"),
+])
+def test_bad_config_names_value_and_allowed(change, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**change).validate()
+    assert message in str(err.value)
