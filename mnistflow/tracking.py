@@ -100,9 +100,14 @@ def library_versions() -> dict:
 
 
 def log_config(cfg) -> None:
-    """The resolved config both as params (searchable) and as config.yaml (re-runnable)."""
+    """The resolved config both as params (searchable) and as config.yaml (re-runnable).
+
+    `mlflow run` has already logged the entry point's -P values as params, in its own
+    spelling; MLflow refuses to change a param, so only the keys it did not log are added.
+    """
     config = dataclasses.asdict(cfg)
-    mlflow.log_params(config)
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({key: value for key, value in config.items() if key not in logged})
     mlflow.log_dict(config, "config.yaml")
 
 

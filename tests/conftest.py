@@ -68,9 +68,14 @@ def store(tmp_path, monkeypatch) -> str:
 
 
 def run_step(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a command from the project root, as a user would, capturing its output."""
+    """Run a command from the project root, as a user would, capturing its output.
+
+    The test interpreter's bin directory goes first on PATH, so `mlflow` and the `python` that
+    `mlflow run --env-manager local` starts are the ones of the environment under test.
+    """
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     return subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "PATH": path, **(env or {})})
 
 
 def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

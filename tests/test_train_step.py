@@ -1,0 +1,153 @@
+"""The train step end to end: the real `mlflow run` CLI and `python -m steps.train` on tiny data."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import EXPERIMENT, ROOT, python_step, run_step
+
+EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s",
+                 "images_per_s"}
+
+
+def runs():
+    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
+
+
+def test_mlflow_run_train_tracks_everything(store, tiny_data):
+    result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+                      "-P", "epochs=2", "-P", "batch_size=64", "-P", f"data_dir={tiny_data}", "-P", "log_every=4",
+                      "-P", "note=smoke test", "-P", "phase=tuning")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = runs()
+    client = mlflow.MlflowClient()
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["epochs"] == "2" and params["model"] == "fast" and params["dataset"] == "mnist"
+    assert params["num_params"] == "185658"
+    assert {"torch_version", "torchvision_version", "mlflow_version", "python_version"} <= set(params)
+    tags = run.data.tags
+    assert tags["phase"] == "tuning" and tags["dataset"] == "mnist"
+    assert tags["mlflow.note.content"] == "smoke test"
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    assert tags["git_branch"] and tags["user"]
+
+    for name in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name
+    # step-level loss every 4 of the 2 x 9 steps (540 images / 64)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4, 8, 12, 16]
+    metrics = run.data.metrics
+    assert 0.9 < metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    assert {f"test_{k}_class_{i}" for k in ("precision", "recall", "f1") for i in range(10)} <= set(metrics)
+
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist-training", "mnist-validation", "mnist-test"}
+    assert all(len(d.dataset.digest) == 16 for d in inputs.values())
+
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    artifacts |= {f.path for d in ("plots", "test", "checkpoints") for f in client.list_artifacts(run.info.run_id, d)}
+    assert {"config.yaml", "model_summary.txt", "plots/test_confusion_matrix.png",
+            "plots/loss_accuracy_curves.png", "plots/test_misclassified.png",
+            "test/classification_report.txt", "test/classification_report.json",
+            "checkpoints/last.pt", "checkpoints/best.pt"} <= artifacts
+    png = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/test_confusion_matrix.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    pixels = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    scores = np.asarray(model.predict(pixels))
+    assert scores.shape == (4, 10)
+    assert np.allclose(scores.sum(axis=1), 1, atol=1e-5)
+    assert model.metadata.get_input_schema() is not None
+    assert model.metadata.saved_input_example_info is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "epochs=0 is not allowed; it must be >= 1"),
+    (["--lr", "-1"], "lr=-1.0 is not allowed; it must be > 0"),
+    (["--model", "resnet"], "unknown model 'resnet'; choose from fast, baseline, enhanced, cnn_bn, simple"),
+    (["--dataset", "cifar10"], "unknown dataset 'cifar10'; choose from mnist, fashion_mnist"),
+    (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'; choose from adamw, adam, sgd"),
+    (["--val_fraction", "1.5"], "val_fraction=1.5 is not allowed; it must be in (0, 1)"),
+    (["--epochs", "five"], "argument --epochs: invalid int value: 'five'"),
+    (["--resume", "0123456789abcdef"], "unknown resume run id '0123456789abcdef'"),
+])
+def test_bad_input_fails_in_one_line_without_a_run(store, tiny_data, args, message):
+    result = python_step("steps.train", "--data_dir", tiny_data, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert runs() == []
+
+
+@pytest.mark.parametrize("make_dir", ["empty", "wrong"])
+def test_bad_data_dir_fails_in_one_line(store, tmp_path, make_dir):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    if make_dir == "wrong":
+        (data_dir / "MNIST" / "raw").mkdir(parents=True)
+        (data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
+    result = python_step("steps.train", "--data_dir", str(data_dir))
+    assert result.returncode == 2
+    assert f"mnist data not found or unreadable in {data_dir}/MNIST/raw" in result.stderr
+    assert "MNISTFLOW_DATA_DIR" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert runs() == []
+
+
+def test_bad_input_through_mlflow_run_leaves_no_running_run(store, tiny_data):
+    result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+                      "-P", "epochs=0", "-P", f"data_dir={tiny_data}")
+    assert result.returncode != 0
+    assert "epochs=0 is not allowed; it must be >= 1" in result.stderr
+    assert [r.info.status for r in runs()] == ["FAILED"]  # `mlflow run` opened it; never RUNNING
+
+
+def wait_for_new(path_pattern: str, existing: set, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not set(glob.glob(path_pattern)) - existing:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"no {path_pattern} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_interrupted_run_is_killed_and_resumes_to_the_uninterrupted_result(store, tiny_data, tmp_path):
+    args = ["--data_dir", tiny_data, "--epochs", "4", "--batch_size", "32", "--model", "baseline"]
+    # Reference: the same training, uninterrupted.
+    assert python_step("steps.train", *args).returncode == 0
+    [reference] = runs()
+
+    proc = subprocess.Popen([sys.executable, "-m", "steps.train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C once the first checkpoint is stored, mid-way through the run.
+    checkpoint = tmp_path / "artifacts" / "*" / "artifacts" / "checkpoints" / "last.pt"
+    done_before = set(glob.glob(str(checkpoint)))
+    wait_for_new(str(checkpoint), done_before, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    interrupted = next(r for r in runs() if r.info.run_id != reference.info.run_id)
+    assert interrupted.info.status == "KILLED", stderr[-2000:]
+    assert "test_accuracy" not in interrupted.data.metrics
+
+    result = python_step("steps.train", "--resume", interrupted.info.run_id)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming after epoch" in result.stdout
+    resumed = mlflow.get_run(interrupted.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert len(runs()) == 2  # continued the same run, made no new one
+    for key in ("test_accuracy", "test_loss", "val_loss", "train_loss"):
+        assert resumed.data.metrics[key] == pytest.approx(reference.data.metrics[key], rel=1e-6), key
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")] == [1, 2, 3, 4]
+
+    finished_again = python_step("steps.train", "--resume", interrupted.info.run_id)
+    assert finished_again.returncode == 2
+    assert "already FINISHED" in finished_again.stderr
