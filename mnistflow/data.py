@@ -29,6 +29,7 @@ class DataError(Exception):
 class Split:
     images: torch.Tensor  # (N, 1, 28, 28) float32, normalised
     labels: torch.Tensor  # (N,) int64
+    indices: torch.Tensor  # positions of these images in the official train or test file
     digest: str           # of the raw uint8 pixels and labels, to tell data versions apart
 
     def __len__(self) -> int:
@@ -89,9 +90,10 @@ def _digest(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _split(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float) -> Split:
+def _split(source, indices: torch.Tensor, mean: float, std: float) -> Split:
+    images, labels = source.data[indices], source.targets[indices]
     normalised = ((images.float() / 255.0 - mean) / std).unsqueeze(1).contiguous()
-    return Split(normalised, labels.long(), _digest(images, labels))
+    return Split(normalised, labels.long(), indices, _digest(images, labels))
 
 
 def load(name: str, data_dir: str = "", val_fraction: float = 0.1, seed: int = 0,
@@ -118,7 +120,7 @@ def load(name: str, data_dir: str = "", val_fraction: float = 0.1, seed: int = 0
     val_idx, train_idx = order[:n_val], order[n_val:]
     return Data(
         name=name, classes=list(train_set.classes), mean=mean, std=std, root=root,
-        train=_split(train_set.data[train_idx], train_set.targets[train_idx], mean, std),
-        val=_split(train_set.data[val_idx], train_set.targets[val_idx], mean, std),
-        test=_split(test_set.data, test_set.targets, mean, std),
+        train=_split(train_set, train_idx, mean, std),
+        val=_split(train_set, val_idx, mean, std),
+        test=_split(test_set, torch.arange(len(test_set.targets)), mean, std),
     )

@@ -130,7 +130,9 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
             break
         model.train()
         start = time.perf_counter()
-        loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
         bar = tqdm(data.train.batches(cfg.batch_size, shuffle), total=steps_per_epoch,
                    desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
         for i, (x, y) in enumerate(bar):
@@ -142,8 +144,8 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
             optimizer.step()
             scheduler.step()
             # Accumulate on the device: calling .item() every step would stall a GPU.
-            loss_sum += loss.detach().cpu() * len(y)
-            correct += (logits.argmax(1) == y).sum().cpu()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step = (epoch - 1) * steps_per_epoch + i + 1
             if step % cfg.log_every == 0:

@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import mlflow
+import yaml
 from mlflow.exceptions import MlflowException
 
 from mnistflow import data as datasets
@@ -36,14 +37,16 @@ def resumed_config(run_id: str) -> TrainConfig:
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
     try:
-        config = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.yaml")
-    except MlflowException:
+        config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    except (MlflowException, OSError):
         raise ConfigError(f"run {run_id} has no config.yaml, so it was not started by the train step")
     return TrainConfig(**{**config, "resume": run_id})
 
 
 def main(argv=None) -> None:
     started = time.perf_counter()
+    # Artifact downloads (resume) would draw progress bars on stderr, where errors go.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = parse_config(argv)
     try:
         if cfg.resume:

@@ -25,6 +25,8 @@ def test_split_is_seeded(tiny_data):
     assert a.val.digest == b.val.digest and torch.equal(a.val.labels, b.val.labels)
     assert a.val.digest != c.val.digest
     assert a.test.digest == c.test.digest  # the test set never depends on the seed
+    # train and validation are disjoint and together the whole training file
+    assert sorted(a.train.indices.tolist() + a.val.indices.tolist()) == list(range(600))
 
 
 def test_fashion_mnist_has_its_class_names(tiny_data):

@@ -61,7 +61,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_training(tiny):
 def test_early_stopping_keeps_the_best_epoch(tiny):
     # Validation labels shuffled: the more the net learns the training set, the worse its val_loss.
     shuffled = tiny.val.labels[torch.randperm(len(tiny.val), generator=torch.Generator().manual_seed(0))]
-    noisy = dataclasses.replace(tiny, val=data.Split(tiny.val.images, shuffled, "shuffled"))
+    noisy = dataclasses.replace(tiny, val=data.Split(tiny.val.images, shuffled, tiny.val.indices, "shuffled"))
     cfg = TrainConfig(model="baseline", epochs=8, batch_size=32, lr=0.001, lr_schedule="none",
                       label_smoothing=0.0, patience=2)
     net, state = train(cfg, noisy)

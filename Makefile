@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine:
+#   make train    install into .venv (first time only), then train with MLflow tracking
+#   make test     install into .venv (first time only), then run the test suite
+VENV ?= .venv
+# Pinned: these builds are known to import together (see README, Install).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+EPOCHS ?= 5
+
+# Put the venv first on PATH, so `mlflow run --env-manager local` starts its Python.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: train test bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install $(TORCH)
+	$(VENV)/bin/pip install -e ".[dev]"
+	touch $@
+
+train: $(VENV)/.installed
+	mlflow run . -e train --env-manager local -P epochs=$(EPOCHS)
+
+test: $(VENV)/.installed
+	python -m pytest -q
+
+bench: $(VENV)/.installed
+	python bench/train_speed.py

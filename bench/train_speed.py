@@ -1,0 +1,100 @@
+"""How fast is the train step, and what do the in-memory pipeline and tracking cost?
+
+    python bench/train_speed.py --data_dir ../shared/data [--repeats 3] [--train_samples 20000]
+
+Prints one table of medians, measured side by side (interleaved) in one run:
+  1. epoch time of mnistflow's in-memory tensor pipeline vs. a torchvision DataLoader with
+     ToTensor/Normalize on the same model and loop (goal: ratio <= 0.5);
+  2. training wall time with MLflow tracking on (async metrics, checkpoints) vs. off (goal <= 1.05).
+Both run the real `fit` loop; only the source of batches or the logging callbacks differ.
+"""
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+
+import mlflow
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from mnistflow import data as mnist_data
+from mnistflow import models, tracking
+from mnistflow.config import TrainConfig
+from mnistflow.train import fit, seed_everything
+
+
+class DataLoaderSplit:
+    """The same training images, served the classic way: PIL image -> ToTensor -> Normalize per sample."""
+
+    def __init__(self, cfg: TrainConfig, data: mnist_data.Data, indices: torch.Tensor):
+        cls, mean, std = mnist_data.DATASETS[cfg.dataset]
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+        dataset = cls(data.root, train=True, download=False, transform=transform)
+        self.subset = Subset(dataset, indices.tolist())
+
+    def __len__(self):
+        return len(self.subset)
+
+    def batches(self, batch_size, generator=None):
+        return iter(DataLoader(self.subset, batch_size=batch_size, shuffle=True, generator=generator))
+
+
+def train_once(cfg, data, log_metrics=lambda metrics, step: None, save_checkpoint=None) -> float:
+    seed_everything(cfg.seed, cfg.deterministic)
+    net = models.build(cfg.model)
+    extra = {"save_checkpoint": save_checkpoint} if save_checkpoint else {}
+    start = time.perf_counter()
+    fit(cfg, net, data, torch.device("cpu"), log_metrics=log_metrics, **extra)
+    return time.perf_counter() - start
+
+
+def tracked_once(cfg, data) -> float:
+    with tracking.tracked_run() as (_, log_metrics), tempfile.TemporaryDirectory() as tmp:
+        return train_once(cfg, data, log_metrics, tracking.checkpoint_saver(tmp))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default="")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train_samples", type=int, default=20000,
+                        help="images per measured epoch (a slice of the training set keeps the bench short)")
+    args = parser.parse_args()
+
+    cfg = TrainConfig(model=args.model, epochs=1, data_dir=args.data_dir,
+                      max_train_samples=args.train_samples, log_every=50)
+    data = mnist_data.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
+    reference = dataclasses.replace(data, train=DataLoaderSplit(cfg, data, data.train.indices))
+
+    tmp = tempfile.mkdtemp()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/bench.db")
+    mlflow.set_experiment("bench")
+
+    times = {"in-memory tensors": [], "DataLoader + ToTensor/Normalize": [],
+             "tracking off": [], "tracking on": []}
+    for r in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
+        print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        times["in-memory tensors"].append(train_once(cfg, data))
+        times["DataLoader + ToTensor/Normalize"].append(train_once(cfg, reference))
+        times["tracking off"].append(train_once(cfg, data))
+        times["tracking on"].append(tracked_once(cfg, data))
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\nmodel {cfg.model}, {len(data.train)} training images per epoch, batch {cfg.batch_size}, "
+          f"{torch.get_num_threads()} threads, medians of {args.repeats}\n")
+    print(f"{'measure':<34}{'median s':>10}{'runs s':>26}")
+    for name, values in times.items():
+        print(f"{name:<34}{median[name]:>10.2f}{'  '.join(f'{v:.2f}' for v in values):>26}")
+    pipeline = median["in-memory tensors"] / median["DataLoader + ToTensor/Normalize"]
+    overhead = median["tracking on"] / median["tracking off"]
+    print(f"\n{'ratio':<34}{'value':>10}{'goal':>26}")
+    print(f"{'pipeline / DataLoader epoch':<34}{pipeline:>10.2f}{'<= 0.50':>26}")
+    print(f"{'tracking on / off':<34}{overhead:>10.3f}{'<= 1.05':>26}")
+
+
+if __name__ == "__main__":
+    main()
