@@ -143,13 +143,16 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
             loss.backward()
             optimizer.step()
             scheduler.step()
-            # Accumulate on the device: calling .item() every step would stall a GPU.
-            loss_sum += loss.detach() * len(y)
+            # Report plain cross-entropy, not the label-smoothed objective, so that train and
+            # validation losses compare. Sums stay on the device: .item() every step stalls a GPU.
+            with torch.no_grad():
+                plain_loss = nn.functional.cross_entropy(logits, y)
+            loss_sum += plain_loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step = (epoch - 1) * steps_per_epoch + i + 1
             if step % cfg.log_every == 0:
-                log_metrics({"loss": loss.item()}, step)
+                log_metrics({"loss": plain_loss.item()}, step)
         train_time = time.perf_counter() - start
         val_loss, val_accuracy, _ = evaluate(model, data.val, device)
         metrics = {
