@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from mnistflow.data import DATASETS
 from mnistflow.models import DEFAULT_MODEL, MODELS
 
@@ -73,6 +75,9 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing={self.label_smoothing} is not allowed; it must be in [0, 1)")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={self.momentum} is not allowed; it must be in [0, 1)")
+        if self.device == "cuda" and not torch.cuda.is_available() or \
+                self.device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"device {self.device!r} is not available on this machine; use auto or cpu")
         return self
 
 

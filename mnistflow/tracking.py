@@ -51,20 +51,30 @@ def tracked_run(**start_run_args):
     The run ends FINISHED only when the body succeeds and every metric was written; an error
     ends it FAILED, Ctrl-C or SIGTERM ends it KILLED.
     """
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     log_metrics = AsyncMetrics()
     run = mlflow.start_run(**start_run_args)
     try:
         yield run, log_metrics
         log_metrics.flush()
     except BaseException as exc:
+        # Finish the bookkeeping even when a second Ctrl-C or SIGTERM arrives meanwhile
+        # (`mlflow run` sends SIGTERM to the step after the Ctrl-C that both received).
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            log_metrics.flush()  # keep what was measured before the failure
-        except MlflowException as flush_error:
-            print(f"warning: some metrics were not written: {flush_error}", flush=True)
-        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            try:
+                log_metrics.flush()  # keep what was measured before the failure
+            except MlflowException as flush_error:
+                print(f"warning: some metrics were not written: {flush_error}", flush=True)
+            mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         raise
-    mlflow.end_run("FINISHED")
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _git(*args: str) -> str:

@@ -67,15 +67,16 @@ def store(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
-def run_step(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a command from the project root, as a user would, capturing its output.
+def step_env() -> dict:
+    """The environment for commands under test: the test interpreter's bin directory goes first
+    on PATH, so `mlflow` and the `python` that `mlflow run --env-manager local` starts are the
+    ones of the environment under test."""
+    return {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
-    The test interpreter's bin directory goes first on PATH, so `mlflow` and the `python` that
-    `mlflow run --env-manager local` starts are the ones of the environment under test.
-    """
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    return subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PATH": path, **(env or {})})
+
+def run_step(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command from the project root, as a user would, capturing its output."""
+    return subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=step_env())
 
 
 def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -85,3 +85,9 @@ def test_bad_config_names_value_and_allowed(change, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig(**change).validate()
     assert message in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_device_is_refused():
+    with pytest.raises(ConfigError, match="device 'cuda' is not available on this machine; use auto or cpu"):
+        TrainConfig(device="cuda").validate()

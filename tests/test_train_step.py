@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import EXPERIMENT, ROOT, python_step, run_step
+from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
 
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s",
                  "images_per_s"}
@@ -116,6 +116,23 @@ def wait_for_new(path_pattern: str, existing: set, proc: subprocess.Popen, timeo
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.monotonic() < deadline, f"no {path_pattern} after {timeout} s"
         time.sleep(0.05)
+
+
+def test_ctrl_c_under_mlflow_run_ends_the_run_killed(store, tiny_data, tmp_path):
+    # A terminal's Ctrl-C signals the whole foreground process group: `mlflow run` and the step.
+    proc = subprocess.Popen(["mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+                             "-P", f"data_dir={tiny_data}", "-P", "epochs=30", "-P", "batch_size=32",
+                             "-P", "model=baseline"],
+                            cwd=ROOT, env=step_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_new(str(tmp_path / "artifacts" / "*" / "artifacts" / "checkpoints" / "last.pt"), set(), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    [run] = runs()
+    # The step ends its run KILLED; `mlflow run` marks it FAILED if it gets there first.
+    assert run.info.status in ("KILLED", "FAILED"), stderr[-2000:]
+    assert "test_accuracy" not in run.data.metrics
 
 
 def test_interrupted_run_is_killed_and_resumes_to_the_uninterrupted_result(store, tiny_data, tmp_path):

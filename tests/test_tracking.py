@@ -1,0 +1,42 @@
+"""The run life cycle against a real SQLite store: how a run ends, and what a failed write does."""
+import mlflow
+import pytest
+
+from mnistflow import tracking
+
+
+def test_run_ends_finished_failed_or_killed(store):
+    with tracking.tracked_run() as (run, log_metrics):
+        log_metrics({"x": 1.0}, 1)
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
+    assert mlflow.get_run(run.info.run_id).data.metrics == {"x": 1.0}
+
+    with pytest.raises(RuntimeError):
+        with tracking.tracked_run() as (run, log_metrics):
+            log_metrics({"x": 2.0}, 1)
+            raise RuntimeError("crash mid-training")
+    crashed = mlflow.get_run(run.info.run_id)
+    assert crashed.info.status == "FAILED"
+    assert crashed.data.metrics == {"x": 2.0}  # what was measured before the crash is kept
+
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.tracked_run() as (run, _):
+            raise KeyboardInterrupt
+    assert mlflow.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_metric_that_cannot_be_written_fails_the_run(store):
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        with tracking.tracked_run() as (run, log_metrics):
+            log_metrics({"ok": 1.0}, 1)
+            log_metrics({"bad key?!": 1.0}, 1)  # MLflow rejects this name when it writes
+    assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_run_tags_record_the_code_and_the_person():
+    tags = tracking.run_tags("production", "fashion_mnist", note="Run 3")
+    assert len(tags["git_commit"]) == 40
+    assert tags["git_dirty"] in ("true", "false")
+    assert tags["phase"] == "production" and tags["dataset"] == "fashion_mnist"
+    assert tags["mlflow.note.content"] == "Run 3"
+    assert "mlflow.note.content" not in tracking.run_tags("development", "mnist")
