@@ -166,27 +166,27 @@ def log_missing_epochs(run_id: str, history: list[dict], log_metrics) -> None:
             log_metrics(metrics, epoch)
 
 
-def log_test_results(net: torch.nn.Module, data: Data, device: torch.device, prefix: str = "test") -> dict:
+def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> dict:
     """Final metrics on the test split: loss, accuracy, per-class precision/recall/F1, report and plots."""
     loss, accuracy, logits = evaluate(net, data.test, device)
     labels, preds = data.test.labels.numpy(), logits.argmax(1).numpy()
     report = classification_report(labels, preds, labels=range(len(data.classes)),
                                    target_names=data.classes, output_dict=True, zero_division=0)
-    metrics = {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}
+    metrics = {"test_loss": loss, "test_accuracy": accuracy}
     for i, name in enumerate(data.classes):
         for key in ("precision", "recall", "f1-score"):
-            metrics[f"{prefix}_{key.split('-')[0]}_class_{i}"] = report[name][key]
+            metrics[f"test_{key.split('-')[0]}_class_{i}"] = report[name][key]
     mlflow.log_metrics(metrics)
-    mlflow.log_dict(report, f"{prefix}/classification_report.json")
+    mlflow.log_dict(report, "test/classification_report.json")
     mlflow.log_text(classification_report(labels, preds, labels=range(len(data.classes)),
                                           target_names=data.classes, digits=4, zero_division=0),
-                    f"{prefix}/classification_report.txt")
+                    "test/classification_report.txt")
     cm = confusion_matrix(labels, preds, labels=range(len(data.classes)))
-    _log_figure(plots.confusion_matrix(cm, data.classes), f"plots/{prefix}_confusion_matrix.png")
+    _log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
     wrong = np.flatnonzero(preds != labels)
     images = data.test.images[wrong] * data.std + data.mean  # back to [0, 1] pixels for display
     _log_figure(plots.misclassified(images, labels[wrong], preds[wrong], data.classes),
-                f"plots/{prefix}_misclassified.png")
+                "plots/test_misclassified.png")
     return metrics
 
 

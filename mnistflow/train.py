@@ -58,6 +58,10 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+def steps_per_epoch(cfg: TrainConfig, data: Data) -> int:
+    return -(-len(data.train) // cfg.batch_size)  # the last, partial batch counts
+
+
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     # channels_last makes oneDNN's CPU convolutions about 20 % faster (bench/train_speed.py).
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -109,8 +113,8 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
     """
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    steps = steps_per_epoch(cfg, data)
+    scheduler = make_scheduler(cfg, optimizer, steps)
     if state is None:
         state = new_state(cfg, model, optimizer, scheduler)
     else:
@@ -133,7 +137,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
-        bar = tqdm(data.train.batches(cfg.batch_size, shuffle), total=steps_per_epoch,
+        bar = tqdm(data.train.batches(cfg.batch_size, shuffle), total=steps,
                    desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
         for i, (x, y) in enumerate(bar):
             x, y = to_device(x, device), y.to(device, non_blocking=True)
@@ -150,7 +154,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
             loss_sum += plain_loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            step = (epoch - 1) * steps_per_epoch + i + 1
+            step = (epoch - 1) * steps + i + 1
             if step % cfg.log_every == 0:
                 log_metrics({"loss": plain_loss.item()}, step)
         train_time = time.perf_counter() - start

@@ -18,7 +18,7 @@ from mnistflow import data as datasets
 from mnistflow import models, tracking
 from mnistflow.config import ConfigError, OneLineParser, TrainConfig, add_arguments, from_args
 from mnistflow.data import DataError
-from mnistflow.train import fit, select_device, seed_everything
+from mnistflow.train import fit, seed_everything, select_device, steps_per_epoch
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
             mlflow.log_params({
                 **tracking.model_params(net, device),
                 "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
-                "steps_per_epoch": -(-len(data.train) // cfg.batch_size),
+                "steps_per_epoch": steps_per_epoch(cfg, data),
             })
             mlflow.set_tags(tracking.run_tags(cfg.phase, cfg.dataset, cfg.note))
             tracking.log_datasets(data)
