@@ -47,9 +47,8 @@ def train_once(cfg, data, log_metrics=lambda metrics, step: None, save_checkpoin
     """(wall time of fit, seconds of its training passes alone, without validation)."""
     seed_everything(cfg.seed, cfg.deterministic)
     net = models.build(cfg.model)
-    extra = {"save_checkpoint": save_checkpoint} if save_checkpoint else {}
     start = time.perf_counter()
-    state = fit(cfg, net, data, torch.device("cpu"), log_metrics=log_metrics, **extra)
+    state = fit(cfg, net, data, torch.device("cpu"), log_metrics=log_metrics, save_checkpoint=save_checkpoint)
     wall = time.perf_counter() - start
     return wall, sum(len(data.train) / epoch["images_per_s"] for epoch in state["history"])
 

@@ -102,12 +102,12 @@ def new_state(cfg: TrainConfig, model, optimizer, scheduler) -> dict:
 
 def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         log_metrics: Callable[[dict, int], None],
-        save_checkpoint: Callable[[dict, bool], None] = lambda state, is_best: None,
+        save_checkpoint: Callable[[dict, bool], None] | None = None,
         state: dict | None = None,
         on_epoch_end: Callable[[dict], None] = lambda metrics: None) -> dict:
     """Train `model` for cfg.epochs, or continue from a checkpoint `state`.
 
-    After each epoch: log its metrics, save a checkpoint (is_best when val_loss improved), and
+    After each epoch: log its metrics, save a checkpoint if asked (is_best when val_loss improved), and
     call `on_epoch_end` (tuning uses it to prune). Returns the final state, with the weights of
     the best epoch loaded into `model`.
     """
@@ -186,7 +186,8 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
             stopped_early=bool(cfg.patience) and bad_epochs >= cfg.patience,
         )
         # Checkpoint first, then log: a crash in between is repaired on resume from the history.
-        save_checkpoint(state, is_best)
+        if save_checkpoint:
+            save_checkpoint(state, is_best)
         log_metrics(metrics, epoch)
         on_epoch_end(metrics)
         if state["stopped_early"]:

@@ -16,8 +16,7 @@ def train(cfg, dataset, state=None, checkpoints=None, logged=None):
     net = models.build(cfg.model)
     save = (lambda s, best: checkpoints.append(copy.deepcopy(s))) if checkpoints is not None else None
     log = (lambda metrics, step: logged.append((step, metrics))) if logged is not None else (lambda m, s: None)
-    kwargs = {"save_checkpoint": save} if save else {}
-    state = fit(cfg, net, dataset, CPU, log_metrics=log, state=state, **kwargs)
+    state = fit(cfg, net, dataset, CPU, log_metrics=log, state=state, save_checkpoint=save)
     return net, state
 
 
