@@ -15,9 +15,8 @@ import torch
 import torchvision
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from sklearn.metrics import classification_report, confusion_matrix
 
-from mnistflow import plots
+from mnistflow import metrics, plots
 from mnistflow.data import Data
 from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
@@ -170,24 +169,21 @@ def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> 
     """Final metrics on the test split: loss, accuracy, per-class precision/recall/F1, report and plots."""
     loss, accuracy, logits = evaluate(net, data.test, device)
     labels, preds = data.test.labels.numpy(), logits.argmax(1).numpy()
-    report = classification_report(labels, preds, labels=range(len(data.classes)),
-                                   target_names=data.classes, output_dict=True, zero_division=0)
-    metrics = {"test_loss": loss, "test_accuracy": accuracy}
+    cm = metrics.confusion_matrix(labels, preds, len(data.classes))
+    report = metrics.classification_report(cm, data.classes)
+    results = {"test_loss": loss, "test_accuracy": accuracy}
     for i, name in enumerate(data.classes):
         for key in ("precision", "recall", "f1-score"):
-            metrics[f"test_{key.split('-')[0]}_class_{i}"] = report[name][key]
-    mlflow.log_metrics(metrics)
+            results[f"test_{key.split('-')[0]}_class_{i}"] = report[name][key]
+    mlflow.log_metrics(results)
     mlflow.log_dict(report, "test/classification_report.json")
-    mlflow.log_text(classification_report(labels, preds, labels=range(len(data.classes)),
-                                          target_names=data.classes, digits=4, zero_division=0),
-                    "test/classification_report.txt")
-    cm = confusion_matrix(labels, preds, labels=range(len(data.classes)))
+    mlflow.log_text(metrics.report_text(report), "test/classification_report.txt")
     _log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
     wrong = np.flatnonzero(preds != labels)
     images = data.test.images[wrong] * data.std + data.mean  # back to [0, 1] pixels for display
     _log_figure(plots.misclassified(images, labels[wrong], preds[wrong], data.classes),
                 "plots/test_misclassified.png")
-    return metrics
+    return results
 
 
 def _log_figure(figure, path: str) -> None:
