@@ -1,4 +1,4 @@
-"""The training configuration: one flat dataclass, its checks, and its command line.
+"""The step configurations: one flat dataclass per step, its checks, and its command line.
 
 Every field is a command-line flag (`--epochs 5`) and an MLproject parameter (`-P epochs=5`).
 """
@@ -15,6 +15,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("onecycle", "none")
 PHASES = ("development", "tuning", "production")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
 
 
 class ConfigError(ValueError):
@@ -47,26 +49,12 @@ class TrainConfig:
     resume: str = ""            # a run id to continue
 
     def validate(self) -> "TrainConfig":
-        def choose(name, allowed):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
-
-        def at_least(name, low):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be >= {low}")
-
-        choose("dataset", DATASETS)
-        choose("model", MODELS)
-        choose("optimizer", OPTIMIZERS)
-        choose("lr_schedule", LR_SCHEDULES)
-        choose("phase", PHASES)
-        choose("device", DEVICES)
-        at_least("epochs", 1)
-        at_least("batch_size", 1)
-        at_least("patience", 0)
-        at_least("max_train_samples", 0)
-        at_least("log_every", 1)
-        at_least("weight_decay", 0)
+        for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("optimizer", OPTIMIZERS),
+                              ("lr_schedule", LR_SCHEDULES), ("phase", PHASES), ("device", DEVICES)):
+            _choose(self, name, allowed)
+        for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("max_train_samples", 0),
+                          ("log_every", 1), ("weight_decay", 0)):
+            _at_least(self, name, low)
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr} is not allowed; it must be > 0")
         if not 0 < self.val_fraction < 1:
@@ -79,6 +67,47 @@ class TrainConfig:
                 self.device == "mps" and not torch.backends.mps.is_available():
             raise ConfigError(f"device {self.device!r} is not available on this machine; use auto or cpu")
         return self
+
+
+@dataclass
+class TuneConfig:
+    dataset: str = "mnist"
+    n_trials: int = 10          # trials this invocation adds, shared out over the workers
+    timeout: int = 0            # seconds each worker may start new trials for; 0 = no limit
+    epochs: int = 3             # training budget of one trial
+    study_name: str = ""        # "" = "<dataset>-cnn"
+    storage: str = ""           # an SQLAlchemy URL; "" = sqlite:///optuna.db in the current directory
+    sampler: str = "tpe"
+    pruner: str = "median"
+    search_space: str = "search_space.yaml"
+    workers: int = 1            # local worker processes on the same study
+    seed: int = 42
+    max_train_samples: int = 0  # 0 = all; a small number makes a smoke run
+    data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
+    heartbeat_s: int = 30       # a trial whose worker is silent for twice this long is failed and retried
+
+    def validate(self) -> "TuneConfig":
+        _choose(self, "dataset", DATASETS)
+        _choose(self, "sampler", SAMPLERS)
+        _choose(self, "pruner", PRUNERS)
+        for name, low in (("n_trials", 0), ("timeout", 0), ("epochs", 1), ("workers", 1),
+                          ("max_train_samples", 0), ("heartbeat_s", 1)):
+            _at_least(self, name, low)
+        if self.n_trials < 1 and not self.timeout:
+            raise ConfigError(f"n_trials={self.n_trials} with no timeout would never stop; "
+                              "give n_trials >= 1 or a timeout in seconds")
+        self.study_name = self.study_name or f"{self.dataset}-cnn"
+        return self
+
+
+def _choose(cfg, name: str, allowed) -> None:
+    if getattr(cfg, name) not in allowed:
+        raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; choose from {', '.join(allowed)}")
+
+
+def _at_least(cfg, name: str, low) -> None:
+    if getattr(cfg, name) < low:
+        raise ConfigError(f"{name}={getattr(cfg, name)} is not allowed; it must be >= {low}")
 
 
 def parse_bool(text: str) -> bool:

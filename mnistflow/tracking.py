@@ -178,21 +178,22 @@ def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> 
     mlflow.log_metrics(results)
     mlflow.log_dict(report, "test/classification_report.json")
     mlflow.log_text(metrics.report_text(report), "test/classification_report.txt")
-    _log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
+    log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
     wrong = np.flatnonzero(preds != labels)
     images = data.test.images[wrong] * data.std + data.mean  # back to [0, 1] pixels for display
-    _log_figure(plots.misclassified(images, labels[wrong], preds[wrong], data.classes),
+    log_figure(plots.misclassified(images, labels[wrong], preds[wrong], data.classes),
                 "plots/test_misclassified.png")
     return results
 
 
-def _log_figure(figure, path: str) -> None:
+def log_figure(figure, path: str) -> None:
+    """Log a matplotlib figure as a PNG artifact and free it."""
     mlflow.log_figure(figure, path)
     plots.close(figure)
 
 
 def log_curves(history: list[dict]) -> None:
-    _log_figure(plots.curves(history), "plots/loss_accuracy_curves.png")
+    log_figure(plots.curves(history), "plots/loss_accuracy_curves.png")
 
 
 def log_model(net: torch.nn.Module, data: Data) -> mlflow.models.model.ModelInfo:

@@ -104,7 +104,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         log_metrics: Callable[[dict, int], None],
         save_checkpoint: Callable[[dict, bool], None] | None = None,
         state: dict | None = None,
-        on_epoch_end: Callable[[dict], None] = lambda metrics: None) -> dict:
+        on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None) -> dict:
     """Train `model` for cfg.epochs, or continue from a checkpoint `state`.
 
     After each epoch: log its metrics, save a checkpoint if asked (is_best when val_loss improved), and
@@ -189,7 +189,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         if save_checkpoint:
             save_checkpoint(state, is_best)
         log_metrics(metrics, epoch)
-        on_epoch_end(metrics)
+        on_epoch_end(epoch, metrics)
         if state["stopped_early"]:
             print(f"early stop: val_loss has not improved for {bad_epochs} epochs", flush=True)
 

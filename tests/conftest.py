@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny MNIST-format IDX files and a throw-away MLflow store per test."""
+"""Shared fixtures: tiny MNIST-format IDX files, a throw-away MLflow store per test, a PostgreSQL server."""
+import glob
 import os
+import pathlib
+import shutil
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 
 import mlflow
 import numpy as np
@@ -81,3 +86,46 @@ def run_step(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run_step(sys.executable, "-m", module, *args, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_binary(name: str) -> str | None:
+    # Debian keeps the server programs out of PATH, under /usr/lib/postgresql/<version>/bin.
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A throw-away PostgreSQL server on 127.0.0.1 and a free port; yields an SQLAlchemy URL.
+
+    Skipped where PostgreSQL is not installed (`apt-get install postgresql`), unless
+    MNISTFLOW_REQUIRE_POSTGRES=1 (as in CI) makes that a failure.
+    """
+    initdb, pg_ctl = postgres_binary("initdb"), postgres_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        if os.environ.get("MNISTFLOW_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required here but initdb/pg_ctl were not found")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    # Not under pytest's tmp_path: that is private to the user running the tests.
+    root = pathlib.Path(tempfile.mkdtemp(prefix="mnistflow-postgres-"))
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres account
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = str(root / "data"), free_port()
+    subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", data, "-w", "-l", str(root / "log"), "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "CREATE DATABASE optuna"],
+                       check=True, capture_output=True)
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

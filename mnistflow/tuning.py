@@ -1,0 +1,356 @@
+"""Hyperparameter search with Optuna, every trial a nested MLflow run under one parent run per study.
+
+The study lives in an Optuna RDB storage (SQLite by default, PostgreSQL across machines). It
+keeps its MLflow parent run id as a study attribute, so a resumed study and every worker,
+in whatever process or machine, log their trials under the same parent run.
+"""
+import dataclasses
+import os
+import tempfile
+import warnings
+
+import mlflow
+import numpy as np
+import optuna
+import optuna.visualization.matplotlib as optuna_plots
+import sqlalchemy
+import torch
+import yaml
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from mnistflow import data as datasets
+from mnistflow import models, tracking
+from mnistflow.config import ConfigError, TrainConfig, TuneConfig, parse_bool
+from mnistflow.train import fit, seed_everything, select_device
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"   # study attribute
+RUN_ID_ATTR = "mlflow_run_id"              # trial attribute: the trial's child run
+WEIGHTS = "model_state.pt"                 # a complete trial's best weights, on its child run
+MAX_RETRY = 2                              # reruns of a trial whose worker died
+# Settings a trial may vary; the rest describe the study and are the same for every trial.
+SEARCHABLE = ("model", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule",
+              "label_smoothing", "patience")
+FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+
+
+# --- the search space ------------------------------------------------------------------------
+
+def load_search_space(path: str) -> dict:
+    """Read and check a search-space YAML file: {setting: spec or fixed value}.
+
+    A spec is {type: float|int, low, high, log?, step?} or {type: categorical, choices: [...]};
+    a plain value fixes the setting for every trial. Every value a spec can produce is checked
+    against the train step's own rules, so a bad bound fails here, not in trial 7.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"search space file {path!r} not found; pass search_space=<a YAML file>")
+    try:
+        with open(path) as f:
+            space = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search space {path}: not valid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"search space {path}: must be a mapping of setting: spec, like 'lr: "
+                          "{type: float, low: 0.001, high: 0.03, log: true}'")
+    return {name: _check_entry(path, name, entry) for name, entry in space.items()}
+
+
+def _check_entry(path: str, name, entry):
+    where = f"search space {path}: {name}"
+    if name not in SEARCHABLE:
+        raise ConfigError(f"{where}: unknown setting; allowed: {', '.join(SEARCHABLE)}")
+    if not isinstance(entry, dict):
+        _check_values(where, name, [entry])
+        return _as_type(where, name, entry)
+    kind = entry.get("type")
+    if kind in ("float", "int"):
+        allowed_keys = {"type", "low", "high", "log", "step"}
+        if "low" not in entry or "high" not in entry:
+            raise ConfigError(f"{where}: a {kind} range needs low and high")
+        low, high = _as_type(where, name, entry["low"], kind), _as_type(where, name, entry["high"], kind)
+        if not low < high:
+            raise ConfigError(f"{where}: low={low} must be below high={high}")
+        if entry.get("log") and low <= 0:
+            raise ConfigError(f"{where}: a log range needs low > 0, not {low}")
+        values = [low, high]
+    elif kind == "categorical":
+        allowed_keys = {"type", "choices"}
+        choices = entry.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: categorical needs a non-empty list of choices")
+        values = [_as_type(where, name, choice) for choice in choices]
+    else:
+        raise ConfigError(f"{where}: type {kind!r} is not one of float, int, categorical")
+    extra = set(entry) - allowed_keys
+    if extra:
+        raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}; a {kind} spec takes "
+                          f"{', '.join(sorted(allowed_keys))}")
+    _check_values(where, name, values)
+    return {**entry, **({"choices": values} if kind == "categorical" else {"low": values[0], "high": values[1]})}
+
+
+def _as_type(where: str, name: str, value, kind: str | None = None):
+    """YAML reads `1e-3` as a string and `0` as an int; bring a value to the setting's type."""
+    target = {"float": float, "int": int}.get(kind, FIELD_TYPES[name])
+    try:
+        return parse_bool(str(value)) if target is bool else target(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a {target.__name__}")
+
+
+def _check_values(where: str, name: str, values) -> None:
+    for value in values:
+        try:
+            TrainConfig(**{name: value}).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}")
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """The settings of one trial: sampled where the space has a spec, fixed elsewhere."""
+    params = {}
+    for name, spec in space.items():
+        if not isinstance(spec, dict):
+            params[name] = spec
+        elif spec["type"] == "float":
+            params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+        elif spec["type"] == "int":
+            params[name] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1),
+                                             log=spec.get("log", False))
+        else:
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+    return params
+
+
+# --- storage, sampler, pruner ----------------------------------------------------------------
+
+def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
+    """The study's RDB storage, with heartbeats so a trial whose worker died is failed and retried.
+
+    SQLite serves parallel workers on one machine only when every transaction takes the write
+    lock up front (BEGIN IMMEDIATE) and waits for it: otherwise two workers that read, then
+    write, fail with "database is locked". PostgreSQL needs none of this and spans machines.
+    """
+    url = cfg.storage or DEFAULT_STORAGE
+    try:
+        sqlite = sqlalchemy.engine.make_url(url).get_backend_name() == "sqlite"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            storage = optuna.storages.RDBStorage(
+                url,
+                # isolation_level None: the sqlite3 module leaves transactions to the BEGIN below.
+                engine_kwargs={"connect_args": {"timeout": 600, "isolation_level": None}} if sqlite else None,
+                heartbeat_interval=cfg.heartbeat_s, grace_period=2 * cfg.heartbeat_s,
+                heartbeat_stale_trial_callback=_fail_run_and_retry,
+            )
+    except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot open storage {redacted(url)}: {reason}")
+    if sqlite:
+        sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return storage
+
+
+def redacted(url: str) -> str:
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return repr(url)
+
+
+def _fail_run_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial went silent (its worker died): end its MLflow run FAILED, then queue a rerun."""
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if run_id:
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "trial_state", "FAIL")
+        client.set_terminated(run_id, "FAILED")
+    print(f"trial {trial.number}: its worker stopped answering; marked failed and queued again", flush=True)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def existing_parent_run(cfg: TuneConfig, storage) -> str | None:
+    """The parent run id of an existing study (checked to be in this tracking store), else None."""
+    if cfg.study_name not in optuna.get_all_study_names(storage):
+        return None
+    run_id = optuna.load_study(study_name=cfg.study_name, storage=storage).user_attrs.get(PARENT_RUN_ATTR)
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(f"study {cfg.study_name!r} logs to parent run {run_id}, which is not in the "
+                              f"tracking store {mlflow.get_tracking_uri()}; use that store or another study_name")
+    return run_id
+
+
+def make_sampler(cfg: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
+    # Each worker its own seed: with one seed, parallel workers would propose identical trials.
+    seed = cfg.seed + worker
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+
+
+def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        # Compare from the first epoch on, once 3 trials have set the median.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: TuneConfig, storage, worker: int = 0) -> optuna.Study:
+    return optuna.create_study(study_name=cfg.study_name, storage=storage, load_if_exists=True,
+                               direction="maximize", sampler=make_sampler(cfg, worker),
+                               pruner=make_pruner(cfg))
+
+
+# --- trials ----------------------------------------------------------------------------------
+
+def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
+    return TrainConfig(dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed, data_dir=cfg.data_dir,
+                       max_train_samples=cfg.max_train_samples, phase="tuning", **params).validate()
+
+
+def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -> float:
+    """Train one trial as a child run of `parent`; returns the validation accuracy of its best epoch."""
+    train_cfg = trial_config(cfg, suggest(trial, space))
+    seed_everything(train_cfg.seed, train_cfg.deterministic)
+    device = select_device(train_cfg.device)
+    net = models.build(train_cfg.model)
+
+    def report(epoch: int, metrics: dict) -> None:
+        trial.report(metrics["val_accuracy"], epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"val_accuracy {metrics['val_accuracy']:.4f} after epoch {epoch}")
+
+    tags = {MLFLOW_PARENT_RUN_ID: parent.info.run_id, "trial_number": str(trial.number),
+            **tracking.run_tags("tuning", cfg.dataset)}
+    pruned = None
+    # nested: in worker 0 the parent run is this process's active run.
+    with tracking.tracked_run(experiment_id=parent.info.experiment_id, run_name=f"trial-{trial.number}",
+                              tags=tags, nested=True) as (run, log_metrics):
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        tracking.log_config(train_cfg)
+        mlflow.log_params(tracking.model_params(net, device))
+        try:
+            state = fit(train_cfg, net, data, device, log_metrics=log_metrics, on_epoch_end=report)
+        except optuna.TrialPruned as exc:
+            pruned = exc  # a pruned trial is a normal outcome: its run ends FINISHED
+            mlflow.set_tag("trial_state", "PRUNED")
+        except BaseException:
+            mlflow.set_tag("trial_state", "FAIL")
+            raise
+        else:
+            mlflow.set_tag("trial_state", "COMPLETE")
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(net.state_dict(), os.path.join(tmp, WEIGHTS))
+                mlflow.log_artifact(os.path.join(tmp, WEIGHTS))
+            best = state["history"][state["best"]["epoch"] - 1]
+    if pruned:
+        raise pruned
+    return best["val_accuracy"]
+
+
+def work(cfg: TuneConfig, space: dict, parent_run_id: str, worker: int, n_trials: int | None,
+         data=None) -> None:
+    """One worker: load the data, join the study and run its share of the trials.
+
+    Runs in the step's own process (worker 0, with the progress bar) and in each extra worker
+    process the step starts; workers on other machines run it through the same step.
+    """
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))  # no oversubscribed cores
+    if data is None:
+        data = load_data(cfg)
+    parent = mlflow.get_run(parent_run_id)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from `announce`
+    study = open_study(cfg, open_storage(cfg), worker)
+
+    def announce(study, trial):
+        value = f" val_accuracy={trial.value:.4f}" if trial.value is not None else ""
+        print(f"trial {trial.number} {trial.state.name}{value} {trial.params}", flush=True)
+
+    study.optimize(lambda trial: objective(trial, cfg, space, data, parent),
+                   n_trials=n_trials, timeout=cfg.timeout or None, callbacks=[announce],
+                   # A crashed trial is recorded FAIL (its run FAILED) and the study goes on.
+                   catch=(Exception,), show_progress_bar=worker == 0)
+
+
+def shares(n_trials: int, workers: int) -> list[int | None]:
+    """Trials per worker: n_trials split as evenly as possible, or no count when only a timeout
+    limits the study. A worker whose share would be 0 is not started."""
+    if not n_trials:
+        return [None] * workers
+    return [n_trials // workers + (i < n_trials % workers) for i in range(min(workers, n_trials))]
+
+
+def load_data(cfg: TuneConfig):
+    return datasets.load(cfg.dataset, cfg.data_dir, TrainConfig.val_fraction, cfg.seed, cfg.max_train_samples)
+
+
+# --- the parent run afterwards ---------------------------------------------------------------
+
+STUDY_PLOTS = {
+    "optimization_history": optuna_plots.plot_optimization_history,
+    "intermediate_values": optuna_plots.plot_intermediate_values,
+    "param_importances": optuna_plots.plot_param_importances,
+    "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+}
+
+
+def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.FrozenTrial | None:
+    """On the active parent run: trial counts, the best trial (value, params, run id, model),
+    the study plots and a CSV of every trial. Returns the best trial, or None if none completed.
+
+    The best params go in as tags and best_params.json, not params: MLflow params are write-once
+    and a resumed study may find a new best.
+    """
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    mlflow.log_metrics({f"trials_{state.name.lower()}": states.count(state) for state in
+                        (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                         optuna.trial.TrialState.FAIL)}, step=len(trials))
+    with tempfile.TemporaryDirectory() as tmp:
+        study.trials_dataframe().to_csv(os.path.join(tmp, "trials.csv"), index=False)
+        mlflow.log_artifact(os.path.join(tmp, "trials.csv"))
+    if optuna.trial.TrialState.COMPLETE not in states:
+        print("no trial completed: no plots, and no best model to log", flush=True)
+        return None
+    for name, plot in STUDY_PLOTS.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the plots are experimental, and say so each time
+                axes = plot(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. importances need two complete trials
+            print(f"plot {name} skipped: {exc}", flush=True)
+            continue
+        tracking.log_figure(np.ravel(axes)[0].figure, f"plots/{name}.png")
+
+    best = study.best_trial
+    run_id = best.user_attrs[RUN_ID_ATTR]
+    mlflow.log_metric("best_val_accuracy", best.value, step=len(trials))
+    mlflow.set_tags({"best_trial_number": best.number, "best_trial_run_id": run_id,
+                     **{f"best_{name}": value for name, value in best.params.items()}})
+    mlflow.log_dict(best.params, "best_params.json")
+
+    # The best trial's model, tested and logged here so `register` can take it from the parent.
+    config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    net = models.build(config["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
+        net.load_state_dict(torch.load(path, weights_only=True))
+    tracking.log_test_results(net, data, select_device("auto"))
+    tracking.log_model(net, data)
+    return best
+
+
+def summary_table(study: optuna.Study) -> str:
+    rows = [f"{'trial':>5}  {'state':<8} {'val_acc':>8} {'seconds':>8}  params"]
+    for t in study.get_trials(deepcopy=False):
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        seconds = f"{t.duration.total_seconds():.0f}" if t.duration else "-"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        rows.append(f"{t.number:>5}  {t.state.name:<8} {value:>8} {seconds:>8}  {params}")
+    return "\n".join(rows)

@@ -1,0 +1,169 @@
+"""The tune step end to end on tiny data: real Optuna storages (SQLite, PostgreSQL), a real MLflow
+store, the real `mlflow run` CLI, and real worker processes, one of them killed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+
+from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
+from mnistflow import tuning
+
+PLOTS = {f"plots/{name}.png" for name in tuning.STUDY_PLOTS}
+
+
+def tune_args(storage: str, data_dir: str, *extra: str) -> list[str]:
+    return ["--storage", storage, "--data_dir", data_dir, "--study_name", "s", *extra]
+
+
+def load(storage: str, name: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def children(parent_id: str):
+    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=7",
+                      "-P", "epochs=2", "-P", f"storage={storage}", "-P", f"data_dir={tiny_data}",
+                      "-P", "study_name=s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(storage)
+    parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["study_name"] == "s" and parent.data.tags["phase"] == "tuning"
+
+    # one child run per trial, its state as a tag; pruned trials end cleanly and early
+    runs = {r.info.run_id: r for r in children(parent_id)}
+    assert len(runs) == len(study.trials) == 7
+    client = mlflow.MlflowClient()
+    for trial in study.trials:
+        run = runs[trial.user_attrs[tuning.RUN_ID_ATTR]]
+        assert run.data.tags["trial_state"] == trial.state.name
+        assert run.info.status == "FINISHED"
+        epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert epochs == ([1, 2] if trial.state.name == "COMPLETE" else [1])
+        assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
+    states = [t.state.name for t in study.trials]
+    assert "PRUNED" in states and "COMPLETE" in states
+
+    # the parent: best trial, its model, plots and the table of trials
+    best = study.best_trial
+    assert parent.data.metrics["best_val_accuracy"] == best.value
+    assert parent.data.tags["best_trial_run_id"] == best.user_attrs[tuning.RUN_ID_ATTR]
+    assert parent.data.tags["best_lr"] == str(best.params["lr"])
+    assert parent.data.metrics["trials_complete"] + parent.data.metrics["trials_pruned"] == 7
+    artifacts = {f.path for d in ("", "plots", "test") for f in client.list_artifacts(parent_id, d or None)}
+    assert PLOTS | {"trials.csv", "best_params.json", "search_space.yaml", "test/classification_report.json"} <= artifacts
+    csv = mlflow.artifacts.load_text(f"runs:/{parent_id}/trials.csv")
+    assert len(csv.strip().splitlines()) == 1 + 7
+    model = mlflow.pyfunc.load_model(f"runs:/{parent_id}/model")
+    assert np.asarray(model.predict(np.zeros((2, 1, 28, 28), np.float32))).shape == (2, 10)
+    assert "test_accuracy" in parent.data.metrics
+
+    # the same command again adds trials to the same study and parent run
+    again = python_step("steps.tune", *tune_args(storage, tiny_data, "--n_trials", "2", "--epochs", "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 trials added, 9 in all" in again.stdout
+    study = load(storage)
+    assert [t.number for t in study.trials] == list(range(9))
+    assert study.user_attrs[tuning.PARENT_RUN_ATTR] == parent_id
+    assert mlflow.get_run(parent_id).info.status == "FINISHED"
+    assert len(children(parent_id)) == 9
+    # no new run besides the parent, its children and the one `mlflow run` opened (the parent)
+    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")) == 10
+
+
+def two_workers(storage: str, tiny_data: str, name: str):
+    result = python_step("steps.tune", "--storage", storage, "--data_dir", tiny_data, "--study_name", name,
+                         "--workers", "2", "--n_trials", "5", "--epochs", "1", "--pruner", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "database is locked" not in result.stdout + result.stderr
+    study = load(storage, name)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3, 4]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
+    assert sorted(r.data.tags["trial_number"] for r in children(parent_id)) == ["0", "1", "2", "3", "4"]
+
+
+def test_two_workers_on_sqlite_run_exactly_the_asked_trials(store, tiny_data, tmp_path):
+    two_workers(f"sqlite:///{tmp_path}/optuna.db", tiny_data, "sqlite-workers")
+
+
+def test_two_workers_on_postgresql_run_exactly_the_asked_trials(store, tiny_data, postgres_url):
+    two_workers(postgres_url, tiny_data, f"pg-workers-{time.time_ns()}")
+
+
+def test_a_killed_worker_leaves_a_failed_trial_that_is_retried(store, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = tune_args(storage, tiny_data, "--heartbeat_s", "1", "--pruner", "none")
+    worker = subprocess.Popen([sys.executable, "-m", "steps.tune", *args, "--n_trials", "1", "--epochs", "500"],
+                              cwd=ROOT, env=step_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until the trial is training under its own run
+            time.sleep(1)
+            try:
+                trials = load(storage).trials
+            except KeyError:  # the study is not created yet
+                continue
+            if trials and tuning.RUN_ID_ATTR in trials[0].user_attrs:
+                break
+        else:
+            pytest.fail("the trial never started")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    [dead] = load(storage).trials
+    assert dead.state.name == "RUNNING"  # nobody is left to say otherwise
+
+    time.sleep(3)  # past the grace period of 2 heartbeats
+    result = python_step("steps.tune", *args, "--n_trials", "1", "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial 0: its worker stopped answering" in result.stdout
+    first, retry = load(storage).trials
+    assert first.state.name == "FAIL" and retry.state.name == "COMPLETE"
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
+    assert retry.params == first.params
+    dead_run = mlflow.get_run(first.user_attrs[tuning.RUN_ID_ATTR])
+    assert dead_run.info.status == "FAILED" and dead_run.data.tags["trial_state"] == "FAIL"
+    assert mlflow.get_run(load(storage).user_attrs[tuning.PARENT_RUN_ATTR]).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "grid"], "unknown sampler 'grid'; choose from tpe, random"),
+    (["--pruner", "asha"], "unknown pruner 'asha'; choose from median, hyperband, none"),
+    (["--n_trials", "0"], "n_trials=0 with no timeout would never stop"),
+    (["--search_space", "missing.yaml"], "search space file 'missing.yaml' not found"),
+    (["--search_space", "tests/bad_space.yaml"], "dropout: unknown setting"),
+    (["--storage", "sqlite:////no/such/dir/o.db"], "cannot open storage sqlite:////no/such/dir/o.db"),
+])
+def test_bad_input_fails_in_one_line_before_any_study_or_run(store, tiny_data, tmp_path, args, message):
+    (tmp_path / "bad.yaml").write_text("dropout: {type: float, low: 0, high: 0.5}\n")
+    args = [str(tmp_path / "bad.yaml") if a == "tests/bad_space.yaml" else a for a in args]
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    result = python_step("steps.tune", *tune_args(storage, tiny_data), *args)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("tune: error: ") and message in line
+    assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
+    if os.path.exists(tmp_path / "optuna.db"):
+        assert optuna.get_all_study_names(storage) == []
+
+
+def test_bad_input_through_mlflow_run_leaves_no_running_run(store, tiny_data, tmp_path):
+    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "pruner=asha",
+                      "-P", f"storage=sqlite:///{tmp_path}/optuna.db", "-P", f"data_dir={tiny_data}")
+    assert result.returncode != 0
+    assert "tune: error: unknown pruner 'asha'" in result.stderr
+    assert [r.info.status for r in mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")] == ["FAILED"]

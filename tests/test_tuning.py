@@ -1,0 +1,102 @@
+"""The search-space file, the trial split over workers, and the storage: checked without training."""
+import sqlite3
+
+import optuna
+import pytest
+
+from mnistflow import tuning
+from mnistflow.config import ConfigError, TuneConfig
+
+SPACE = """
+model: fast
+lr: {type: float, low: 1e-3, high: 3.0e-2, log: true}
+batch_size: {type: categorical, choices: [64, 128]}
+patience: {type: int, low: 0, high: 3}
+"""
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_search_space_samples_ranges_and_keeps_fixed_values(tmp_path):
+    space = tuning.load_search_space(write(tmp_path, SPACE))
+    assert space["lr"]["low"] == 0.001  # YAML reads 1e-3 as a string; it is made a float
+    params = tuning.suggest(optuna.trial.FixedTrial({"lr": 0.01, "batch_size": 64, "patience": 2}), space)
+    assert params == {"model": "fast", "lr": 0.01, "batch_size": 64, "patience": 2}
+
+
+def test_the_shipped_search_space_loads():
+    assert "lr" in tuning.load_search_space("search_space.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: [1, 2", "not valid YAML"),
+    ("- lr\n- batch_size", "must be a mapping of setting: spec"),
+    ("dropout: 0.5", "dropout: unknown setting; allowed: model, batch_size"),
+    ("lr: {type: float, low: 0.1}", "lr: a float range needs low and high"),
+    ("lr: {type: float, low: 0.1, high: 0.01}", "lr: low=0.1 must be below high=0.01"),
+    ("lr: {type: float, low: -1, high: 0.01}", "lr: lr=-1.0 is not allowed; it must be > 0"),
+    ("weight_decay: {type: float, low: 0, high: 0.1, log: true}", "a log range needs low > 0"),
+    ("lr: {type: normal, low: 0.1, high: 1}", "type 'normal' is not one of float, int, categorical"),
+    ("lr: {type: float, low: 0.1, high: 1, scale: 2}", "unknown key 'scale'"),
+    ("optimizer: {type: categorical, choices: []}", "categorical needs a non-empty list of choices"),
+    ("optimizer: {type: categorical, choices: [adamw, lion]}", "unknown optimizer 'lion'; choose from adamw"),
+    ("batch_size: {type: categorical, choices: [64, big]}", "'big' is not a int"),
+    ("model: resnet", "unknown model 'resnet'"),
+])
+def test_a_bad_search_space_is_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        tuning.load_search_space(write(tmp_path, text))
+
+
+def test_a_missing_search_space_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="search space file .* not found"):
+        tuning.load_search_space(str(tmp_path / "nope.yaml"))
+
+
+def test_trials_are_shared_exactly_over_the_workers():
+    assert tuning.shares(5, 2) == [3, 2]
+    assert tuning.shares(2, 4) == [1, 1]        # no worker with nothing to do
+    assert tuning.shares(0, 3) == [None] * 3    # timeout only: each runs until it
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sampler": "grid"}, "unknown sampler 'grid'; choose from tpe, random"),
+    ({"pruner": "asha"}, "unknown pruner 'asha'; choose from median, hyperband, none"),
+    ({"n_trials": 0}, "n_trials=0 with no timeout would never stop"),
+    ({"workers": 0}, "workers=0 is not allowed; it must be >= 1"),
+])
+def test_bad_tune_settings(change, message):
+    with pytest.raises(ConfigError, match=message):
+        TuneConfig(**change).validate()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("sqlite:////no/such/dir/optuna.db", "cannot open storage sqlite:////no/such/dir/optuna.db: unable to open database file"),
+    ("nosuchdb://x", "cannot open storage nosuchdb://x: "),
+    ("postgresql+psycopg2://me:secret@127.0.0.1:9/db", "cannot open storage postgresql\\+psycopg2://me:\\*\\*\\*@127.0.0.1:9/db"),
+])
+def test_a_storage_that_cannot_be_opened_is_one_line_without_the_password(url, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        tuning.open_storage(TuneConfig(storage=url))
+    assert "secret" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sqlite_storage_takes_the_write_lock_up_front(tmp_path):
+    # A transaction that reads first and writes later must hold the write lock from its start;
+    # with SQLite's default (deferred) BEGIN, two such workers deadlock: "database is locked".
+    storage = tuning.open_storage(TuneConfig(storage=f"sqlite:///{tmp_path}/o.db"))
+    study = optuna.create_study(storage=storage, study_name="s")
+    with storage.engine.connect() as reader:
+        reader.exec_driver_sql("SELECT 1")
+        other = sqlite3.connect(tmp_path / "o.db", timeout=0.1, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            other.execute("BEGIN IMMEDIATE")
+        reader.rollback()
+    other.execute("BEGIN IMMEDIATE")  # free again once that transaction ended
+    other.execute("ROLLBACK")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(study.trials) == 2
