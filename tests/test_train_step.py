@@ -118,12 +118,18 @@ def wait_for_new(path_pattern: str, existing: set, proc: subprocess.Popen, timeo
         time.sleep(0.05)
 
 
+def sigint_as_in_a_terminal():
+    # A shell starts background jobs (CI runners, `make test &`) with SIGINT ignored, and Python
+    # keeps an inherited "ignore": give the step the default, as a terminal's Ctrl-C assumes.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_under_mlflow_run_ends_the_run_killed(store, tiny_data, tmp_path):
     # A terminal's Ctrl-C signals the whole foreground process group: `mlflow run` and the step.
     proc = subprocess.Popen(["mlflow", "run", ".", "-e", "train", "--env-manager", "local",
                              "-P", f"data_dir={tiny_data}", "-P", "epochs=30", "-P", "batch_size=32",
                              "-P", "model=baseline"],
-                            cwd=ROOT, env=step_env(), start_new_session=True,
+                            cwd=ROOT, env=step_env(), start_new_session=True, preexec_fn=sigint_as_in_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_new(str(tmp_path / "artifacts" / "*" / "artifacts" / "checkpoints" / "last.pt"), set(), proc)
     os.killpg(proc.pid, signal.SIGINT)
@@ -141,7 +147,7 @@ def test_interrupted_run_is_killed_and_resumes_to_the_uninterrupted_result(store
     assert python_step("steps.train", *args).returncode == 0
     [reference] = runs()
 
-    proc = subprocess.Popen([sys.executable, "-m", "steps.train", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "steps.train", *args], cwd=ROOT, preexec_fn=sigint_as_in_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Ctrl-C once the first checkpoint is stored, mid-way through the run.
     checkpoint = tmp_path / "artifacts" / "*" / "artifacts" / "checkpoints" / "last.pt"
