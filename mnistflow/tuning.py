@@ -153,6 +153,9 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
 
 
 def redacted(url: str) -> str:
+    """The URL with any password masked, for messages and the params of the parent run."""
+    if not url:
+        return url
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except sqlalchemy.exc.ArgumentError:

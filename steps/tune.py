@@ -9,6 +9,7 @@ parent run; a trial whose worker died is failed and rerun. Workers on other mach
 study by running this step with the same study_name and a shared PostgreSQL storage.
 """
 import argparse
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
                               run_name=None if parent_run else f"study-{cfg.study_name}") as (parent, _):
         if not parent_run:
             study.set_user_attr(tuning.PARENT_RUN_ATTR, parent.info.run_id)
-            tracking.log_config(cfg)
+            tracking.log_config(dataclasses.replace(cfg, storage=tuning.redacted(cfg.storage)))
             mlflow.set_tags({**tracking.run_tags("tuning", cfg.dataset), "study_name": cfg.study_name})
             mlflow.log_artifact(cfg.search_space)
             tracking.log_datasets(data)

@@ -100,3 +100,8 @@ def test_sqlite_storage_takes_the_write_lock_up_front(tmp_path):
     other.execute("ROLLBACK")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     assert len(study.trials) == 2
+
+
+def test_storage_urls_are_logged_without_their_password():
+    assert tuning.redacted("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"
+    assert tuning.redacted("") == ""  # the default storage stays recognisable
