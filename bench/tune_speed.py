@@ -1,6 +1,6 @@
 """Does pruning pay? Finished trials per wall-minute of the tune step, with and without a pruner.
 
-    python bench/tune_speed.py --data_dir ../shared/data [--pruner median] [--minutes 5] [--epochs 4]
+    python bench/tune_speed.py --data_dir ../shared/data [--pruner hyperband] [--minutes 8] [--epochs 9]
 
 Two studies on the same real data, search space and sampler seed, one with no pruner and one
 with the pruner under test, each given the same wall-clock budget. Their trials alternate one
@@ -25,9 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="")
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--pruner", default="median", choices=["median", "hyperband"])
-    parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of each study")
-    parser.add_argument("--epochs", type=int, default=4, help="training budget of one trial")
+    parser.add_argument("--pruner", default="hyperband", choices=["median", "hyperband"])
+    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of each study")
+    parser.add_argument("--epochs", type=int, default=9, help="training budget of one trial")
     parser.add_argument("--train_samples", type=int, default=12000, help="real images per trial (0 = all)")
     parser.add_argument("--search_space", default="search_space.yaml")
     args = parser.parse_args()
