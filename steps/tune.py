@@ -64,10 +64,10 @@ def main(argv=None) -> None:
         for process in others:
             process.start()
         tuning.work(cfg, space, parent.info.run_id, 0, counts[0], data)
-        for process in others:
+        for i, process in enumerate(others, start=1):
             process.join()
             if process.exitcode:
-                print(f"warning: worker {others.index(process) + 1} exited with code {process.exitcode}", flush=True)
+                print(f"warning: worker {i} exited with code {process.exitcode}", flush=True)
 
         best = tuning.log_study(study, cfg, data)
 
