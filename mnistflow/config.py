@@ -4,6 +4,7 @@ Every field is a command-line flag (`--epochs 5`) and an MLproject parameter (`-
 """
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ PHASES = ("development", "tuning", "production")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
+ALIAS = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,65 @@ class TuneConfig:
             raise ConfigError(f"n_trials={self.n_trials} with no timeout would never stop; "
                               "give n_trials >= 1 or a timeout in seconds")
         self.study_name = self.study_name or f"{self.dataset}-cnn"
+        return self
+
+
+# Per dataset: the model name it is registered under and the production gate's defaults.
+# Fashion-MNIST's shirt class is hard for every small CNN (recall ~0.75 at ~0.92 accuracy),
+# so its margin is wider; MNIST's digits are all easy.
+REGISTRY_DEFAULTS = {
+    "mnist": {"model_name": "MNIST_CNN", "min_accuracy": 0.99, "recall_margin": 0.03},
+    "fashion_mnist": {"model_name": "FashionMNIST_CNN", "min_accuracy": 0.90, "recall_margin": 0.25},
+}
+
+
+@dataclass
+class RegisterConfig:
+    run_id: str = ""            # "" = the best FINISHED run of the experiment that logged a model
+    dataset: str = ""           # "" = the run's dataset; with no run_id, choose among mnist runs
+    model_name: str = ""        # "" = MNIST_CNN or FashionMNIST_CNN, by dataset
+    metric: str = "test_accuracy"  # how the best run is chosen; metrics named *loss are minimised
+    alias: str = "production"
+    min_accuracy: float = 0.0   # test accuracy the gate asks for; 0 = the dataset's default
+    recall_margin: float = 0.0  # how far below the mean a class's recall may fall; 0 = dataset default
+    max_latency_ms: float = 100.0  # single-image inference, p95
+    max_size_mb: float = 10.0
+    force: bool = False         # promote even if the gate or the champion comparison says no
+    dry_run: bool = False       # check and report, change nothing
+    rollback: bool = False      # move the alias back to the version holding the previous alias
+    data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
+
+    def validate(self) -> "RegisterConfig":
+        if self.dataset:
+            _choose(self, "dataset", DATASETS)
+        for name in ("min_accuracy", "recall_margin"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be in [0, 1]")
+        for name in ("max_latency_ms", "max_size_mb"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be > 0")
+        if not ALIAS.fullmatch(self.alias) or self.alias == "latest" or re.fullmatch(r"v\d+", self.alias):
+            raise ConfigError(f"alias {self.alias!r} is not allowed; use letters, digits, _ and -, "
+                              "not 'latest' and not v<number> (MLflow reserves those)")
+        return self
+
+    def with_dataset(self, dataset: str) -> "RegisterConfig":
+        """This config with the dataset's defaults filled in where the user left them unset."""
+        defaults = REGISTRY_DEFAULTS[dataset]
+        return dataclasses.replace(self, dataset=dataset,
+                                   model_name=self.model_name or defaults["model_name"],
+                                   min_accuracy=self.min_accuracy or defaults["min_accuracy"],
+                                   recall_margin=self.recall_margin or defaults["recall_margin"])
+
+
+@dataclass
+class EvaluateConfig:
+    model_uri: str = "models:/MNIST_CNN@production"  # runs:/<id>/model, models:/<name>/<version>, ...
+    dataset: str = "mnist"
+    data_dir: str = ""
+
+    def validate(self) -> "EvaluateConfig":
+        _choose(self, "dataset", DATASETS)
         return self
 
 

@@ -59,6 +59,10 @@ class Data:
     val: Split
     test: Split
 
+    def pixels(self, split: Split) -> torch.Tensor:
+        """A split's images as [0, 1] pixels: what a logged (servable) model takes."""
+        return split.images * self.std + self.mean
+
 
 def resolve_data_dir(data_dir: str = "") -> tuple[str, bool]:
     """(root, download): an explicit or $MNISTFLOW_DATA_DIR directory is used offline as is;

@@ -49,3 +49,19 @@ def report_text(report: dict) -> str:
                   f"{report['macro avg']['support']:9d}"]
     lines += [row(name, report[name]) for name in ("macro avg", "weighted avg")]
     return "\n".join(lines) + "\n"
+
+
+def test_metrics(log_probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> tuple[dict, dict, np.ndarray]:
+    """(results, report, confusion matrix) of (N, classes) log-probabilities against the labels.
+
+    results holds test_loss (mean cross-entropy), test_accuracy and test_<precision|recall|f1>_class_<i>.
+    """
+    preds = log_probs.argmax(1)
+    cm = confusion_matrix(labels, preds, len(class_names))
+    report = classification_report(cm, class_names)
+    results = {"test_loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+               "test_accuracy": report["accuracy"]}
+    for i, name in enumerate(class_names):
+        for key in ("precision", "recall", "f1-score"):
+            results[f"test_{key.split('-')[0]}_class_{i}"] = report[name][key]
+    return results, report, cm

@@ -62,3 +62,24 @@ def misclassified(images, labels: np.ndarray, preds: np.ndarray, classes: list[s
     ax.set_title(f"Misclassified test images ({len(labels)} in all; true -> predicted)", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def predictions(originals, inputs: np.ndarray, probs: np.ndarray, classes: list[str], titles: list[str]):
+    """One row per image: the file as given, the 28x28 input the model saw, its class probabilities."""
+    figure, axes = plt.subplots(len(inputs), 3, figsize=(10, 2.2 * len(inputs)), squeeze=False,
+                                gridspec_kw={"width_ratios": [1, 1, 3]})
+    for row, (original, pixels, p, title) in enumerate(zip(originals, inputs, probs, titles)):
+        given, seen, bars = axes[row]
+        given.imshow(original.convert("RGBA"))  # transparent parts show as the white page
+        given.set_title(title, fontsize=8)
+        seen.imshow(pixels[0], cmap="gray", vmin=0, vmax=1)
+        seen.set_title("model input (28x28)", fontsize=8)
+        for ax in (given, seen):
+            ax.axis("off")
+        bars.barh(range(len(classes)), p, color=["tab:orange" if k == p.argmax() else "tab:blue" for k in range(len(p))])
+        bars.set_yticks(range(len(classes)), classes, fontsize=7)
+        bars.set_xlim(0, 1)
+        bars.invert_yaxis()
+        bars.set_title(f"predicted {classes[p.argmax()]} ({p.max():.3f})", fontsize=8)
+    figure.tight_layout()
+    return figure

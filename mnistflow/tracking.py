@@ -22,6 +22,8 @@ from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
 
 CHECKPOINTS = "checkpoints"
+# Artifact downloads (resume, register) would draw progress bars on stderr, where errors go.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class AsyncMetrics:
@@ -120,8 +122,10 @@ def log_config(cfg) -> None:
     mlflow.log_dict(config, "config.yaml")
 
 
-def log_datasets(data: Data) -> None:
-    for context, split in (("training", data.train), ("validation", data.val), ("test", data.test)):
+def log_datasets(data: Data, contexts=("training", "validation", "test")) -> None:
+    splits = {"training": data.train, "validation": data.val, "test": data.test}
+    for context in contexts:
+        split = splits[context]
         with warnings.catch_warnings():
             # MLflow registers two local-path source types under one name and warns that it
             # picked one of them; either is right for a local data directory.
@@ -166,23 +170,24 @@ def log_missing_epochs(run_id: str, history: list[dict], log_metrics) -> None:
 
 
 def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> dict:
-    """Final metrics on the test split: loss, accuracy, per-class precision/recall/F1, report and plots."""
-    loss, accuracy, logits = evaluate(net, data.test, device)
-    labels, preds = data.test.labels.numpy(), logits.argmax(1).numpy()
-    cm = metrics.confusion_matrix(labels, preds, len(data.classes))
-    report = metrics.classification_report(cm, data.classes)
-    results = {"test_loss": loss, "test_accuracy": accuracy}
-    for i, name in enumerate(data.classes):
-        for key in ("precision", "recall", "f1-score"):
-            results[f"test_{key.split('-')[0]}_class_{i}"] = report[name][key]
+    """Final metrics of a trained net on the test split (see log_test_scores)."""
+    _, _, logits = evaluate(net, data.test, device)
+    return log_test_scores(torch.log_softmax(logits, 1).numpy(), data)
+
+
+def log_test_scores(log_probs: np.ndarray, data: Data) -> dict:
+    """Log test loss, accuracy and per-class precision/recall/F1 as metrics, the classification
+    report (text and JSON), the confusion matrix and misclassified images; return the metrics."""
+    labels = data.test.labels.numpy()
+    results, report, cm = metrics.test_metrics(log_probs, labels, data.classes)
     mlflow.log_metrics(results)
     mlflow.log_dict(report, "test/classification_report.json")
     mlflow.log_text(metrics.report_text(report), "test/classification_report.txt")
     log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
+    preds = log_probs.argmax(1)
     wrong = np.flatnonzero(preds != labels)
-    images = data.test.images[wrong] * data.std + data.mean  # back to [0, 1] pixels for display
-    log_figure(plots.misclassified(images, labels[wrong], preds[wrong], data.classes),
-                "plots/test_misclassified.png")
+    log_figure(plots.misclassified(data.pixels(data.test)[wrong], labels[wrong], preds[wrong], data.classes),
+               "plots/test_misclassified.png")
     return results
 
 
@@ -199,7 +204,7 @@ def log_curves(history: list[dict]) -> None:
 def log_model(net: torch.nn.Module, data: Data) -> mlflow.models.model.ModelInfo:
     """Log the net as a servable model: [0, 1] pixels (N, 1, 28, 28) in, class probabilities out."""
     model = servable(net.cpu(), data.mean, data.std)
-    example = (data.test.images[:5] * data.std + data.mean).numpy()
+    example = data.pixels(data.test)[:5].numpy()
     with torch.no_grad():
         probabilities = model(torch.from_numpy(example)).numpy()
     return mlflow.pytorch.log_model(
@@ -212,6 +217,7 @@ def log_model(net: torch.nn.Module, data: Data) -> mlflow.models.model.ModelInfo
         # pt2 (torch.export) stores a traced graph: loading runs no pickled code and needs no
         # mnistflow import, unlike the pickle format.
         serialization_format="pt2",
+        metadata={"dataset": data.name, "classes": data.classes},  # so predictions can be named
     )
 
 

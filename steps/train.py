@@ -17,9 +17,10 @@ from mlflow.exceptions import MlflowException
 
 from mnistflow import data as datasets
 from mnistflow import models, tracking
-from mnistflow.config import ConfigError, OneLineParser, TrainConfig, add_arguments, from_args
+from mnistflow.config import ConfigError, OneLineParser, RegisterConfig, TrainConfig, add_arguments, from_args
 from mnistflow.data import DataError
 from mnistflow.train import fit, seed_everything, select_device, steps_per_epoch
+from steps import register as register_step
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -46,15 +47,11 @@ def resumed_config(run_id: str) -> TrainConfig:
 
 def main(argv=None) -> None:
     started = time.perf_counter()
-    # Artifact downloads (resume) would draw progress bars on stderr, where errors go.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = parse_config(argv)
     try:
         if cfg.resume:
             cfg = resumed_config(cfg.resume)
         cfg.validate()
-        if cfg.register:
-            raise ConfigError("register=true is not available yet: the register step is still to be built")
         data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
     except (ConfigError, DataError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
@@ -97,6 +94,14 @@ def main(argv=None) -> None:
     print(f"run {run_id} FINISHED in {time.perf_counter() - started:.0f} s: "
           f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f} "
           f"(best epoch {state['best']['epoch']}); tracking URI {mlflow.get_tracking_uri()}", flush=True)
+    if cfg.register:
+        # The register step's own code, in a run of its own: not the training run `mlflow run` opened.
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        try:
+            register_step.register(RegisterConfig(run_id=run_id, data_dir=cfg.data_dir), data)
+        except register_step.Refused as exc:
+            print(f"train: the model was not promoted: {exc}; the registry is unchanged", file=sys.stderr)
+            sys.exit(1)
     # Python's last garbage collection at exit walks every object torch and mlflow made (~3 s
     # on 2 cores); frozen objects are skipped, and the OS frees the memory anyway.
     gc.freeze()

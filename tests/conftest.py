@@ -129,3 +129,41 @@ def postgres_url() -> str:
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+class Trained:
+    """A tracking store holding two finished train runs on the tiny data: one good, one poor."""
+
+    def __init__(self, uri: str, good: str, poor: str):
+        self.uri, self.good, self.poor = uri, good, poor
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_data) -> Trained:
+    # Trained in this process (the train step's CLI has tests of its own): two runs in ~10 s.
+    from steps import train
+
+    root = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        env.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        mlflow.MlflowClient().create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+        ids = []
+        for args in (["--epochs", "2"], ["--epochs", "1", "--lr", "0.0001"]):
+            train.main(["--data_dir", tiny_data, "--batch_size", "64", *args])
+            ids.append(mlflow.last_active_run().info.run_id)
+        mlflow.set_tracking_uri(None)
+    return Trained(uri, *ids)
+
+
+@pytest.fixture
+def registry_store(trained, monkeypatch) -> Trained:
+    """The `trained` store for this test. Tests share its registry: each uses its own model name."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    mlflow.set_tracking_uri(trained.uri)
+    yield trained
+    mlflow.set_tracking_uri(None)

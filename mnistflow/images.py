@@ -1,0 +1,77 @@
+"""Any picture of a digit or garment, brought to the MNIST convention the models were trained on.
+
+MNIST was made like this (LeCun et al.): the ink, light on a black background, was fitted into a
+20x20 box keeping its aspect ratio, with anti-aliasing, then placed in a 28x28 field so that its
+center of mass sits at the center. `to_mnist` does the same to a photo or a drawing of any size,
+colour or polarity.
+"""
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+BOX = 20    # the ink's longer side, in pixels
+FIELD = 28  # the image side
+INK = 0.2   # a pixel counts as ink above this fraction of the brightest one
+
+
+class ImageError(ValueError):
+    """The file is missing, empty, not an image, or shows nothing."""
+
+
+def read(path: str) -> Image.Image:
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: the file is empty")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError(f"{path}: not an image Pillow can read ({type(exc).__name__})") from None
+
+
+def grayscale(image: Image.Image) -> np.ndarray:
+    """Pixels in [0, 1]; transparent parts become white paper, as if printed."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, rgba)
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def to_mnist(image: Image.Image, name: str = "image") -> np.ndarray:
+    """(28, 28) float32 in [0, 1], light ink on black, fitted into 20x20 and centered by mass."""
+    pixels = grayscale(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = float(np.median(border))
+    if background > 0.5:  # dark ink on light paper: turn it into light ink on black
+        pixels, background = 1.0 - pixels, 1.0 - background
+    ink = np.clip(pixels - background, 0, None)
+    if ink.max() < 0.1:
+        raise ImageError(f"{name}: no digit found; the image is blank")
+    ink /= ink.max()
+
+    rows, cols = np.nonzero(ink > INK)
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = BOX / max(crop.shape)
+    height, width = (max(1, round(side * scale)) for side in crop.shape)
+    # Pillow's "F" mode keeps floats; its bilinear resize anti-aliases when shrinking.
+    fitted = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BILINEAR))
+    fitted = np.clip(fitted, 0, 1)
+
+    # Where the fitted ink's center of mass lands at the field's center, clipped to the field.
+    mass_rows, mass_cols = np.indices(fitted.shape)
+    total = fitted.sum()
+    top = round(FIELD / 2 - (mass_rows * fitted).sum() / total)
+    left = round(FIELD / 2 - (mass_cols * fitted).sum() / total)
+    top, left = min(max(top, 0), FIELD - height), min(max(left, 0), FIELD - width)
+    field = np.zeros((FIELD, FIELD), dtype=np.float32)
+    field[top:top + height, left:left + width] = fitted
+    return field
+
+
+def load(path: str) -> np.ndarray:
+    """The file at `path` as a (1, 28, 28) model input; ImageError names the file when it cannot."""
+    return to_mnist(read(path), path)[None]

@@ -1,0 +1,302 @@
+"""The model registry: choose a run, gate its model, compare it with the champion, promote, roll back.
+
+Nothing here changes the registry until every check has passed (or `force` says to go on), so a
+refused or failed promotion leaves versions and aliases as they were. Aliases, not the deprecated
+stages, mark what is in production; the version an alias leaves keeps a `previous` alias.
+"""
+import os
+import tempfile
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+
+from mnistflow import data as datasets
+from mnistflow import inference, metrics
+from mnistflow.config import ConfigError, RegisterConfig
+from mnistflow.data import Data
+
+SANITY_IMAGES = 10
+
+
+def previous_alias(alias: str) -> str:
+    return "previous" if alias == "production" else f"{alias}-previous"
+
+
+def experiment_id() -> str:
+    """The experiment this process logs to: the one `mlflow run` or MLFLOW_EXPERIMENT_* name, else Default."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    experiment = mlflow.get_experiment_by_name(name) if name else None
+    if name and experiment is None:
+        raise ConfigError(f"experiment {name!r} (MLFLOW_EXPERIMENT_NAME) does not exist in {mlflow.get_tracking_uri()}")
+    return experiment.experiment_id if experiment else "0"
+
+
+# --- which model ------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    run: mlflow.entities.Run
+    model_uri: str   # models:/<logged model id>: exactly the model the run logged
+    model_id: str
+    cfg: RegisterConfig  # with the run's dataset and that dataset's defaults filled in
+    data: Data
+
+
+def logged_models(experiment: str) -> dict:
+    """run id -> the model the train or tune step logged (named "model") in that run."""
+    found = mlflow.search_logged_models(experiment_ids=[experiment], filter_string="name = 'model'",
+                                        output_format="list")
+    return {model.source_run_id: model for model in found}
+
+
+def best_run(cfg: RegisterConfig, experiment: str, models: dict) -> mlflow.entities.Run:
+    dataset = cfg.dataset or "mnist"
+    descending = not cfg.metric.endswith("loss")
+    runs = mlflow.search_runs(experiment_ids=[experiment], output_format="list",
+                              filter_string=f"attributes.status = 'FINISHED' AND tags.dataset = '{dataset}'",
+                              order_by=[f"metrics.`{cfg.metric}` {'DESC' if descending else 'ASC'}"])
+    for run in runs:
+        if cfg.metric in run.data.metrics and run.info.run_id in models:
+            return run
+    raise ConfigError(f"no FINISHED {dataset} run with a logged model and a {cfg.metric!r} metric "
+                      f"in experiment {experiment} of {mlflow.get_tracking_uri()}; train one first")
+
+
+def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
+    """Resolve the run to register (given, or the best one) and load its dataset's test split.
+
+    Raises ConfigError, before anything is written, for a run that does not exist or logged no model.
+    """
+    experiment = experiment_id()
+    if cfg.run_id:
+        try:
+            run = mlflow.get_run(cfg.run_id)
+        except MlflowException:
+            raise ConfigError(f"unknown run_id {cfg.run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
+        models = logged_models(run.info.experiment_id)
+        if cfg.run_id not in models:
+            raise ConfigError(f"run {cfg.run_id} logged no model; give the id of a finished train or tune run")
+    else:
+        models = logged_models(experiment)
+        run = best_run(cfg, experiment, models)
+    dataset = run.data.tags.get("dataset", cfg.dataset or "mnist")
+    if cfg.dataset and cfg.dataset != dataset:
+        raise ConfigError(f"run {run.info.run_id} was trained on {dataset}, not on dataset={cfg.dataset}")
+    cfg = cfg.with_dataset(dataset)
+    if data is None:
+        data = datasets.load(dataset, cfg.data_dir)
+    model = models[run.info.run_id]
+    return Candidate(run, model.model_uri, model.model_id, cfg, data)
+
+
+# --- the checks -------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    name: str
+    value: float
+    rule: str     # the limit, as people read it: ">= 0.99"
+    passed: bool
+    detail: str = ""
+
+
+def test_figures(model, data: Data) -> dict:
+    """test_loss, test_accuracy and per-class metrics of a loaded model on the test split."""
+    log_probs = inference.log_probabilities(model, data.pixels(data.test).numpy())
+    results, _, _ = metrics.test_metrics(log_probs, data.test.labels.numpy(), data.classes)
+    return results
+
+
+def gate(model, size_mb: float, figures: dict, cfg: RegisterConfig, data: Data) -> list[Check]:
+    """The pipeline doc's production criteria, measured on the loaded model."""
+    recalls = np.array([figures[f"test_recall_class_{i}"] for i in range(len(data.classes))])
+    worst = int(recalls.argmin())
+    gap = float(recalls.mean() - recalls[worst])
+    p95 = float(np.percentile(inference.latencies_ms(model, data.pixels(data.test)[0].numpy()), 95))
+    accuracy = figures["test_accuracy"]
+    return [
+        Check("test_accuracy", accuracy, f">= {cfg.min_accuracy}", accuracy >= cfg.min_accuracy),
+        Check("latency_p95_ms", p95, f"< {cfg.max_latency_ms}", p95 < cfg.max_latency_ms, "one image"),
+        Check("size_mb", size_mb, f"< {cfg.max_size_mb}", size_mb < cfg.max_size_mb),
+        Check("recall_gap", gap, f"<= {cfg.recall_margin}", gap <= cfg.recall_margin,
+              f"class {data.classes[worst]!r}: recall {recalls[worst]:.4f} vs mean {recalls.mean():.4f}"),
+    ]
+
+
+def champion(name: str, alias: str):
+    """The version holding the alias, or None (no such model yet, or the alias is unset)."""
+    client = mlflow.MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return None
+    return client.get_model_version(name, model.aliases[alias]) if alias in model.aliases else None
+
+
+def check_table(checks: list[Check]) -> str:
+    rows = [f"{'check':<16}{'value':>12}  {'rule':<12}{'verdict':<8}"]
+    rows += [f"{c.name:<16}{c.value:>12.4g}  {c.rule:<12}{'pass' if c.passed else 'FAIL':<8}{c.detail}"
+             for c in checks]
+    return "\n".join(rows)
+
+
+# --- the outcome ------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    run_id: str
+    model_name: str
+    alias: str
+    checks: list[Check]
+    figures: dict                 # the candidate's test metrics, as measured here
+    version: str | None = None    # the registered version; None when nothing was registered
+    previous_version: str | None = None
+    promoted: bool = False
+    refused: str = ""             # why the alias was not moved; "" when it was (or would be)
+
+    def as_tags(self) -> dict:
+        tags = {f"gate_{c.name}": f"{c.value:.6g}" for c in self.checks}
+        tags.update({f"gate_{c.name}_passed": str(c.passed).lower() for c in self.checks})
+        return tags
+
+
+def register(candidate: Candidate) -> Outcome:
+    """Gate the candidate, compare it with the alias holder, then register and promote it.
+
+    A refusal (a failed check, a better champion) is returned in Outcome.refused with the
+    registry untouched, unless cfg.force; cfg.dry_run never touches it.
+    """
+    cfg, data, run_id = candidate.cfg, candidate.data, candidate.run.info.run_id
+    print(f"candidate: run {run_id} ({candidate.run.data.tags.get('mlflow.runName', '')}), "
+          f"model {candidate.model_uri}, {cfg.dataset}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=candidate.model_uri, dst_path=tmp)
+        size_mb = inference.size_mb(local)
+        model = inference.load(local)
+    figures = test_figures(model, data)
+    checks = gate(model, size_mb, figures, cfg, data)
+
+    holder = champion(cfg.model_name, cfg.alias)
+    if holder is not None and holder.run_id == run_id and holder.source == candidate.model_uri:
+        print(check_table(checks))
+        print(f"{cfg.model_name} version {holder.version} (this run's model) already holds @{cfg.alias}; "
+              "nothing to do", flush=True)
+        return Outcome(run_id, cfg.model_name, cfg.alias, checks, figures, version=holder.version)
+    if holder is not None:
+        holder_accuracy = test_figures(inference.load(f"models:/{cfg.model_name}/{holder.version}"), data)["test_accuracy"]
+        checks.append(Check("vs_champion", figures["test_accuracy"], f">= {holder_accuracy:.4f}",
+                            figures["test_accuracy"] >= holder_accuracy,
+                            f"version {holder.version} holds @{cfg.alias}; same test set"))
+    print(check_table(checks), flush=True)
+
+    failed = [c.name for c in checks if not c.passed]
+    outcome = Outcome(run_id, cfg.model_name, cfg.alias, checks, figures,
+                      previous_version=holder.version if holder else None)
+    if failed and not cfg.force:
+        outcome.refused = f"{', '.join(failed)} failed (see the table above); pass force=true to promote anyway"
+    if cfg.dry_run:
+        print("dry run: nothing registered, no alias moved"
+              + (f"; it would be refused: {outcome.refused}" if outcome.refused else ""), flush=True)
+    if cfg.dry_run or outcome.refused:
+        return outcome
+
+    version = register_version(candidate, outcome, forced=bool(failed))
+    outcome.version = version.version
+    before = mlflow.MlflowClient().get_registered_model(cfg.model_name).aliases
+    move_alias(cfg.model_name, cfg.alias, version.version, holder.version if holder else None)
+    try:
+        sanity_check(cfg.model_name, cfg.alias, data)
+    except BaseException:
+        restore_aliases(cfg.model_name, before, [cfg.alias, previous_alias(cfg.alias)])
+        raise
+    outcome.promoted = True
+    return outcome
+
+
+def register_version(candidate: Candidate, outcome: Outcome, forced: bool):
+    """The version of the candidate's model (an existing one is reused), described and tagged."""
+    client, cfg, run = mlflow.MlflowClient(), candidate.cfg, candidate.run
+    try:
+        client.get_registered_model(cfg.model_name)
+    except MlflowException:
+        client.create_registered_model(
+            cfg.model_name, description=f"CNN classifier for {cfg.dataset}, trained and registered by mnistflow. "
+                                        "Input: (N, 1, 28, 28) float32 pixels in [0, 1]; output: class probabilities.")
+    tags = {
+        "source_run_id": run.info.run_id, "dataset": cfg.dataset,
+        "git_commit": run.data.tags.get("git_commit", "unknown"),
+        "test_accuracy": f"{outcome.figures['test_accuracy']:.6g}", "test_loss": f"{outcome.figures['test_loss']:.6g}",
+        **outcome.as_tags(), "gate_forced": str(forced).lower(),
+    }
+    if "best_trial_run_id" in run.data.tags:  # a tune parent run: its model is the best trial's
+        tags["best_trial_run_id"] = run.data.tags["best_trial_run_id"]
+    description = (f"From run {run.info.run_id} ({run.data.tags.get('mlflow.runName', '')}) on {cfg.dataset}: "
+                   f"test accuracy {outcome.figures['test_accuracy']:.4f}"
+                   + (" (promoted with force=true despite failed checks)" if forced else ""))
+    existing = [v for v in client.search_model_versions(f"name = '{cfg.model_name}' AND run_id = '{run.info.run_id}'")
+                if v.source == candidate.model_uri]
+    if existing:
+        version = existing[0]
+        client.update_model_version(cfg.model_name, version.version, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(cfg.model_name, version.version, key, value)
+    else:
+        version = client.create_model_version(cfg.model_name, candidate.model_uri, run_id=run.info.run_id,
+                                              tags=tags, description=description, model_id=candidate.model_id)
+    print(f"registered {cfg.model_name} version {version.version}", flush=True)
+    return version
+
+
+def move_alias(name: str, alias: str, version: str, old_version: str | None) -> None:
+    client = mlflow.MlflowClient()
+    if old_version is not None:
+        client.set_registered_model_alias(name, previous_alias(alias), old_version)
+    client.set_registered_model_alias(name, alias, version)
+    print(f"@{alias} -> version {version}"
+          + (f"; @{previous_alias(alias)} -> version {old_version}" if old_version else ""), flush=True)
+
+
+def restore_aliases(name: str, before: dict, aliases: list[str]) -> None:
+    """Put `aliases` back as they were in `before` (alias -> version), unsetting new ones."""
+    client = mlflow.MlflowClient()
+    for alias in aliases:
+        if alias in before:
+            client.set_registered_model_alias(name, alias, before[alias])
+        else:
+            client.delete_registered_model_alias(name, alias)
+    print(f"aliases of {name} restored", flush=True)
+
+
+def rollback(cfg: RegisterConfig) -> tuple[str, str]:
+    """Swap the alias and its previous alias; returns (the version now holding the alias, the one
+    now holding previous). Rolling back twice undoes the rollback."""
+    cfg = cfg.with_dataset(cfg.dataset or "mnist")
+    previous = champion(cfg.model_name, previous_alias(cfg.alias))
+    if previous is None:
+        raise ConfigError(f"{cfg.model_name} has no @{previous_alias(cfg.alias)} version to roll back to "
+                          f"in {mlflow.get_tracking_uri()}")
+    current = champion(cfg.model_name, cfg.alias)
+    move_alias(cfg.model_name, cfg.alias, previous.version, current.version if current else None)
+    return previous.version, current.version if current else None
+
+
+def sanity_check(name: str, alias: str, data: Data) -> np.ndarray:
+    """Load the promoted model by its alias, as users will, and predict a few test images."""
+    uri = f"models:/{name}@{alias}"
+    probs = inference.probabilities(inference.load(uri), data.pixels(data.test)[:SANITY_IMAGES].numpy())
+    predicted, labels = probs.argmax(1), data.test.labels[:SANITY_IMAGES].numpy()
+    print(f"sanity check, {uri} on the first {SANITY_IMAGES} test images: predicted {predicted.tolist()}, "
+          f"true {labels.tolist()} ({int((predicted == labels).sum())}/{SANITY_IMAGES} right)", flush=True)
+    return probs
+
+
+def log_outcome(outcome: Outcome) -> None:
+    """On the active (register step) run: what was decided, and every figure it was decided on."""
+    mlflow.log_metrics({f"gate_{c.name}": c.value for c in outcome.checks})
+    mlflow.set_tags({"source_run_id": outcome.run_id, "model_name": outcome.model_name, "alias": outcome.alias,
+                     "promoted": str(outcome.promoted).lower(), "model_version": outcome.version or "",
+                     **outcome.as_tags(), **({"refused": outcome.refused} if outcome.refused else {})})

@@ -1,0 +1,205 @@
+"""The register step on a real SQLite registry: gate, champion/challenger, aliases, rollback, bad input."""
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env
+from steps import register
+
+# The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
+LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1"]
+
+
+def call(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the register step in this process; (exit code, stdout, stderr)."""
+    try:
+        register.main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def aliases(name: str) -> dict:
+    try:
+        return {alias: str(version) for alias, version in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
+    except mlflow.exceptions.MlflowException:
+        return {}
+
+
+def versions(name: str) -> list:
+    return mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+
+
+def register_runs(status: str | None = None) -> list:
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                              filter_string="attributes.run_name LIKE 'register-%'")
+    return [r for r in runs if status is None or r.info.status == status]
+
+
+def test_best_run_is_registered_gated_and_promoted(registry_store, tiny_data, capsys):
+    code, out, err = call(capsys, "--model_name", "Best", "--data_dir", tiny_data)
+    assert code == 0, err
+    [version] = versions("Best")
+    assert version.run_id == registry_store.good  # the highest test_accuracy among runs with a model
+    assert aliases("Best") == {"production": "1"}
+    tags = version.tags
+    assert tags["source_run_id"] == registry_store.good and tags["dataset"] == "mnist"
+    assert len(tags["git_commit"]) == 40 and float(tags["test_accuracy"]) == 1.0
+    for check in ("test_accuracy", "latency_p95_ms", "size_mb", "recall_gap"):
+        assert tags[f"gate_{check}_passed"] == "true", check
+    assert 0 < float(tags["gate_latency_p95_ms"]) < 100 and 0 < float(tags["gate_size_mb"]) < 10
+    assert tags["gate_forced"] == "false"
+    assert registry_store.good in version.description
+    assert "sanity check, models:/Best@production" in out and "(10/10 right)" in out
+
+    # The step's own run records the decision; registering the same run again changes nothing.
+    run = mlflow.get_run(register_runs()[0].info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["promoted"] == "true"
+    assert run.data.tags["model_version"] == "1" and run.data.metrics["gate_test_accuracy"] == 1.0
+    code, out, _ = call(capsys, "--model_name", "Best", "--data_dir", tiny_data)
+    assert code == 0 and "already holds @production" in out and len(versions("Best")) == 1
+
+
+def test_champion_refuses_worse_challenger_then_force_and_rollback(registry_store, tiny_data, capsys):
+    name = "Champion"
+    assert call(capsys, "--model_name", name, "--run_id", registry_store.good, "--data_dir", tiny_data)[0] == 0
+
+    code, out, err = call(capsys, "--model_name", name, "--run_id", registry_store.poor,
+                          "--data_dir", tiny_data, *LENIENT)
+    assert code == 1
+    assert err.count("\n") == 1 and "vs_champion failed" in err and "registry is unchanged" in err
+    assert "vs_champion" in out and "FAIL" in out
+    assert aliases(name) == {"production": "1"} and len(versions(name)) == 1
+
+    code, out, err = call(capsys, "--model_name", name, "--run_id", registry_store.poor,
+                          "--data_dir", tiny_data, *LENIENT, "--force", "true")
+    assert code == 0, err
+    assert aliases(name) == {"production": "2", "previous": "1"}
+    forced = mlflow.MlflowClient().get_model_version(name, "2")
+    assert forced.tags["gate_forced"] == "true" and forced.tags["gate_vs_champion_passed"] == "false"
+
+    assert call(capsys, "--model_name", name, "--rollback", "true")[0] == 0
+    assert aliases(name) == {"production": "1", "previous": "2"}
+    assert mlflow.pyfunc.load_model(f"models:/{name}@production").metadata.run_id == registry_store.good
+
+
+def test_gate_failure_changes_nothing(registry_store, tiny_data, capsys):
+    # The poor model (accuracy ~0.14) against the default MNIST gate of 0.99.
+    code, out, err = call(capsys, "--model_name", "Gated", "--run_id", registry_store.poor, "--data_dir", tiny_data)
+    assert code == 1
+    assert err.startswith("register: refused: test_accuracy") and err.count("\n") == 1
+    assert ">= 0.99" in out and "FAIL" in out
+    assert aliases("Gated") == {} and versions("Gated") == []
+    [run] = [r for r in register_runs() if r.data.tags.get("model_name") == "Gated"]
+    assert run.info.status == "FAILED" and run.data.tags["promoted"] == "false"
+    assert run.data.tags["gate_test_accuracy_passed"] == "false"
+
+
+def test_dry_run_changes_nothing(registry_store, tiny_data, capsys):
+    code, out, _ = call(capsys, "--model_name", "Dry", "--run_id", registry_store.good, "--data_dir", tiny_data,
+                        "--dry_run", "true")
+    assert code == 0 and "dry run: nothing registered" in out
+    assert versions("Dry") == []
+
+
+def test_run_without_model_and_other_bad_input(registry_store, tiny_data, capsys):
+    with mlflow.start_run() as bare:
+        mlflow.set_tag("dataset", "mnist")
+    running_before = len(register_runs("RUNNING"))
+    cases = {
+        ("--run_id", "0123456789abcdef0123456789abcdef"): "unknown run_id",
+        ("--run_id", bare.info.run_id): "logged no model",
+        ("--model_name", "Nothing", "--rollback", "true"): "no @previous version",
+        ("--alias", "v2"): "alias 'v2' is not allowed",
+        ("--min_accuracy", "1.5"): "min_accuracy=1.5 is not allowed",
+        ("--dataset", "cifar"): "unknown dataset 'cifar'",
+        ("--run_id", registry_store.good, "--dataset", "fashion_mnist"): "trained on mnist",
+    }
+    for args, message in cases.items():
+        code, _, err = call(capsys, *args, "--data_dir", tiny_data)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert versions("Nothing") == [] and len(register_runs("RUNNING")) == running_before
+
+
+def test_tune_parent_run_registers_its_best_trial(store, tiny_data, tmp_path):
+    result = python_step("steps.tune", "--n_trials", "2", "--epochs", "1", "--data_dir", tiny_data,
+                         "--storage", f"sqlite:///{tmp_path}/optuna.db")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [parent] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                  filter_string="tags.study_name = 'mnist-cnn'")
+    # force: this test is about which model a parent run stands for, not whether 1 epoch passes the gate.
+    result = python_step("steps.register", "--run_id", parent.info.run_id, "--data_dir", tiny_data, "--force", "true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [version] = versions("MNIST_CNN")
+    assert version.run_id == parent.info.run_id
+    assert version.tags["best_trial_run_id"] == parent.data.tags["best_trial_run_id"]
+
+
+def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data):
+    result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local",
+                      "-P", f"run_id={registry_store.good}", "-P", "model_name=Served", "-P", f"data_dir={tiny_data}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert aliases("Served") == {"production": "1"}
+
+    result = run_step("mlflow", "run", ".", "-e", "evaluate", "--env-manager", "local",
+                      "-P", "model_uri=models:/Served@production", "-P", f"data_dir={tiny_data}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [evaluation] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                      filter_string="params.model_uri = 'models:/Served@production'")
+    assert evaluation.info.status == "FINISHED" and evaluation.data.metrics["test_accuracy"] == 1.0
+    assert {"test_recall_class_9", "test_f1_class_0", "test_loss"} <= set(evaluation.data.metrics)
+    artifacts = {f.path for d in ("plots", "test") for f in mlflow.MlflowClient().list_artifacts(evaluation.info.run_id, d)}
+    assert {"plots/test_confusion_matrix.png", "test/classification_report.txt",
+            "test/classification_report.json"} <= artifacts
+
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/Served@production", "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, env=step_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
+        pixels = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         json.dumps({"inputs": pixels.tolist()}).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            served = np.array(json.load(response)["predictions"])
+        local = mlflow.pyfunc.load_model("models:/Served@production").predict(pixels)
+        assert served.shape == (3, 10) and np.allclose(served.sum(1), 1, atol=1e-4)
+        assert np.allclose(served, local, atol=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout} s")
+
+
+def test_train_with_register_true_promotes_its_run(store, tiny_data):
+    result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", "epochs=2",
+                      "-P", "batch_size=64", "-P", f"data_dir={tiny_data}", "-P", "register=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [train_run] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                     filter_string="params.register = 'true'")
+    assert train_run.info.status == "FINISHED" and not train_run.info.run_name.startswith("register-")
+    [version] = versions("MNIST_CNN")
+    assert version.run_id == train_run.info.run_id and aliases("MNIST_CNN") == {"production": "1"}
+    assert "sanity check, models:/MNIST_CNN@production" in result.stdout
