@@ -154,7 +154,6 @@ class Outcome:
     checks: list[Check]
     figures: dict                 # the candidate's test metrics, as measured here
     version: str | None = None    # the registered version; None when nothing was registered
-    previous_version: str | None = None
     promoted: bool = False
     refused: str = ""             # why the alias was not moved; "" when it was (or would be)
 
@@ -187,15 +186,15 @@ def register(candidate: Candidate) -> Outcome:
               "nothing to do", flush=True)
         return Outcome(run_id, cfg.model_name, cfg.alias, checks, figures, version=holder.version)
     if holder is not None:
-        holder_accuracy = test_figures(inference.load(f"models:/{cfg.model_name}/{holder.version}"), data)["test_accuracy"]
+        holder_model = inference.load(f"models:/{cfg.model_name}/{holder.version}")
+        holder_accuracy = test_figures(holder_model, data)["test_accuracy"]
         checks.append(Check("vs_champion", figures["test_accuracy"], f">= {holder_accuracy:.4f}",
                             figures["test_accuracy"] >= holder_accuracy,
                             f"version {holder.version} holds @{cfg.alias}; same test set"))
     print(check_table(checks), flush=True)
 
     failed = [c.name for c in checks if not c.passed]
-    outcome = Outcome(run_id, cfg.model_name, cfg.alias, checks, figures,
-                      previous_version=holder.version if holder else None)
+    outcome = Outcome(run_id, cfg.model_name, cfg.alias, checks, figures)
     if failed and not cfg.force:
         outcome.refused = f"{', '.join(failed)} failed (see the table above); pass force=true to promote anyway"
     if cfg.dry_run:

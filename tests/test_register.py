@@ -1,6 +1,7 @@
 """The register step on a real SQLite registry: gate, champion/challenger, aliases, rollback, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env
-from steps import register
+from steps import evaluate, register
 
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
 LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1"]
@@ -144,7 +145,7 @@ def test_tune_parent_run_registers_its_best_trial(store, tiny_data, tmp_path):
     assert version.tags["best_trial_run_id"] == parent.data.tags["best_trial_run_id"]
 
 
-def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data):
+def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data, tmp_path):
     result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local",
                       "-P", f"run_id={registry_store.good}", "-P", "model_name=Served", "-P", f"data_dir={tiny_data}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,24 +162,42 @@ def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data):
     assert {"plots/test_confusion_matrix.png", "test/classification_report.txt",
             "test/classification_report.json"} <= artifacts
 
+    # The README's serving recipe: PNGs from the MNIST files, a payload from predict, a POST.
+    made = subprocess.run(["bash", "-c", readme_line("python -c \"from torchvision.datasets import MNIST")],
+                          cwd=tmp_path, env={**step_env(), "MNISTFLOW_DATA_DIR": tiny_data}, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    payload = tmp_path / "payload.json"
+    result = python_step("steps.predict", "--model", "models:/Served@production", "--image",
+                         str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--payload", str(payload))
+    assert result.returncode == 0, result.stderr[-2000:]
+    pixels = np.array(json.loads(payload.read_text())["inputs"], dtype=np.float32)
+
     port = free_port()
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/Served@production", "--env-manager",
                                "local", "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, env=step_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server)
-        pixels = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         json.dumps({"inputs": pixels.tolist()}).encode(),
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", payload.read_bytes(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
             served = np.array(json.load(response)["predictions"])
         local = mlflow.pyfunc.load_model("models:/Served@production").predict(pixels)
-        assert served.shape == (3, 10) and np.allclose(served.sum(1), 1, atol=1e-4)
+        assert served.shape == (2, 10) and np.allclose(served.sum(1), 1, atol=1e-4)
         assert np.allclose(served, local, atol=1e-5)
+        if shutil.which("curl"):  # and the README's curl command, as written there
+            curl = readme_line("curl -s -X POST http://127.0.0.1:5001/").replace("5001", str(port))
+            answer = subprocess.run(["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True)
+            assert np.allclose(json.loads(answer.stdout)["predictions"], local, atol=1e-5)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def readme_line(start: str) -> str:
+    """The one line of README.md that starts with `start`: the tests run the commands users copy."""
+    [line] = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith(start)]
+    return line
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -203,3 +222,18 @@ def test_train_with_register_true_promotes_its_run(store, tiny_data):
     [version] = versions("MNIST_CNN")
     assert version.run_id == train_run.info.run_id and aliases("MNIST_CNN") == {"production": "1"}
     assert "sanity check, models:/MNIST_CNN@production" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_uri", "models:/NoSuchModel@production"], "cannot load model 'models:/NoSuchModel@production'"),
+    (["--model_uri", "runs:/0123456789abcdef0123456789abcdef/model"], "cannot load model"),
+    (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+])
+def test_evaluate_bad_input_is_one_line_and_no_run(registry_store, tiny_data, capsys, args, message):
+    runs_before = len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list"))
+    with pytest.raises(SystemExit) as exited:
+        evaluate.main([*args, "--data_dir", tiny_data])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("evaluate: error: ") and message in err
+    assert err.count("\n") == 1
+    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")) == runs_before

@@ -1,0 +1,114 @@
+"""How fast does a served model answer? `mlflow models serve` over HTTP vs. the same model in process.
+
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db python bench/serve_latency.py [--model models:/MNIST_CNN@production]
+
+Starts `mlflow models serve` on a free port of 127.0.0.1, then sends requests one after another,
+alternating the three cases in blocks of 50 so that a noisy moment hits all of them alike:
+  1. pyfunc `predict` of one image in this process (what the register gate measures),
+  2. POST /invocations with one image (JSON, as in the README's curl example),
+  3. POST /invocations with a batch of images.
+Prints one table of p50 / p95 latency and images per second, and the HTTP overhead as a ratio.
+The pixels are random: a CNN's compute does not depend on what the image shows.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+
+BLOCK, SETTLE = 50, 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int) -> subprocess.Popen:
+    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"serve_latency: `mlflow models serve -m {model}` exited with code {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGTERM)
+    sys.exit("serve_latency: the server did not answer /ping within 180 s")
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def timed_post(url: str, body: bytes) -> float:
+    start = time.perf_counter()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.read()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models:/MNIST_CNN@production")
+    parser.add_argument("--requests", type=int, default=500, help="timed requests per case")
+    parser.add_argument("--batch", type=int, default=100, help="images in a batch request")
+    args = parser.parse_args()
+
+    pixels = np.random.default_rng(0).random((args.batch, 1, 28, 28)).astype(np.float32)
+    one = json.dumps({"inputs": pixels[:1].tolist()}).encode()
+    batch = json.dumps({"inputs": pixels.tolist()}).encode()
+    model = mlflow.pyfunc.load_model(args.model)
+    port = free_port()
+    server = start_server(args.model, port)
+    url = f"http://127.0.0.1:{port}/invocations"
+    try:
+        cases = {
+            "in-process predict, 1 image": (1, lambda: timed(lambda: model.predict(pixels[:1]))),
+            "REST /invocations, 1 image": (1, lambda: timed_post(url, one)),
+            f"REST /invocations, {args.batch} images": (args.batch, lambda: timed_post(url, batch)),
+        }
+        times = {name: [] for name in cases}
+        rounds = -(-args.requests // BLOCK)
+        for _ in range(rounds):
+            for name, (_, measure) in cases.items():
+                # The first calls of a block are not timed: they pay for lazy imports (first block)
+                # or share the CPU with the other process's OpenMP threads, which spin a while
+                # after their last request before they sleep.
+                for _ in range(SETTLE):
+                    measure()
+                times[name] += [measure() for _ in range(BLOCK)]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    print(f"{args.model}: {rounds * BLOCK} requests per case, in alternating blocks of {BLOCK}\n")
+    print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'images/s':>10}")
+    for name, (images, _) in cases.items():
+        t = sorted(times[name])
+        p50, p95 = statistics.median(t), t[int(0.95 * (len(t) - 1))]
+        print(f"{name:<34}{p50 * 1000:>9.2f}{p95 * 1000:>9.2f}{images / p50:>10.0f}")
+    in_process, rest = (statistics.median(times[name]) for name in list(cases)[:2])
+    print(f"\nHTTP + JSON overhead for one image: p50 {rest / in_process:.1f}x the in-process predict "
+          f"(+{(rest - in_process) * 1000:.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Images brought to the MNIST convention, and the predict step on PNGs written here."""
+import json
+import re
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import EXPERIMENT, python_step, run_step
+from mnistflow import images
+
+
+def digit(height: int = 60, width: int = 40) -> np.ndarray:
+    """A light, lopsided "7" on black: a bar on top and a thick diagonal stroke, in [0, 1]."""
+    canvas = np.zeros((height, width), dtype=np.float32)
+    canvas[: height // 10, :] = 1.0
+    for row in range(height):
+        col = int((width - 1) * (1 - row / height))
+        canvas[row, max(0, col - width // 8):col + 1] = 1.0
+    return canvas
+
+
+def on_page(ink: np.ndarray, size: tuple[int, int], at: tuple[int, int], dark_on_light: bool, rgb: bool) -> Image.Image:
+    """The ink placed somewhere on a larger page, optionally as dark-on-light and in colour."""
+    page = np.zeros(size, dtype=np.float32)
+    page[at[0]:at[0] + ink.shape[0], at[1]:at[1] + ink.shape[1]] = ink
+    if dark_on_light:
+        page = 0.95 - 0.9 * page  # off-white paper, dark grey ink
+    image = Image.fromarray((page * 255).astype(np.uint8), "L")
+    return image.convert("RGB") if rgb else image
+
+
+def center_of_mass(pixels: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(pixels.shape)
+    return (rows * pixels).sum() / pixels.sum(), (cols * pixels).sum() / pixels.sum()
+
+
+@pytest.mark.parametrize("size, at, dark_on_light, rgb", [
+    ((100, 73), (5, 30), False, False),   # odd size, off-center
+    ((100, 73), (30, 2), True, True),     # the same digit, dark on light, in colour
+    ((61, 41), (0, 0), True, False),      # the digit touches the border
+])
+def test_to_mnist_follows_the_mnist_convention(size, at, dark_on_light, rgb):
+    pixels = images.to_mnist(on_page(digit(), size, at, dark_on_light, rgb))
+    assert pixels.shape == (28, 28) and pixels.dtype == np.float32
+    assert pixels.max() == pytest.approx(1.0, abs=0.02) and pixels.min() >= 0
+    rows, cols = np.nonzero(pixels > 0.3)
+    assert rows.max() - rows.min() + 1 in (19, 20, 21)        # the longer side fits 20 pixels
+    assert cols.max() - cols.min() + 1 < 20                    # and the aspect ratio is kept
+    assert all(abs(c - 14) <= 0.5 for c in center_of_mass(pixels))
+    assert pixels[0].max() == 0 and pixels[:, 0].max() == 0  # a black border, as in MNIST
+
+
+def test_polarity_and_placement_do_not_change_the_result():
+    light_ink = images.to_mnist(on_page(digit(), (90, 90), (10, 12), False, False))
+    dark_ink = images.to_mnist(on_page(digit(), (120, 70), (50, 20), True, True))
+    assert np.abs(light_ink - dark_ink).max() < 0.1
+
+
+def test_transparent_background_counts_as_paper():
+    rgba = np.zeros((50, 50, 4), dtype=np.uint8)
+    rgba[..., 2] = 140                         # dark blue ink...
+    rgba[5:45, 5:45, 3] = (digit(40, 40) * 255).astype(np.uint8)  # ...only where it is opaque
+    pixels = images.to_mnist(Image.fromarray(rgba, "RGBA"))
+    assert pixels[0].max() == 0 and pixels.max() == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "the file is empty"),
+    (b"this is not a picture", "not an image"),
+])
+def test_unreadable_files_are_named(tmp_path, content, message):
+    path = tmp_path / "x.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(images.ImageError, match=message):
+        images.read(str(path))
+
+
+def test_a_blank_image_has_no_digit():
+    with pytest.raises(images.ImageError, match="no digit found"):
+        images.to_mnist(Image.new("L", (40, 40), 255), "blank.png")
+
+
+def write_pngs(folder) -> list[str]:
+    paths = []
+    for i, (size, at, dark, rgb) in enumerate([((100, 73), (5, 30), False, False), ((45, 57), (2, 9), True, True)]):
+        path = str(folder / f"digit{i}.png")
+        on_page(digit(40, 30), size, at, dark, rgb).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_predict_prints_classes_and_writes_plot_and_payload(registry_store, tmp_path):
+    paths = write_pngs(tmp_path)
+    plot, payload = tmp_path / "predictions.png", tmp_path / "payload.json"
+    result = python_step("steps.predict", "--model", f"runs:/{registry_store.good}/model", "--image", *paths,
+                         "--top", "2", "--plot", str(plot), "--payload", str(payload))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(tuple(paths))]
+    assert len(lines) == 2
+    for line in lines:  # "<path>: <class>  (<class> <p>, <class> <p>)"; classes are named ("7 - seven")
+        assert " - " in line
+        probabilities = [float(p) for p in re.findall(r"\d\.\d{4}", line.split("(", 1)[1])]
+        assert len(probabilities) == 2 and probabilities[0] >= probabilities[1] and sum(probabilities) <= 1.0001
+    assert Image.open(plot).size[0] > 500
+    inputs = np.array(json.loads(payload.read_text())["inputs"])
+    assert inputs.shape == (2, 1, 28, 28) and inputs.max() <= 1 and inputs.min() >= 0
+
+
+def test_mlflow_run_predict_takes_several_images_in_one_parameter(registry_store, tmp_path):
+    paths = write_pngs(tmp_path)
+    result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
+                      "-P", f"model=runs:/{registry_store.good}/model", "-P", f"images={' '.join(paths)}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(f"{path}: " in result.stdout for path in paths)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), (b"", "the file is empty"), (b"GIF89a broken", "not an image"),
+])
+def test_predict_bad_image_is_one_line_and_exit_2(registry_store, tmp_path, content, message):
+    bad = tmp_path / "bad.png"
+    if content is not None:
+        bad.write_bytes(content)
+    result = python_step("steps.predict", "--model", f"runs:/{registry_store.good}/model",
+                         "--image", write_pngs(tmp_path)[0], str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"predict: error: {bad}: {message}") and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_predict_unknown_model_is_one_line_and_exit_2(registry_store, tmp_path):
+    result = python_step("steps.predict", "--model", "models:/NoSuchModel@production", "--image", write_pngs(tmp_path)[0])
+    assert result.returncode == 2
+    assert "cannot load model 'models:/NoSuchModel@production'" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                              filter_string="attributes.status = 'RUNNING'") == []
