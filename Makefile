@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
-#   make train    install into .venv (first time only), then train with MLflow tracking
+#   make run      install into .venv (first time only), then the whole pipeline (mlflow run .)
 #   make test     install into .venv (first time only), then run the test suite
+# make train runs the train step alone.
 VENV ?= .venv
 # Pinned: these builds are known to import together (see README, Install).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -9,13 +10,16 @@ EPOCHS ?= 5
 # Put the venv first on PATH, so `mlflow run --env-manager local` starts its Python.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: train test bench
+.PHONY: run train test bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install $(TORCH)
 	$(VENV)/bin/pip install -e ".[dev]"
 	touch $@
+
+run: $(VENV)/.installed
+	mlflow run . --env-manager local
 
 train: $(VENV)/.installed
 	mlflow run . -e train --env-manager local -P epochs=$(EPOCHS)

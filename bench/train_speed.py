@@ -19,7 +19,7 @@ import time
 import mlflow
 import torch
 from torch.utils.data import DataLoader, Subset
-from torchvision import datasets, transforms
+from torchvision import transforms
 
 from mnistflow import data as mnist_data
 from mnistflow import models, tracking

@@ -102,6 +102,41 @@ class TuneConfig:
         return self
 
 
+@dataclass
+class PipelineConfig:
+    dataset: str = "mnist"
+    epochs: int = 5             # the train step's
+    n_trials: int = 6           # the tune step's
+    tune_epochs: int = 2        # training budget of each trial
+    max_train_samples: int = 0  # 0 = all; passed to train and tune
+    model_name: str = ""        # "" = MNIST_CNN or FashionMNIST_CNN
+    min_accuracy: float = 0.0   # the register gate's; 0 = the dataset's default
+    storage: str = ""           # the Optuna storage; "" = sqlite:///optuna.db in the project directory
+    data_dir: str = ""
+    force: bool = False         # rerun every step, even one that already ran with the same parameters
+
+    def validate(self) -> "PipelineConfig":
+        _choose(self, "dataset", DATASETS)
+        for name, low in (("epochs", 1), ("n_trials", 1), ("tune_epochs", 1), ("max_train_samples", 0)):
+            _at_least(self, name, low)
+        return self
+
+
+@dataclass
+class ProgressiveConfig:
+    dataset: str = "mnist"
+    epochs: int = 5
+    max_train_samples: int = 0
+    data_dir: str = ""
+    force: bool = False
+
+    def validate(self) -> "ProgressiveConfig":
+        _choose(self, "dataset", DATASETS)
+        _at_least(self, "epochs", 1)
+        _at_least(self, "max_train_samples", 0)
+        return self
+
+
 # Per dataset: the model name it is registered under and the production gate's defaults.
 # Fashion-MNIST's shirt class is hard for every small CNN (recall ~0.75 at ~0.92 accuracy),
 # so its margin is wider; MNIST's digits are all easy.
@@ -196,3 +231,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
 
 def from_args(args: argparse.Namespace, cls=TrainConfig):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def parse(cls, prog: str, description: str, argv=None):
+    """A step's flags as its checked config; a bad value exits with one line and code 2."""
+    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, cls)
+    cfg = from_args(parser.parse_args(argv), cls)
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        parser.exit(2, f"{prog}: error: {exc}\n")

@@ -83,3 +83,62 @@ def predictions(originals, inputs: np.ndarray, probs: np.ndarray, classes: list[
         bars.set_title(f"predicted {classes[p.argmax()]} ({p.max():.3f})", fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def loss_history(step_loss: tuple[list, list], epochs: dict, steps_per_epoch: int, title: str):
+    """Step-level loss and per-epoch train/val loss on one axis, with the epoch boundaries marked.
+
+    `epochs` maps train_loss / val_loss to (epochs, values); with steps_per_epoch they are drawn at
+    the last step of their epoch, else the axis counts epochs.
+    """
+    figure, ax = plt.subplots(figsize=(10, 4.5))
+    per_epoch = steps_per_epoch or 1
+    if step_loss[0]:
+        ax.plot(*step_loss, color="tab:gray", alpha=0.6, linewidth=1, label="loss (every few steps)")
+    for (name, (epoch_numbers, values)), color in zip(epochs.items(), ("tab:blue", "tab:orange")):
+        if epoch_numbers:
+            ax.plot([e * per_epoch for e in epoch_numbers], values, marker="o", color=color, label=f"{name} (per epoch)")
+    last_epoch = max([0, *epochs["train_loss"][0], *epochs["val_loss"][0]])
+    for epoch in range(1, last_epoch + 1):
+        ax.axvline(epoch * per_epoch, color="black", alpha=0.15, linestyle="--")
+    ax.set(xlabel="step" if steps_per_epoch else "epoch", ylabel="cross-entropy loss",
+           title=f"Loss of {title}; dashed lines end each epoch")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def trial_losses(curves: dict, title: str):
+    """Validation loss per epoch of every trial of a study: pruned trials are the short lines."""
+    figure, ax = plt.subplots(figsize=(10, 5))
+    for label, (epochs, values) in curves.items():
+        ax.plot(epochs, values, marker="o", markersize=3, linestyle="--" if "PRUNED" in label else "-", label=label)
+    last_epoch = max(max(epochs) for epochs, _ in curves.values())
+    ax.set_xticks(range(1, last_epoch + 1))
+    ax.set(xlabel="epoch", ylabel="validation loss", title=f"Validation loss of each trial of {title}")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 12 else 1, loc="upper right")
+    figure.tight_layout()
+    return figure
+
+
+def comparison(rows: list[dict]):
+    """Bar charts of test accuracy, test loss, training time and parameter count, one bar per run."""
+    panels = (("test_accuracy", "test accuracy"), ("test_loss", "test loss"),
+              ("train_time_s", "training time (s)"), ("num_params", "parameters"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
+    names = [r["run"] for r in rows]
+    for ax, (key, title) in zip(axes, panels):
+        values = [r[key] for r in rows]
+        bars = ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][:len(rows)])
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=7)
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    if rows:
+        low = min(r["test_accuracy"] for r in rows)
+        axes[0].set_ylim(max(0.0, low - 0.02), 1.0)  # the differences are in the last percent
+    figure.tight_layout()
+    return figure

@@ -86,10 +86,14 @@ def _git(*args: str) -> str:
         return ""
 
 
+def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
 def run_tags(phase: str, dataset: str, note: str = "") -> dict:
     """Who ran what: git commit/branch/dirty, user, phase, dataset, and the note."""
     tags = {
-        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_commit": git_commit(),
         "git_branch": _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown",
         "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "user": getpass.getuser(),
@@ -164,9 +168,9 @@ def load_checkpoint(run_id: str) -> dict | None:
 def log_missing_epochs(run_id: str, history: list[dict], log_metrics) -> None:
     """Log the epochs a checkpoint holds but the run lacks (a crash between the two writes)."""
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")}
-    for epoch, metrics in enumerate(history, start=1):
+    for epoch, epoch_metrics in enumerate(history, start=1):
         if epoch not in logged:
-            log_metrics(metrics, epoch)
+            log_metrics(epoch_metrics, epoch)
 
 
 def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> dict:

@@ -25,6 +25,7 @@ from mnistflow.train import fit, seed_everything, select_device
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"   # study attribute
+STUDY_PARENT_TAG = "study_parent_run_id"   # on a run `mlflow run` opened for trials added to an older study
 RUN_ID_ATTR = "mlflow_run_id"              # trial attribute: the trial's child run
 WEIGHTS = "model_state.pt"                 # a complete trial's best weights, on its child run
 MAX_RETRY = 2                              # reruns of a trial whose worker died

@@ -7,7 +7,6 @@
 The run holds test_loss, test_accuracy, per-class precision/recall/F1, the classification
 report and the confusion matrix, exactly as a train run does, so the two compare side by side.
 """
-import argparse
 import gc
 import sys
 
@@ -15,16 +14,13 @@ import mlflow
 
 from mnistflow import data as datasets
 from mnistflow import inference, tracking
-from mnistflow.config import ConfigError, EvaluateConfig, OneLineParser, add_arguments, from_args
+from mnistflow.config import ConfigError, EvaluateConfig, parse
 from mnistflow.data import DataError
 
 
 def main(argv=None) -> None:
-    parser = OneLineParser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, EvaluateConfig)
-    cfg = from_args(parser.parse_args(argv), EvaluateConfig)
+    cfg = parse(EvaluateConfig, "evaluate", __doc__, argv)
     try:
-        cfg.validate()
         data = datasets.load(cfg.dataset, cfg.data_dir)
         model = inference.load(cfg.model_uri)
     except (ConfigError, DataError) as exc:

@@ -10,26 +10,18 @@ The gate (test accuracy, p95 single-image latency, size, the worst class's recal
 champion comparison are measured on the loaded model; only when all pass (or force=true) is a
 version registered and the alias moved. Exit code 1: refused, registry unchanged; 2: bad input.
 """
-import argparse
 import gc
 import sys
 
 import mlflow
 
 from mnistflow import registry, tracking
-from mnistflow.config import ConfigError, OneLineParser, RegisterConfig, add_arguments, from_args
+from mnistflow.config import ConfigError, RegisterConfig, parse
 from mnistflow.data import DataError
 
 
 class Refused(Exception):
     """The gate or the champion said no; the registry was left as it was."""
-
-
-def parse_config(argv=None) -> RegisterConfig:
-    parser = OneLineParser(prog="register", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, RegisterConfig)
-    return from_args(parser.parse_args(argv), RegisterConfig)
 
 
 def register(cfg: RegisterConfig, data=None) -> registry.Outcome:
@@ -47,9 +39,8 @@ def register(cfg: RegisterConfig, data=None) -> registry.Outcome:
 
 
 def main(argv=None) -> None:
-    cfg = parse_config(argv)
+    cfg = parse(RegisterConfig, "register", __doc__, argv)
     try:
-        cfg.validate()
         if cfg.rollback:
             registry.rollback(cfg)
             return

@@ -8,7 +8,6 @@ Run the same command again (same study_name and storage) to add trials to the sa
 parent run; a trial whose worker died is failed and rerun. Workers on other machines join a
 study by running this step with the same study_name and a shared PostgreSQL storage.
 """
-import argparse
 import dataclasses
 import gc
 import multiprocessing
@@ -19,19 +18,16 @@ import mlflow
 import optuna
 
 from mnistflow import tracking, tuning
-from mnistflow.config import ConfigError, OneLineParser, TuneConfig, add_arguments, from_args
+from mnistflow.config import ConfigError, TuneConfig, parse
 from mnistflow.data import DataError
 
 
 def main(argv=None) -> None:
-    parser = OneLineParser(prog="tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, TuneConfig)
-    cfg = from_args(parser.parse_args(argv), TuneConfig)
+    cfg = parse(TuneConfig, "tune", __doc__, argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Set by `mlflow run`. Taken out of the environment, or every trial's run would reopen it.
     launcher_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        cfg.validate()
         space = tuning.load_search_space(cfg.search_space)
         data = tuning.load_data(cfg)
         storage = tuning.open_storage(cfg)
@@ -42,8 +38,9 @@ def main(argv=None) -> None:
 
     study = tuning.open_study(cfg, storage)
     if parent_run and launcher_run:
-        mlflow.MlflowClient().set_tag(launcher_run, "mlflow.note.content",
-                                      f"added trials to study {cfg.study_name}, parent run {parent_run}")
+        client = mlflow.MlflowClient()
+        client.set_tag(launcher_run, "mlflow.note.content", f"added trials to study {cfg.study_name}, parent run {parent_run}")
+        client.set_tag(launcher_run, tuning.STUDY_PARENT_TAG, parent_run)  # where the results are
     with tracking.tracked_run(run_id=parent_run or launcher_run,
                               run_name=None if parent_run else f"study-{cfg.study_name}") as (parent, _):
         if not parent_run:

@@ -1,0 +1,25 @@
+"""Plot a run's loss curves and log the PNG back to that run.
+
+    python researcher/log_plot.py --run-id <id>         # or --run_id <id>
+    python researcher/log_plot.py --config cfg/log_plot.yaml --run-id <id> --out loss.png
+
+A train run (or example 1) gets its step-level loss and per-epoch train/validation loss with the
+epoch boundaries marked; a parent run (a tune study, example 2) its trials' validation losses
+overlaid. The same code runs as the project's `plot_loss` step: mnistflow/lossplot.py.
+"""
+import sys
+
+import helpers
+from mnistflow import lossplot
+from mnistflow.config import ConfigError
+
+config = helpers.load_config("log_plot.yaml")
+helpers.use_tracking(config)
+if not config["run_id"]:
+    sys.exit("log_plot: error: give a run id: --run-id <id>")
+out = config["out"] or f"loss_{config['run_id']}.png"
+try:
+    artifact = lossplot.plot_loss(config["run_id"], out)
+except ConfigError as exc:
+    sys.exit(f"log_plot: error: {exc}")
+print(f"wrote {out} and logged it to run {config['run_id']} as {artifact}")

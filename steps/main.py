@@ -1,0 +1,78 @@
+"""The `main` entry point: train → tune → register → plot_loss as child runs of one pipeline run.
+
+    mlflow run . --env-manager local                              # the whole pipeline
+    mlflow run . --env-manager local -P epochs=2 -P n_trials=4
+    mlflow run . --env-manager local -P force=true                # rerun every step
+
+Each step is launched with mlflow.projects.run, in the environment manager this run was started
+with, and run ids are passed on: register gets the better of the train run and the tune parent
+run (by test accuracy), plot_loss the run that was registered. A step whose earlier run FINISHED
+with the same parameters at the same git commit is reused instead of rerun.
+"""
+import sys
+
+import mlflow
+from mlflow.exceptions import ExecutionException
+
+from mnistflow import pipeline, tracking, tuning
+from mnistflow.config import PipelineConfig, parse
+
+
+def study_name(cfg: PipelineConfig) -> str:
+    # One study per objective: trials of different budgets or data must not be compared.
+    return f"{cfg.dataset}-pipeline-{cfg.tune_epochs}ep-{cfg.max_train_samples or 'all'}"
+
+
+def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
+    common = {"dataset": cfg.dataset, "max_train_samples": cfg.max_train_samples, "data_dir": cfg.data_dir}
+    train = pipeline.get_or_run("train", {**common, "epochs": cfg.epochs}, env, cfg.force)
+    tune = pipeline.get_or_run("tune", {**common, "n_trials": cfg.n_trials, "epochs": cfg.tune_epochs,
+                                        "study_name": study_name(cfg), "storage": cfg.storage}, env, cfg.force)
+    study_parent = mlflow.get_run(tune.run.data.tags.get(tuning.STUDY_PARENT_TAG, tune.run.info.run_id))
+    best = max((train.run, study_parent), key=lambda run: run.data.metrics.get("test_accuracy", -1.0))
+    register = pipeline.get_or_run("register", {"run_id": best.info.run_id, "model_name": cfg.model_name,
+                                                "min_accuracy": cfg.min_accuracy, "data_dir": cfg.data_dir},
+                                   env, cfg.force)
+    plot = pipeline.get_or_run("plot_loss", {"run_id": best.info.run_id}, env, cfg.force)
+    return [train, pipeline.StepRun("tune", study_parent, tune.reused), register, plot]
+
+
+def key_figures(step: pipeline.StepRun) -> str:
+    metrics, tags = step.run.data.metrics, step.run.data.tags
+    if step.entry_point == "train":
+        return f"test_accuracy {metrics['test_accuracy']:.4f}"
+    if step.entry_point == "tune":
+        return (f"best_val_accuracy {metrics.get('best_val_accuracy', float('nan')):.4f}, "
+                f"test_accuracy {metrics.get('test_accuracy', float('nan')):.4f}, "
+                f"{metrics.get('trials_complete', 0):.0f} complete / {metrics.get('trials_pruned', 0):.0f} pruned")
+    if step.entry_point == "register":
+        return (f"{tags.get('model_name')} version {tags.get('model_version')} @{tags.get('alias')} "
+                f"(source run {tags.get('source_run_id', '')[:8]}, gate accuracy {metrics.get('gate_test_accuracy', 0):.4f})")
+    return f"plots/loss_history.png on run {step.run.data.params.get('run_id', '')[:8]}"
+
+
+def summary_table(steps: list[pipeline.StepRun]) -> str:
+    rows = [f"{'step':<10} {'run id':<32}  {'ran':<6}  key figures"]
+    rows += [f"{s.entry_point:<10} {s.run.info.run_id:<32}  {'reused' if s.reused else 'new':<6}  {key_figures(s)}"
+             for s in steps]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    cfg = parse(PipelineConfig, "main", __doc__, argv)
+    try:
+        with tracking.tracked_run(run_name="pipeline") as (run, _):
+            tracking.log_config(cfg)
+            mlflow.set_tags(tracking.run_tags("development", cfg.dataset))
+            steps = run_steps(cfg, pipeline.env_manager(mlflow.get_run(run.info.run_id)))
+            table = summary_table(steps)
+            mlflow.log_text(table + "\n", "pipeline_summary.txt")
+            mlflow.set_tags({f"{s.entry_point}_run_id": s.run.info.run_id for s in steps})
+    except ExecutionException as exc:
+        print(f"main: error: a step failed ({exc}); its output is above", file=sys.stderr)
+        sys.exit(1)
+    print(f"\npipeline run {run.info.run_id}:\n{table}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

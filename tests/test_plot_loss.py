@@ -1,0 +1,85 @@
+"""plot_loss (the step and researcher/log_plot.py) on real runs: a train run, a tune parent, bad input."""
+import mlflow
+import pytest
+from PIL import Image
+
+from conftest import EXPERIMENT, python_step, run_step
+from mnistflow import lossplot
+from steps import plot_loss
+
+ARTIFACT = f"{lossplot.ARTIFACT_DIR}/{lossplot.FILE_NAME}"
+
+
+def logged(run_id: str) -> set[str]:
+    return {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, lossplot.ARTIFACT_DIR)}
+
+
+def labelled_lines(figure) -> dict:
+    """label -> number of points, for the curves of a figure (not the epoch markers)."""
+    return {line.get_label(): len(line.get_xdata()) for line in figure.axes[0].lines
+            if not line.get_label().startswith("_")}
+
+
+def test_mlflow_run_plot_loss_on_a_train_run(registry_store, tmp_path):
+    out = tmp_path / "loss.png"
+    result = run_step("mlflow", "run", ".", "-e", "plot_loss", "--env-manager", "local",
+                      "-P", f"run_id={registry_store.good}", "-P", f"out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(out).size[0] >= 800 and ARTIFACT in logged(registry_store.good)
+
+    figure = lossplot.figure_for(registry_store.good)
+    # 2 epochs of 9 steps, `loss` logged every 50 steps by default: no step-level points here.
+    assert labelled_lines(figure) == {"train_loss (per epoch)": 2, "val_loss (per epoch)": 2}
+    epoch_ends = [line.get_xdata()[0] for line in figure.axes[0].lines if line.get_label().startswith("_")]
+    assert epoch_ends == [9, 18]
+
+
+def test_plot_loss_overlays_the_trials_of_a_tune_parent(store, tiny_data, tmp_path):
+    # The tune test's setting, known to prune some of its 7 trials after their first epoch.
+    result = python_step("steps.tune", "--n_trials", "7", "--epochs", "2", "--data_dir", tiny_data,
+                         "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study_name", "s")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [parent] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                  filter_string="tags.study_name = 's'")
+    trials = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+    lines = labelled_lines(lossplot.figure_for(parent.info.run_id))
+    assert len(lines) == len(trials) == 7
+    for trial in trials:
+        label = f"trial {trial.data.tags['trial_number']} ({trial.data.tags['trial_state']})"
+        assert lines[label] == (1 if trial.data.tags["trial_state"] == "PRUNED" else 2), label
+    assert any("PRUNED" in label for label in lines)
+
+    result = run_step("python", "researcher/log_plot.py", "--run-id", parent.info.run_id,
+                      "--out", str(tmp_path / "study.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ARTIFACT in logged(parent.info.run_id) and (tmp_path / "study.png").exists()
+
+
+@pytest.mark.parametrize("flag", ["--run-id", "--run_id"])
+def test_log_plot_takes_both_flag_spellings_and_a_config(registry_store, tmp_path, flag):
+    out = tmp_path / "loss.png"
+    config = tmp_path / "plot.yaml"
+    config.write_text(f"tracking_uri: {registry_store.uri}\nrun_id: ''\nout: {out}\n")
+    result = run_step("python", "researcher/log_plot.py", "--config", str(config), flag, registry_store.poor)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.exists() and ARTIFACT in logged(registry_store.poor)
+
+
+def test_bad_run_ids_are_one_line_and_log_nothing(registry_store, tmp_path, capsys):
+    with mlflow.start_run() as bare:  # a run with no loss metrics
+        mlflow.log_metric("accuracy", 0.5)
+    for run_id, message in (("0123456789abcdef0123456789abcdef", "unknown run_id"),
+                            (bare.info.run_id, "has no loss metrics")):
+        out = tmp_path / f"{run_id}.png"
+        with pytest.raises(SystemExit) as exited:
+            plot_loss.main(["--run_id", run_id, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith("plot_loss: error: ") and message in err
+        assert err.count("\n") == 1 and not out.exists()
+    assert logged(bare.info.run_id) == set()
+
+    result = run_step("python", "researcher/log_plot.py", "--run-id", bare.info.run_id)
+    assert result.returncode == 1 and "has no loss metrics" in result.stderr
+    assert logged(bare.info.run_id) == set()
