@@ -51,8 +51,8 @@ def test_plot_loss_overlays_the_trials_of_a_tune_parent(store, tiny_data, tmp_pa
         assert lines[label] == (1 if trial.data.tags["trial_state"] == "PRUNED" else 2), label
     assert any("PRUNED" in label for label in lines)
 
-    result = run_step("python", "researcher/log_plot.py", "--run-id", parent.info.run_id,
-                      "--out", str(tmp_path / "study.png"))
+    result = run_step("mlflow", "run", ".", "-e", "plot_loss", "--env-manager", "local",
+                      "-P", f"run_id={parent.info.run_id}", "-P", f"out={tmp_path / 'study.png'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert ARTIFACT in logged(parent.info.run_id) and (tmp_path / "study.png").exists()
 
