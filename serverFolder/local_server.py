@@ -1,0 +1,90 @@
+"""Start (or stop) an MLflow tracking server for one machine: SQLite backend, proxied artifacts.
+
+    python serverFolder/local_server.py                   # 127.0.0.1:5000, stores in serverFolder/local/
+    python serverFolder/local_server.py --port 5001 --root /data/mlflow --workers 2
+    python serverFolder/local_server.py --stop            # the one started with the same --root
+
+It starts `mlflow server` in the background, waits until /health answers, and prints the
+MLFLOW_TRACKING_URI to export. The server writes its log to <root>/server.log and its process
+id to <root>/server.pid. Clients never touch <root>: artifacts go through the server
+(--artifacts-destination), so the same setup works when the server is on another machine.
+"""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1 = this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--root", default=os.path.join(HERE, "local"), help="directory for the stores, log and pid")
+    parser.add_argument("--backend-store-uri", default="", help="default: sqlite:///<root>/mlflow.db")
+    parser.add_argument("--artifacts-destination", default="", help="default: <root>/artifacts")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for /health")
+    parser.add_argument("--stop", action="store_true", help="stop the server started with this --root")
+    return parser.parse_args(argv)
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start(args: argparse.Namespace) -> None:
+    root = os.path.abspath(args.root)
+    os.makedirs(root, exist_ok=True)
+    url = f"http://{args.host}:{args.port}"
+    if healthy(url):
+        sys.exit(f"local_server: something already answers at {url}; pick another --port")
+    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+               "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+               "--backend-store-uri", args.backend_store_uri or f"sqlite:///{root}/mlflow.db",
+               "--artifacts-destination", args.artifacts_destination or os.path.join(root, "artifacts")]
+    with open(os.path.join(root, "server.log"), "ab") as log:
+        # A session of its own: the server outlives this script and a Ctrl-C in its terminal.
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(os.path.join(root, "server.pid"), "w") as f:
+        f.write(str(server.pid))
+    deadline = time.monotonic() + args.timeout
+    while not healthy(url):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_process(server.pid)
+            sys.exit(f"local_server: the server did not come up at {url}; see {root}/server.log")
+        time.sleep(0.5)
+    print(f"MLflow server up at {url} (pid {server.pid}; stores in {root})")
+    print(f"export MLFLOW_TRACKING_URI={url}")
+
+
+def stop_process(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)  # the server and its worker processes
+    except ProcessLookupError:
+        pass
+
+
+def stop(args: argparse.Namespace) -> None:
+    pid_file = os.path.join(os.path.abspath(args.root), "server.pid")
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        sys.exit(f"local_server: no server.pid in {os.path.abspath(args.root)}; nothing to stop")
+    stop_process(pid)
+    os.remove(pid_file)
+    print(f"stopped the server with pid {pid}")
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    stop(arguments) if arguments.stop else start(arguments)
