@@ -234,11 +234,15 @@ def from_args(args: argparse.Namespace, cls=TrainConfig):
 
 
 def parse(cls, prog: str, description: str, argv=None):
-    """A step's flags as its checked config; a bad value exits with one line and code 2."""
+    """A step's flags as its checked config, once the tracking server has let this client in;
+    a bad value or a refusal exits with one line and code 2."""
     parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, cls)
     cfg = from_args(parser.parse_args(argv), cls)
     try:
-        return cfg.validate()
+        cfg.validate()
+        from mnistflow.auth import check_access  # here, not at the top: auth imports this module
+        check_access()
     except ConfigError as exc:
         parser.exit(2, f"{prog}: error: {exc}\n")
+    return cfg

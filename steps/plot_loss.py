@@ -10,7 +10,7 @@ the short lines). The PNG goes to the run as plots/loss_history.png.
 import argparse
 import sys
 
-from mnistflow import lossplot
+from mnistflow import auth, lossplot
 from mnistflow.config import ConfigError, OneLineParser
 
 
@@ -21,6 +21,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = args.out or f"loss_{args.run_id}.png"
     try:
+        auth.check_access()
         artifact = lossplot.plot_loss(args.run_id, out)
     except ConfigError as exc:
         print(f"plot_loss: error: {exc}", file=sys.stderr)

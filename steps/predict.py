@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from mnistflow import images, inference, plots
+from mnistflow import auth, images, inference, plots
 from mnistflow.config import ConfigError, OneLineParser
 
 
@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     try:
         originals = [images.read(path) for path in args.image]
         inputs = np.stack([images.to_mnist(image, path) for image, path in zip(originals, args.image)])[:, None]
+        auth.check_access()
         model = inference.load(args.model)
     except (images.ImageError, ConfigError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)

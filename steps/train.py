@@ -16,7 +16,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from mnistflow import data as datasets
-from mnistflow import models, tracking
+from mnistflow import auth, models, tracking
 from mnistflow.config import ConfigError, OneLineParser, RegisterConfig, TrainConfig, add_arguments, from_args
 from mnistflow.data import DataError
 from mnistflow.train import fit, seed_everything, select_device, steps_per_epoch
@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     cfg = parse_config(argv)
     try:
+        auth.check_access()
         if cfg.resume:
             cfg = resumed_config(cfg.resume)
         cfg.validate()

@@ -8,6 +8,8 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 import mlflow
 import numpy as np
@@ -92,6 +94,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout} s")
 
 
 def postgres_binary(name: str) -> str | None:

@@ -4,14 +4,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 
 import mlflow
 import numpy as np
 import pytest
 
-from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env
+from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
 from steps import evaluate, register
 
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
@@ -198,18 +197,6 @@ def readme_line(start: str) -> str:
     """The one line of README.md that starts with `start`: the tests run the commands users copy."""
     [line] = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith(start)]
     return line
-
-
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout} s")
 
 
 def test_train_with_register_true_promotes_its_run(store, tiny_data):
