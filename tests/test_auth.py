@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -13,6 +14,9 @@ import pytest
 from mlflow.server import get_app_client
 
 from conftest import ROOT, free_port, run_step, step_env, wait_until_up
+
+sys.path.insert(0, os.path.join(ROOT, "serverFolder"))
+import api_keys  # noqa: E402  (a script, not a package)
 
 ADMIN_PASSWORD = "test-Admin-pw-1"
 
@@ -60,6 +64,12 @@ def secured_server(tmp_path_factory):
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         log.close()
+
+
+def keys_script(capsys, *args: str) -> str:
+    """serverFolder/api_keys.py run in this process (the fixture runs it as a command); its stdout."""
+    api_keys.main(list(args))
+    return capsys.readouterr().out
 
 
 def experiments(server) -> list[str]:
@@ -111,19 +121,18 @@ def test_steps_stop_at_start_up_without_a_valid_key(secured_server, tiny_data, k
     assert "epoch" not in result.stdout and "refused" not in experiments(secured_server)
 
 
-def test_missing_wrong_and_revoked_keys_write_nothing(secured_server):
+def test_missing_wrong_and_revoked_keys_write_nothing(secured_server, capsys):
     url, keys = secured_server["url"], secured_server["keys"]
     for key in (None, "wrong-key"):
         assert call(url, "/api/2.0/mlflow/experiments/create", {"name": f"sneaky-{key}"}, key=key)[0] == 401
     assert call(url, "/api/2.0/mlflow/users/create", {"username": "bob", "password": "bob-Pw-1234567"},
                 basic=f"admin:{ADMIN_PASSWORD}")[0] == 200
-    bob = [run_step("python", "serverFolder/api_keys.py", "issue", "bob", "--db", keys).stdout.strip() for _ in range(2)]
+    bob = [keys_script(capsys, "issue", "bob", "--db", keys).strip() for _ in range(2)]
     assert call(url, "/api/2.0/mlflow/experiments/create", {"name": "by-bob"}, key=bob[0])[0] == 200
-    revoked = run_step("python", "serverFolder/api_keys.py", "revoke", "bob", "--db", keys)
-    assert "revoked 2 key(s) of bob" in revoked.stdout
+    assert "revoked 2 key(s) of bob" in keys_script(capsys, "revoke", "bob", "--db", keys)
     for key in bob:
         assert call(url, "/api/2.0/mlflow/experiments/create", {"name": "after-revoke"}, key=key)[0] == 401
     names = experiments(secured_server)
     assert "by-bob" in names and not {"sneaky-None", "sneaky-wrong-key", "after-revoke"} & set(names)
-    listed = run_step("python", "serverFolder/api_keys.py", "list", "--db", keys).stdout
+    listed = keys_script(capsys, "list", "--db", keys)
     assert listed.count("REVOKED") == 2 and not any(key in listed for key in bob)

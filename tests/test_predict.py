@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import EXPERIMENT, python_step, run_step
 from mnistflow import images
+from steps import predict
 
 
 def digit(height: int = 60, width: int = 40) -> np.ndarray:
@@ -121,15 +122,16 @@ def test_mlflow_run_predict_takes_several_images_in_one_parameter(registry_store
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"), (b"", "the file is empty"), (b"GIF89a broken", "not an image"),
 ])
-def test_predict_bad_image_is_one_line_and_exit_2(registry_store, tmp_path, content, message):
+def test_predict_bad_image_is_one_line_and_exit_2(registry_store, tmp_path, capsys, content, message):
     bad = tmp_path / "bad.png"
     if content is not None:
         bad.write_bytes(content)
-    result = python_step("steps.predict", "--model", f"runs:/{registry_store.good}/model",
-                         "--image", write_pngs(tmp_path)[0], str(bad))
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"predict: error: {bad}: {message}") and result.stderr.count("\n") == 1
-    assert result.stdout == ""
+    with pytest.raises(SystemExit) as exited:
+        predict.main(["--model", f"runs:/{registry_store.good}/model", "--image", write_pngs(tmp_path)[0], str(bad)])
+    out = capsys.readouterr()
+    assert exited.value.code == 2
+    assert out.err.startswith(f"predict: error: {bad}: {message}") and out.err.count("\n") == 1
+    assert out.out == ""
 
 
 def test_predict_unknown_model_is_one_line_and_exit_2(registry_store, tmp_path):

@@ -9,19 +9,25 @@ import pytest
 from conftest import free_port, run_step
 
 
-@pytest.fixture
-def local_server(tmp_path, monkeypatch):
-    root = tmp_path / "server"
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for this module's tests (starting one takes ~20 s)."""
+    root = tmp_path_factory.mktemp("server")
     started = run_step("python", "serverFolder/local_server.py", "--root", str(root), "--port", str(free_port()))
     assert started.returncode == 0, started.stderr
-    url = started.stdout.split("export MLFLOW_TRACKING_URI=")[1].strip()
+    yield started.stdout.split("export MLFLOW_TRACKING_URI=")[1].strip(), root
+    stopped = run_step("python", "serverFolder/local_server.py", "--root", str(root), "--stop")
+    assert stopped.returncode == 0 and "stopped the server" in stopped.stdout
+
+
+@pytest.fixture
+def local_server(server, monkeypatch):
+    url, _ = server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     mlflow.set_tracking_uri(url)
-    yield url, root
+    yield server
     mlflow.set_tracking_uri(None)
-    stopped = run_step("python", "serverFolder/local_server.py", "--root", str(root), "--stop")
-    assert stopped.returncode == 0 and "stopped the server" in stopped.stdout
 
 
 def test_train_step_logs_to_the_local_server(local_server, tiny_data):
