@@ -5,9 +5,8 @@ axis, epoch boundaries marked. A tune parent run: every trial's `val_loss` per e
 so pruned trials show as the short lines.
 """
 import mlflow
-from mlflow.exceptions import MlflowException
 
-from mnistflow import plots
+from mnistflow import plots, tracking
 from mnistflow.config import ConfigError
 
 ARTIFACT_DIR = "plots"
@@ -29,10 +28,7 @@ def trials_of(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> list:
 def figure_for(run_id: str):
     """The figure for a run; ConfigError for an unknown run or one with no loss metrics."""
     client = mlflow.MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError(f"unknown run_id {run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
+    run = tracking.existing_run(run_id)
     title = f"{run.info.run_name} ({run_id[:8]})"
 
     trials = trials_of(client, run)

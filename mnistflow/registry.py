@@ -13,7 +13,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from mnistflow import data as datasets
-from mnistflow import inference, metrics
+from mnistflow import inference, metrics, tracking
 from mnistflow.config import ConfigError, RegisterConfig
 from mnistflow.data import Data
 
@@ -73,10 +73,7 @@ def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     """
     experiment = experiment_id()
     if cfg.run_id:
-        try:
-            run = mlflow.get_run(cfg.run_id)
-        except MlflowException:
-            raise ConfigError(f"unknown run_id {cfg.run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
+        run = tracking.existing_run(cfg.run_id)
         models = logged_models(run.info.experiment_id)
         if cfg.run_id not in models:
             raise ConfigError(f"run {cfg.run_id} logged no model; give the id of a finished train or tune run")

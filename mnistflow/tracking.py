@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from mnistflow import metrics, plots
+from mnistflow.config import ConfigError
 from mnistflow.data import Data
 from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
@@ -84,6 +85,14 @@ def _git(*args: str) -> str:
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
+
+
+def existing_run(run_id: str, what: str = "run_id") -> mlflow.entities.Run:
+    """The run with this id; ConfigError naming the id and the tracking store when there is none."""
+    try:
+        return mlflow.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"unknown {what} {run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
 
 
 def git_commit() -> str:

@@ -32,10 +32,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 def resumed_config(run_id: str) -> TrainConfig:
     """The config a run was started with, so the continued run trains exactly as it began."""
-    try:
-        run = mlflow.get_run(run_id)
-    except MlflowException:
-        raise ConfigError(f"unknown resume run id {run_id!r}: no such run in {mlflow.get_tracking_uri()}")
+    run = tracking.existing_run(run_id, "resume run id")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
     try:
