@@ -13,6 +13,7 @@ import sqlite3
 import time
 
 import mlflow
+import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
 
@@ -32,11 +33,13 @@ class ApiKeyHeaderProvider(RequestHeaderProvider):
 
 
 def check_access() -> None:
-    """Stop before any work when the tracking server refuses this client (no key, a wrong or
-    revoked key), with one line that says what to set. Local stores need no check."""
+    """Stop before any work when the tracking server cannot be reached, its TLS certificate is
+    not trusted, or it refuses this client (no key, a wrong or revoked key), with one line that
+    says what to set. Local stores need no check."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    check_reachable(uri)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except MlflowException as exc:
@@ -46,6 +49,22 @@ def check_access() -> None:
         fix = (f"the key in {KEY_ENV} is unknown, revoked or lacks permission; ask the server's admin"
                if os.environ.get(KEY_ENV) else f"set {KEY_ENV} to your API key")
         raise ConfigError(f"the tracking server {uri} refused this client (HTTP {status}): {fix}") from None
+
+
+def check_reachable(uri: str) -> None:
+    # One plain request first: MLflow's client retries a failed connection for minutes, and a
+    # certificate it cannot verify is exactly such a failure.
+    ca = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+    try:
+        requests.get(f"{uri}/health", timeout=30, verify=False if insecure else ca or True)
+    except requests.exceptions.SSLError:
+        trusted = f"the CA in MLFLOW_TRACKING_SERVER_CERT_PATH ({ca})" if ca else "this machine's CAs"
+        raise ConfigError(f"the TLS certificate of {uri} could not be verified with {trusted}: set "
+                          "MLFLOW_TRACKING_SERVER_CERT_PATH to the CA certificate the server's admin gives you") from None
+    except requests.exceptions.RequestException as exc:
+        raise ConfigError(f"cannot reach the tracking server {uri}: {type(exc).__name__}; is it running, "
+                          "and is MLFLOW_TRACKING_URI right?") from None
 
 
 # --- the server's key store -------------------------------------------------------------------

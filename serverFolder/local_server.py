@@ -12,12 +12,15 @@ id to <root>/server.pid. Clients never touch <root>: artifacts go through the se
 import argparse
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The steps need no server-side jobs; without them the server starts faster and runs no user code.
+NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,36 +36,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, host: str = "", cafile: str = "") -> bool:
+    """Whether /health answers 200. `host`: the Host header to send to a server that allows only
+    some; `cafile`: the CA to verify an https URL with."""
+    request = urllib.request.Request(f"{url}/health", headers={"Host": host} if host else {})
+    context = ssl.create_default_context(cafile=cafile or None) if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return response.status == 200
     except OSError:
         return False
+
+
+def launch(name: str, command: list[str], root: str, url: str, timeout: float, env: dict | None = None,
+           host: str = "", cafile: str = "") -> None:
+    """Start `command` (a server) in the background, logging to <root>/server.log, and wait until
+    <url>/health answers (see `healthy` for host and cafile)."""
+    if healthy(url, host, cafile):
+        sys.exit(f"{name}: something already answers at {url}; pick another --port")
+    with open(os.path.join(root, "server.log"), "ab") as log:
+        # A session of its own: the server outlives this script and a Ctrl-C in its terminal.
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    with open(os.path.join(root, "server.pid"), "w") as f:
+        f.write(str(server.pid))
+    deadline = time.monotonic() + timeout
+    while not healthy(url, host, cafile):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_process(server.pid)
+            sys.exit(f"{name}: the server did not come up at {url}; see {root}/server.log")
+        time.sleep(0.5)
+    print(f"{name}: up at {url} (pid {server.pid}; files in {root})")
+
+
+def mlflow_command() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "mlflow")
 
 
 def start(args: argparse.Namespace) -> None:
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     url = f"http://{args.host}:{args.port}"
-    if healthy(url):
-        sys.exit(f"local_server: something already answers at {url}; pick another --port")
-    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-               "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-               "--backend-store-uri", args.backend_store_uri or f"sqlite:///{root}/mlflow.db",
-               "--artifacts-destination", args.artifacts_destination or os.path.join(root, "artifacts")]
-    with open(os.path.join(root, "server.log"), "ab") as log:
-        # A session of its own: the server outlives this script and a Ctrl-C in its terminal.
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    with open(os.path.join(root, "server.pid"), "w") as f:
-        f.write(str(server.pid))
-    deadline = time.monotonic() + args.timeout
-    while not healthy(url):
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop_process(server.pid)
-            sys.exit(f"local_server: the server did not come up at {url}; see {root}/server.log")
-        time.sleep(0.5)
-    print(f"MLflow server up at {url} (pid {server.pid}; stores in {root})")
+    launch("local_server", [
+        mlflow_command(), "server", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+        "--backend-store-uri", args.backend_store_uri or f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination", args.artifacts_destination or os.path.join(root, "artifacts"),
+    ], root, url, args.timeout, env={**os.environ, **NO_JOBS})
     print(f"export MLFLOW_TRACKING_URI={url}")
 
 
@@ -73,13 +91,14 @@ def stop_process(pid: int) -> None:
         pass
 
 
-def stop(args: argparse.Namespace) -> None:
-    pid_file = os.path.join(os.path.abspath(args.root), "server.pid")
+def stop(name: str, root: str) -> None:
+    """Stop the server whose pid is in <root>/server.pid."""
+    pid_file = os.path.join(os.path.abspath(root), "server.pid")
     try:
         with open(pid_file) as f:
             pid = int(f.read())
     except (OSError, ValueError):
-        sys.exit(f"local_server: no server.pid in {os.path.abspath(args.root)}; nothing to stop")
+        sys.exit(f"{name}: no server.pid in {os.path.abspath(root)}; nothing to stop")
     stop_process(pid)
     os.remove(pid_file)
     print(f"stopped the server with pid {pid}")
@@ -87,4 +106,4 @@ def stop(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    stop(arguments) if arguments.stop else start(arguments)
+    stop("local_server", arguments.root) if arguments.stop else start(arguments)

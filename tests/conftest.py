@@ -1,7 +1,5 @@
 """Shared fixtures: tiny MNIST-format IDX files, a throw-away MLflow store per test, a PostgreSQL server."""
-import glob
 import os
-import pathlib
 import shutil
 import socket
 import struct
@@ -16,6 +14,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "serverFolder"))  # its scripts are not a package
+import local_postgres  # noqa: E402
 
 
 def write_idx(path: str, array: np.ndarray) -> None:
@@ -108,41 +108,38 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> 
     pytest.fail(f"{url} did not answer within {timeout} s")
 
 
-def postgres_binary(name: str) -> str | None:
-    # Debian keeps the server programs out of PATH, under /usr/lib/postgresql/<version>/bin.
-    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+def require(installed: bool, what: str, debian_package: str) -> None:
+    """Skip a test that needs a server program which is not installed, unless
+    MNISTFLOW_REQUIRE_SERVERS=1 (as in CI) makes that a failure."""
+    if installed:
+        return
+    if os.environ.get("MNISTFLOW_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"{what} is required here but not installed (apt-get install {debian_package})")
+    pytest.skip(f"{what} is not installed (apt-get install {debian_package})")
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """A throw-away PostgreSQL server on 127.0.0.1 and a free port; yields an SQLAlchemy URL.
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL server on 127.0.0.1 and a free port (serverFolder/local_postgres.py);
+    yields a function that creates a database and returns its SQLAlchemy URL.
 
-    Skipped where PostgreSQL is not installed (`apt-get install postgresql`), unless
-    MNISTFLOW_REQUIRE_POSTGRES=1 (as in CI) makes that a failure.
+    Skipped where PostgreSQL is not installed (see `require`).
     """
-    initdb, pg_ctl = postgres_binary("initdb"), postgres_binary("pg_ctl")
-    if not (initdb and pg_ctl):
-        if os.environ.get("MNISTFLOW_REQUIRE_POSTGRES") == "1":
-            pytest.fail("PostgreSQL is required here but initdb/pg_ctl were not found")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    require(local_postgres.available(), "PostgreSQL", "postgresql")
     # Not under pytest's tmp_path: that is private to the user running the tests.
-    root = pathlib.Path(tempfile.mkdtemp(prefix="mnistflow-postgres-"))
-    as_user = []
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres account
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = str(root / "data"), free_port()
-    subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", data, "-w", "-l", str(root / "log"), "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    root = tempfile.mkdtemp(prefix="mnistflow-postgres-")
+    port = free_port()
+    local_postgres.start(root, port, [])
     try:
-        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "CREATE DATABASE optuna"],
-                       check=True, capture_output=True)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+        yield lambda name: local_postgres.create_database(port, name)
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "fast", "stop"], capture_output=True)
+        local_postgres.stop(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres) -> str:
+    return postgres("optuna")
 
 
 class Trained:

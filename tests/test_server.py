@@ -1,12 +1,15 @@
 """serverFolder/local_server.py: a real `mlflow server` on 127.0.0.1 that the steps log to."""
 import glob
 import os
+import subprocess
+import sys
+import time
 import urllib.request
 
 import mlflow
 import pytest
 
-from conftest import free_port, run_step
+from conftest import ROOT, free_port, run_step, step_env
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +54,35 @@ def test_a_second_server_on_a_busy_port_is_refused(local_server, tmp_path):
     assert result.returncode == 1 and "already answers" in result.stderr
     with urllib.request.urlopen(f"{url}/health", timeout=5) as response:  # the first one is untouched
         assert response.status == 200
+
+
+def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
+    """The server is stopped and started again while the train step logs: MLflow's client retries
+    until it is back, the run finishes and every epoch's metrics are there."""
+    root, port, epochs = tmp_path / "restarted", free_port(), 6
+    start = ["python", "serverFolder/local_server.py", "--root", str(root), "--port", str(port)]
+    assert run_step(*start).returncode == 0
+    url = f"http://127.0.0.1:{port}"
+    # A shorter backoff than the default (2): the client retries sooner once the server is back.
+    env = {**step_env(), "MLFLOW_TRACKING_URI": url, "MLFLOW_EXPERIMENT_NAME": "restart",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    training = subprocess.Popen([sys.executable, "-m", "steps.train", "--epochs", str(epochs), "--batch_size", "32",
+                                 "--data_dir", tiny_data], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in training.stdout:  # wait until training is under way, then pull the server away
+            if line.startswith("epoch 2/"):
+                break
+        assert run_step("python", "serverFolder/local_server.py", "--root", str(root), "--stop").returncode == 0
+        time.sleep(2)
+        assert run_step(*start).returncode == 0
+        output = training.stdout.read()
+        assert training.wait(timeout=300) == 0, output[-3000:]
+        client = mlflow.MlflowClient(url)
+        [run] = client.search_runs([client.get_experiment_by_name("restart").experiment_id])
+        assert run.info.status == "FINISHED"
+        for name in ("train_loss", "val_loss", "val_accuracy", "epoch_time_s"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, epochs + 1))
+    finally:
+        training.kill()
+        run_step("python", "serverFolder/local_server.py", "--root", str(root), "--stop")

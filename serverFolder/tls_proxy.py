@@ -1,0 +1,68 @@
+"""Start (or stop) nginx terminating TLS in front of a tracking server (nginx.conf, make_certs.sh).
+
+    serverFolder/make_certs.sh serverFolder/tls mlflow.example.org
+    python serverFolder/tls_proxy.py --server-name mlflow.example.org --listen 0.0.0.0:443 \
+        --upstream 127.0.0.1:5000 --cert serverFolder/tls/server.crt --key serverFolder/tls/server.key
+    python serverFolder/tls_proxy.py --stop
+
+Clients then use https://<server name> and, for a self-made CA,
+MLFLOW_TRACKING_SERVER_CERT_PATH=<dir>/ca.crt. Needs nginx (`apt-get install nginx-light`).
+"""
+import argparse
+import getpass
+import os
+import shutil
+import sys
+
+from local_server import HERE, launch, stop
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server-name", default="localhost", help="the name clients use; the certificate's name")
+    parser.add_argument("--listen", default="127.0.0.1:8443", help="address:port nginx listens on")
+    parser.add_argument("--upstream", default="127.0.0.1:5000", help="the tracking server's address:port")
+    parser.add_argument("--cert", default=os.path.join(HERE, "tls", "server.crt"))
+    parser.add_argument("--key", default=os.path.join(HERE, "tls", "server.key"))
+    parser.add_argument("--cafile", default="", help="CA to verify the proxy with while waiting for it; "
+                                                     "default: the system's, or ca.crt beside --cert")
+    parser.add_argument("--root", default=os.path.join(HERE, "tls_proxy"), help="directory for the config, logs, pid")
+    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--stop", action="store_true", help="stop the proxy started with this --root")
+    return parser.parse_args(argv)
+
+
+def render(args: argparse.Namespace, root: str) -> str:
+    values = {"USER": getpass.getuser(), "ROOT": root, "LISTEN": args.listen, "SERVER_NAME": args.server_name,
+              "CERT": os.path.abspath(args.cert), "KEY": os.path.abspath(args.key), "UPSTREAM": args.upstream}
+    with open(os.path.join(HERE, "nginx.conf")) as f:
+        text = f.read()
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", value)
+    path = os.path.join(root, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def start(args: argparse.Namespace) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        sys.exit("tls_proxy: nginx is not installed (apt-get install nginx-light)")
+    for path in (args.cert, args.key):
+        if not os.path.exists(path):
+            sys.exit(f"tls_proxy: {path} does not exist; make one with serverFolder/make_certs.sh")
+    root = os.path.abspath(args.root)
+    os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+    config = render(args, root)
+    sibling_ca = os.path.join(os.path.dirname(os.path.abspath(args.cert)), "ca.crt")
+    port = args.listen.rsplit(":", 1)[1]
+    launch("tls_proxy", [nginx, "-c", config, "-e", os.path.join(root, "error.log")], root,
+           f"https://{args.server_name}:{port}", args.timeout,
+           cafile=args.cafile or (sibling_ca if os.path.exists(sibling_ca) else ""))
+    print(f"export MLFLOW_TRACKING_URI=https://{args.server_name}:{port}")
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    stop("tls_proxy", arguments.root) if arguments.stop else start(arguments)
