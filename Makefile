@@ -24,8 +24,9 @@ run: $(VENV)/.installed
 train: $(VENV)/.installed
 	mlflow run . -e train --env-manager local -P epochs=$(EPOCHS)
 
+# Two workers, whole test files each: most test time is spent starting processes and servers.
 test: $(VENV)/.installed
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
 	python bench/train_speed.py

@@ -124,6 +124,9 @@ def test_train_over_https_with_a_key_lands_in_the_server_stores(server, tiny_dat
                         {"name": "alice-model", "source": "file:///etc"}, basic=ADMIN)
     assert status == 400 and "Invalid model version source" in text
     assert len(mlflow.MlflowClient().search_model_versions("name='alice-model'")) == 1
+    # Hardening: no job runner was started beside the server (MLflow's is a huey consumer).
+    server_session = (server["root"] / "server" / "server.pid").read_text()
+    assert subprocess.run(["pgrep", "-s", server_session, "-f", "huey"], capture_output=True).returncode == 1
     stored = json.dumps([run.data.params, run.data.tags])
     logs = "".join(open(path).read() for path in glob.glob(str(server["root"] / "*" / "*.log")))
     for text in (stored, logs, result.stdout + result.stderr):
