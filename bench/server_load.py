@@ -11,6 +11,8 @@ Prints one table: requests per second and metric values per second (medians over
 p50 / p95 request latency, the error count, and PostgreSQL's rate as a ratio of SQLite's.
 """
 import argparse
+import contextlib
+import io
 import multiprocessing
 import os
 import shutil
@@ -66,7 +68,8 @@ def log_for(url: str, seconds: float, client: int) -> tuple[int, int, list[float
         latencies.append(time.perf_counter() - start)
         requests += 1
         step += BATCH
-    client_api.set_terminated(run_id)
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for every finished run
+        client_api.set_terminated(run_id)
     return requests, errors, latencies
 
 
@@ -92,7 +95,8 @@ def main() -> None:
         sys.exit("server_load: PostgreSQL is not installed (apt-get install postgresql)")
 
     root = tempfile.mkdtemp(prefix="server-load-")
-    pg_root, pg_port = os.path.join(root, "postgres"), free_port()
+    # A directory of its own: the postgres account (when run as root) cannot enter `root`.
+    pg_root, pg_port = tempfile.mkdtemp(prefix="server-load-pg-"), free_port()
     [pg_url] = local_postgres.start(pg_root, pg_port, ["mlflow"])
     servers = {}
     try:
@@ -114,7 +118,8 @@ def main() -> None:
             subprocess.run([sys.executable, os.path.join(SERVER_FOLDER, "local_server.py"), "--root", server_root,
                             "--stop"], capture_output=True)
         local_postgres.stop(pg_root)
-        shutil.rmtree(root, ignore_errors=True)
+        for directory in (root, pg_root):
+            shutil.rmtree(directory, ignore_errors=True)
 
     print(f"\n{args.clients} clients, log_batch of {BATCH} metric values, {args.rounds} rounds of {args.seconds:g} s, "
           f"{args.workers} server workers, {os.cpu_count()} CPUs")
