@@ -23,17 +23,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def server_parser(description: str, root: str, workers: int) -> argparse.ArgumentParser:
+    """The options local_server.py and shared_server.py share."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1 = this machine only)")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--root", default=os.path.join(HERE, "local"), help="directory for the stores, log and pid")
-    parser.add_argument("--backend-store-uri", default="", help="default: sqlite:///<root>/mlflow.db")
-    parser.add_argument("--artifacts-destination", default="", help="default: <root>/artifacts")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--root", default=root, help="directory for the log, pid and default stores")
+    parser.add_argument("--backend-store-uri", default="", help="runs and models; default sqlite:///<root>/mlflow.db")
+    parser.add_argument("--artifacts-destination", default="", help="default <root>/artifacts; or s3://bucket/path")
+    parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for /health")
     parser.add_argument("--stop", action="store_true", help="stop the server started with this --root")
-    return parser.parse_args(argv)
+    return parser
 
 
 def healthy(url: str, host: str = "", cafile: str = "") -> bool:
@@ -105,5 +106,5 @@ def stop(name: str, root: str) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
+    arguments = server_parser(__doc__, os.path.join(HERE, "local"), workers=1).parse_args()
     stop("local_server", arguments.root) if arguments.stop else start(arguments)

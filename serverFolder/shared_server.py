@@ -22,7 +22,7 @@ import configparser
 import os
 import sys
 
-from local_server import HERE, NO_JOBS, launch, mlflow_command, stop
+from local_server import HERE, NO_JOBS, launch, mlflow_command, server_parser, stop
 
 REQUIRED_ENV = {
     "MLFLOW_AUTH_ADMIN_PASSWORD": "the password of the admin user (created on first start)",
@@ -37,18 +37,10 @@ HARDENING_ENV = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = server_parser(__doc__, os.path.join(HERE, "shared"), workers=4)
     parser.add_argument("--allowed-hosts", default="",
                         help="comma-separated names clients use to reach the server (the TLS proxy's name)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (the TLS proxy connects here)")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--root", default=os.path.join(HERE, "shared"), help="directory for the log, pid and default stores")
-    parser.add_argument("--backend-store-uri", default="", help="runs and models; default sqlite:///<root>/mlflow.db")
     parser.add_argument("--auth-db-uri", default="", help="users and permissions; default sqlite:///<root>/basic_auth.db")
-    parser.add_argument("--artifacts-destination", default="", help="default <root>/artifacts; or s3://bucket/path")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for /health")
-    parser.add_argument("--stop", action="store_true", help="stop the server started with this --root")
     return parser.parse_args(argv)
 
 
