@@ -129,8 +129,12 @@ def test_train_over_https_with_a_key_lands_in_the_server_stores(server, tiny_dat
     assert subprocess.run(["pgrep", "-s", server_session, "-f", "huey"], capture_output=True).returncode == 1
     stored = json.dumps([run.data.params, run.data.tags])
     logs = "".join(open(path).read() for path in glob.glob(str(server["root"] / "*" / "*.log")))
+    artifacts = b"".join(open(path, "rb").read() for path in
+                         glob.glob(str(server["root"] / "server" / "artifacts" / "**" / "*"), recursive=True)
+                         if os.path.isfile(path))
     for text in (stored, logs, result.stdout + result.stderr):
         assert server["key"] not in text
+    assert artifacts and server["key"].encode() not in artifacts
 
 
 def test_no_key_wrong_key_revoked_key_and_foreign_host_are_refused(server, capsys):
