@@ -39,23 +39,32 @@ def start(root: str, port: int, databases: list[str]) -> list[str]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
     data = os.path.join(root, "data")
-    subprocess.run([*_as_server_user(), binary("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    subprocess.run([*_as_server_user(), binary("pg_ctl"), "-D", data, "-w", "-l", os.path.join(root, "log"), "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    _run([binary("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], as_server=True)
+    try:
+        _run([binary("pg_ctl"), "-D", data, "-w", "-l", os.path.join(root, "log"), "-o",
+              f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], as_server=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc} (the server's log: {os.path.join(root, 'log')})") from None
     return [create_database(port, name) for name in databases]
+
+
+def _run(command: list[str], as_server: bool = False) -> None:
+    """Run a PostgreSQL program; RuntimeError naming it, with the last line it printed, when it fails."""
+    done = subprocess.run([*(_as_server_user() if as_server else []), *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise RuntimeError(f"{os.path.basename(command[0])} failed: {last_line}")
 
 
 def create_database(port: int, name: str) -> str:
     """Create database `name` in the cluster on `port`; its SQLAlchemy URL."""
-    subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {name}"],
-                   check=True, capture_output=True)
+    _run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {name}"])
     return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{name}"
 
 
 def stop(root: str) -> None:
     subprocess.run([*_as_server_user(), binary("pg_ctl"), "-D", os.path.join(root, "data"), "-m", "fast", "stop"],
-                   capture_output=True)
+                   capture_output=True)  # a cluster that is not running is already stopped
 
 
 def main(argv=None) -> None:
@@ -72,8 +81,6 @@ def main(argv=None) -> None:
         urls = start(os.path.abspath(args.root), args.port, args.databases)
     except RuntimeError as exc:
         sys.exit(f"local_postgres: {exc}")
-    except subprocess.CalledProcessError as exc:
-        sys.exit(f"local_postgres: {os.path.basename(exc.cmd[0])} failed: {exc.stderr.decode().strip()}")
     print("\n".join(urls))
 
 

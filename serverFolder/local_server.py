@@ -69,19 +69,19 @@ def launch(name: str, command: list[str], root: str, url: str, timeout: float, e
     print(f"{name}: up at {url} (pid {server.pid}; files in {root})")
 
 
-def mlflow_command() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "mlflow")
+def server_command(args: argparse.Namespace, root: str, *options: str) -> list[str]:
+    """`mlflow server` with the options of `server_parser`, stores defaulting to files in root."""
+    return [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", *options,
+            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+            "--backend-store-uri", args.backend_store_uri or f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", args.artifacts_destination or os.path.join(root, "artifacts")]
 
 
 def start(args: argparse.Namespace) -> None:
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     url = f"http://{args.host}:{args.port}"
-    launch("local_server", [
-        mlflow_command(), "server", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-        "--backend-store-uri", args.backend_store_uri or f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", args.artifacts_destination or os.path.join(root, "artifacts"),
-    ], root, url, args.timeout, env={**os.environ, **NO_JOBS})
+    launch("local_server", server_command(args, root), root, url, args.timeout, env={**os.environ, **NO_JOBS})
     print(f"export MLFLOW_TRACKING_URI={url}")
 
 

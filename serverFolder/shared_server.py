@@ -22,7 +22,7 @@ import configparser
 import os
 import sys
 
-from local_server import HERE, NO_JOBS, launch, mlflow_command, server_parser, stop
+from local_server import HERE, NO_JOBS, launch, server_command, server_parser, stop
 
 REQUIRED_ENV = {
     "MLFLOW_AUTH_ADMIN_PASSWORD": "the password of the admin user (created on first start)",
@@ -74,13 +74,8 @@ def start(args: argparse.Namespace) -> None:
         "MLFLOW_AUTH_CONFIG_PATH": write_auth_config(root, args.auth_db_uri or f"sqlite:///{root}/basic_auth.db"),
         "MNISTFLOW_API_KEYS_DB": os.environ.get("MNISTFLOW_API_KEYS_DB") or os.path.join(root, "api_keys.db"),
     }
-    launch("shared_server", [
-        mlflow_command(), "server", "--app-name", "basic-auth",
-        "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-        "--allowed-hosts", ",".join(hosts),
-        "--backend-store-uri", args.backend_store_uri or f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", args.artifacts_destination or os.path.join(root, "artifacts"),
-    ], root, f"http://{args.host}:{args.port}", args.timeout, env=env, host=hosts[0])
+    command = server_command(args, root, "--app-name", "basic-auth", "--allowed-hosts", ",".join(hosts))
+    launch("shared_server", command, root, f"http://{args.host}:{args.port}", args.timeout, env=env, host=hosts[0])
     print(f"API keys: MNISTFLOW_API_KEYS_DB={env['MNISTFLOW_API_KEYS_DB']} python serverFolder/api_keys.py issue USER")
 
 

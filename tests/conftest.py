@@ -119,7 +119,7 @@ def require(installed: bool, what: str, debian_package: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory):
+def postgres():
     """A throw-away PostgreSQL server on 127.0.0.1 and a free port (serverFolder/local_postgres.py);
     yields a function that creates a database and returns its SQLAlchemy URL.
 

@@ -88,8 +88,7 @@ def experiment_names(server) -> set[str]:
 @pytest.fixture
 def as_admin(server, monkeypatch):
     """This process talks to the server over HTTPS as the admin (what users.py expects)."""
-    for name, value in (("MLFLOW_TRACKING_URI", server["url"]), ("MLFLOW_TRACKING_SERVER_CERT_PATH", server["ca"]),
-                        ("MLFLOW_TRACKING_USERNAME", ADMIN[0]), ("MLFLOW_TRACKING_PASSWORD", ADMIN[1])):
+    for name, value in admin_env(server).items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AM_SC_API_KEY", raising=False)
     mlflow.set_tracking_uri(server["url"])
@@ -222,6 +221,12 @@ def test_the_shared_server_refuses_to_start_without_its_secrets(tmp_path):
     assert not os.path.exists(tmp_path / "server.pid")
 
 
+def admin_env(server) -> dict:
+    """The admin's login to the server over HTTPS (what users.py expects)."""
+    return {"MLFLOW_TRACKING_URI": server["url"], "MLFLOW_TRACKING_SERVER_CERT_PATH": server["ca"],
+            "MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
+
+
 def user_env(server) -> dict:
     """A researcher's environment: the server's URL and CA, no admin login."""
     env = {k: v for k, v in step_env().items() if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
@@ -237,8 +242,7 @@ def keys_script(capsys, *args: str) -> str:
 def users_main(capsys, server, *args: str, stdin: str = "") -> str:
     """serverFolder/users.py run in this process as the admin, the password on standard input."""
     with pytest.MonkeyPatch.context() as env:
-        for name, value in (("MLFLOW_TRACKING_URI", server["url"]), ("MLFLOW_TRACKING_SERVER_CERT_PATH", server["ca"]),
-                            ("MLFLOW_TRACKING_USERNAME", ADMIN[0]), ("MLFLOW_TRACKING_PASSWORD", ADMIN[1])):
+        for name, value in admin_env(server).items():
             env.setenv(name, value)
         env.setattr(sys, "stdin", io.StringIO(stdin))
         users.main(list(args))
