@@ -58,12 +58,14 @@ def launch(name: str, command: list[str], root: str, url: str, timeout: float, e
     with open(os.path.join(root, "server.log"), "ab") as log:
         # A session of its own: the server outlives this script and a Ctrl-C in its terminal.
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    with open(os.path.join(root, "server.pid"), "w") as f:
+    pid_file = os.path.join(root, "server.pid")
+    with open(pid_file, "w") as f:
         f.write(str(server.pid))
     deadline = time.monotonic() + timeout
     while not healthy(url, host, cafile):
         if server.poll() is not None or time.monotonic() > deadline:
             stop_process(server.pid)
+            os.remove(pid_file)  # no stale pid for a later --stop to signal
             sys.exit(f"{name}: the server did not come up at {url}; see {root}/server.log")
         time.sleep(0.5)
     print(f"{name}: up at {url} (pid {server.pid}; files in {root})")
