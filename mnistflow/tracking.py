@@ -23,12 +23,6 @@ from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
 
 CHECKPOINTS = "checkpoints"
-# Artifact downloads (resume, register) would draw progress bars on stderr, where errors go.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# MLflow's async logging thread otherwise blocks in a 1 s queue timeout, which every end_run
-# waits out; buffering makes it sleep on its stop event instead, and merges queued metrics
-# into one write per second.
-os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 
 
 class AsyncMetrics:

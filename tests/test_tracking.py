@@ -1,4 +1,8 @@
 """The run life cycle against a real SQLite store: how a run ends, and what a failed write does."""
+import os
+import subprocess
+import sys
+
 import mlflow
 import pytest
 
@@ -40,3 +44,14 @@ def test_run_tags_record_the_code_and_the_person():
     assert tags["phase"] == "production" and tags["dataset"] == "fashion_mnist"
     assert tags["mlflow.note.content"] == "Run 3"
     assert "mlflow.note.content" not in tracking.run_tags("development", "mnist")
+
+
+def test_importing_mnistflow_sets_mlflow_defaults_but_keeps_the_users():
+    show = "import os, mnistflow; print(os.environ['MLFLOW_DEFAULT_PREDICTION_DEVICE'])"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DEFAULT_PREDICTION_DEVICE"}
+    # cpu: logged pt2 models cannot be moved to a GPU, where MLflow would otherwise load them.
+    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True,
+                          check=True).stdout == "cpu\n"
+    env["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "cuda:1"
+    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True,
+                          check=True).stdout == "cuda:1\n"
