@@ -7,8 +7,9 @@ It needs the Debian package (`apt-get install postgresql`), runs the server as t
 account when started as root (PostgreSQL refuses root), trusts local connections (no password:
 loopback only, for tests and benchmarks, never for a real shared server) and creates the
 databases named (run as root, --root must be a directory the postgres account can reach,
-e.g. under /tmp, not inside another root-only one). It prints one SQLAlchemy URL per database, the form MLflow's
---backend-store-uri and Optuna's storage take. Tests and bench/server_load.py use it too.
+e.g. under /tmp, not inside another root-only one). It prints one SQLAlchemy URL per database,
+the form MLflow's --backend-store-uri and Optuna's storage take. Tests and bench/server_load.py
+use it too.
 """
 import argparse
 import glob

@@ -50,8 +50,8 @@ def test_importing_mnistflow_sets_mlflow_defaults_but_keeps_the_users():
     show = "import os, mnistflow; print(os.environ['MLFLOW_DEFAULT_PREDICTION_DEVICE'])"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DEFAULT_PREDICTION_DEVICE"}
     # cpu: logged pt2 models cannot be moved to a GPU, where MLflow would otherwise load them.
-    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True,
-                          check=True).stdout == "cpu\n"
-    env["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "cuda:1"
-    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True,
-                          check=True).stdout == "cuda:1\n"
+    for users_value, expected in ((None, "cpu"), ("cuda:1", "cuda:1")):
+        if users_value:
+            env["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = users_value
+        assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True,
+                              check=True).stdout == expected + "\n"
