@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from mnistflow import data as mnist_data
 from mnistflow import models, tracking
-from mnistflow.config import TrainConfig
+from mnistflow.config import OneLineParser, TrainConfig
 from mnistflow.train import fit, seed_everything
 
 
@@ -64,7 +64,7 @@ def tracked_once(cfg, data) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="train_speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="")
     parser.add_argument("--pipeline_models", default=f"baseline,{models.DEFAULT_MODEL}",
                         help="comma-separated nets to compare the two pipelines on")
@@ -73,8 +73,16 @@ def main():
                         help="images per measured epoch (a slice of the training set keeps the bench short)")
     args = parser.parse_args()
 
+    pipeline_models = args.pipeline_models.split(",")
+    unknown = [name for name in pipeline_models if name not in models.MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r} in --pipeline_models; choose from {', '.join(models.MODELS)}")
+
     cfg = TrainConfig(epochs=1, data_dir=args.data_dir, max_train_samples=args.train_samples, log_every=50)
-    data = mnist_data.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
+    try:
+        data = mnist_data.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
+    except mnist_data.DataError as exc:
+        parser.error(str(exc))
     reference = dataclasses.replace(data, train=DataLoaderSplit(cfg, data, data.train.indices))
 
     tmp = tempfile.mkdtemp()
@@ -83,7 +91,6 @@ def main():
 
     # Pipelines: the training passes of one epoch (validation is the same for both).
     # Tracking: the whole run, start to end, with and without MLflow.
-    pipeline_models = args.pipeline_models.split(",")
     times = {}
     for r in range(args.repeats):  # interleaved, so drift in machine load hits every measure alike
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
