@@ -48,7 +48,7 @@ class DataLoaderSplit:
 def train_once(cfg, data, log_metrics=lambda metrics, step: None, save_checkpoint=None) -> tuple[float, float]:
     """(wall time of fit, seconds of its training passes alone, without validation)."""
     seed_everything(cfg.seed, cfg.deterministic)
-    net = models.build(cfg.model)
+    net = models.build(cfg.model, cfg.mirror)
     start = time.perf_counter()
     state = fit(cfg, net, data, torch.device("cpu"), log_metrics=log_metrics, save_checkpoint=save_checkpoint)
     wall = time.perf_counter() - start

@@ -16,6 +16,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("onecycle", "none")
 PHASES = ("development", "tuning", "production")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MIRROR_MODES = ("auto", "on", "off")
+# Whether a mirror image keeps its label: true of clothes and shoes, not of digits (a mirrored 2
+# is no digit). Where it does, `mirror=auto` trains a models.Mirrored net.
+MIRROR_SYMMETRIC = {"mnist": False, "fashion_mnist": True}
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 ALIAS = re.compile(r"[A-Za-z0-9_-]+")
@@ -37,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0005
     lr_schedule: str = "onecycle"
     label_smoothing: float = 0.05
+    mirror: str = "auto"        # train on mirror images too and average both at prediction; auto = by dataset
     patience: int = 0           # epochs without a better val_loss before stopping; 0 = never stop early
     seed: int = 42
     deterministic: bool = True
@@ -52,8 +57,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("optimizer", OPTIMIZERS),
-                              ("lr_schedule", LR_SCHEDULES), ("phase", PHASES), ("device", DEVICES)):
+                              ("lr_schedule", LR_SCHEDULES), ("phase", PHASES), ("device", DEVICES),
+                              ("mirror", MIRROR_MODES)):
             _choose(self, name, allowed)
+        if self.mirror == "auto":  # resolved here, so the logged config says what was trained
+            self.mirror = "on" if MIRROR_SYMMETRIC[self.dataset] else "off"
         for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("max_train_samples", 0),
                           ("log_every", 1), ("weight_decay", 0)):
             _at_least(self, name, low)

@@ -67,8 +67,29 @@ MODELS = {"fast": fast, "baseline": baseline, "enhanced": enhanced, "cnn_bn": cn
 DEFAULT_MODEL = "fast"
 
 
-def build(name: str) -> nn.Module:
-    return MODELS[name]()
+class Mirrored(nn.Module):
+    """A net for classes whose mirror image keeps its label (clothes and shoes; not digits).
+
+    In training, a random half of each batch is mirrored left-right, so the net learns both views
+    (the torch RNG draws it, so seeded runs and resumed runs repeat it). In prediction, the net's
+    logits for an image and for its mirror image are averaged (test-time augmentation).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mirror = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
+            return self.net(torch.where(mirror, x.flip(3), x))
+        return (self.net(x) + self.net(x.flip(3))) / 2
+
+
+def build(name: str, mirror: str = "off") -> nn.Module:
+    """The named net; wrapped in Mirrored when `mirror` is "on" (a validated TrainConfig.mirror)."""
+    net = MODELS[name]()
+    return Mirrored(net) if mirror == "on" else net
 
 
 def count_params(model: nn.Module) -> int:
@@ -78,15 +99,18 @@ def count_params(model: nn.Module) -> int:
 def summary(model: nn.Module) -> str:
     """One line per layer with its output shape and parameter count, for a (1, 1, 28, 28) input."""
     lines = [f"{'layer':<40}{'output shape':>20}{'params':>12}"]
+    layers = model.net if isinstance(model, Mirrored) else model
     x = torch.zeros(1, 1, 28, 28)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i, layer in enumerate(model):
+        for i, layer in enumerate(layers):
             x = layer(x)
             n = sum(p.numel() for p in layer.parameters())
             lines.append(f"{f'{i}: {layer}':<40.40}{str(tuple(x.shape)):>20}{n:>12,}")
     model.train(was_training)
+    if layers is not model:
+        lines.append("(Mirrored: trained on random mirror images; predicts the mean of both views)")
     lines.append(f"{'total':<40}{'':>20}{count_params(model):>12,}")
     return "\n".join(lines)
 

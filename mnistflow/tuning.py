@@ -223,7 +223,7 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
     train_cfg = trial_config(cfg, suggest(trial, space))
     seed_everything(train_cfg.seed, train_cfg.deterministic)
     device = select_device(train_cfg.device)
-    net = models.build(train_cfg.model)
+    net = models.build(train_cfg.model, train_cfg.mirror)
 
     def report(epoch: int, metrics: dict) -> None:
         trial.report(metrics["val_accuracy"], epoch)
@@ -341,7 +341,7 @@ def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.Frozen
 
     # The best trial's model, tested and logged here so `register` can take it from the parent.
     config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
-    net = models.build(config["model"])
+    net = models.build(config["model"], config.get("mirror", "off"))
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
         net.load_state_dict(torch.load(path, weights_only=True))

@@ -24,7 +24,7 @@ data = datasets.load(train_cfg.dataset, train_cfg.data_dir, train_cfg.val_fracti
                      train_cfg.max_train_samples)
 seed_everything(train_cfg.seed, train_cfg.deterministic)
 device = select_device(train_cfg.device)
-net = models.build(train_cfg.model)
+net = models.build(train_cfg.model, train_cfg.mirror)
 
 # A run is opened with start_run; leaving the `with` block ends it FINISHED (or FAILED on an error).
 with mlflow.start_run(run_name=f"example1-{train_cfg.model}") as run:

@@ -32,7 +32,7 @@ def objective(trial: optuna.Trial) -> float:
                             batch_size=trial.suggest_categorical("batch_size", config["batch_sizes"]),
                             seed=config["seed"], data_dir=config["data_dir"]).validate()
     seed_everything(train_cfg.seed, train_cfg.deterministic)
-    net = models.build(train_cfg.model)
+    net = models.build(train_cfg.model, train_cfg.mirror)
     # nested=True makes this run a child of the active (parent) run.
     with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
         mlflow.log_params({**trial.params, "trial_number": trial.number, "epochs": train_cfg.epochs})

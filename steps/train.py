@@ -57,7 +57,7 @@ def main(argv=None) -> None:
 
     seed_everything(cfg.seed, cfg.deterministic)
     device = select_device(cfg.device)
-    net = models.build(cfg.model)
+    net = models.build(cfg.model, cfg.mirror)
     state = tracking.load_checkpoint(cfg.resume) if cfg.resume else None
     launcher_run = os.environ.get("MLFLOW_RUN_ID")  # set when started by `mlflow run`
 

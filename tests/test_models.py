@@ -4,9 +4,10 @@ import torch
 from mnistflow import models
 
 
+@pytest.mark.parametrize("mirror", ["off", "on"])
 @pytest.mark.parametrize("name", models.MODELS)
-def test_every_model_maps_images_to_ten_logits(name):
-    net = models.build(name).eval()
+def test_every_model_maps_images_to_ten_logits(name, mirror):
+    net = models.build(name, mirror).eval()
     assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     text = models.summary(net)
     assert f"{models.count_params(net):,}" in text.splitlines()[-1]
@@ -27,3 +28,19 @@ def test_servable_normalises_and_returns_probabilities():
     probabilities = served(pixels)
     assert torch.allclose(probabilities.sum(1), torch.ones(4))
     assert torch.allclose(probabilities, torch.softmax(net((pixels - 0.5) / 0.25), 1))
+
+
+def test_mirrored_trains_on_either_view_and_predicts_the_mean_of_both():
+    torch.manual_seed(0)
+    net = models.build("baseline")  # no batch norm or dropout: the same function in train and eval mode
+    mirrored = models.Mirrored(net)
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        plain, flipped = net(x), net(x.flip(3))
+        trained_on = mirrored.train()(x)
+        predicted = mirrored.eval()(x)
+    assert torch.allclose(predicted, (plain + flipped) / 2, atol=1e-5)
+    as_plain = torch.isclose(trained_on, plain, atol=1e-5).all(1)
+    as_flipped = torch.isclose(trained_on, flipped, atol=1e-5).all(1)
+    assert (as_plain | as_flipped).all()
+    assert 16 <= as_flipped.sum() <= 48  # about half of the batch is mirrored

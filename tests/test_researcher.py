@@ -1,5 +1,6 @@
 """The researcher examples end to end on tiny Fashion-MNIST files, as a reader would run them."""
 import mlflow
+import numpy as np
 
 from conftest import EXPERIMENT, run_step
 
@@ -23,6 +24,12 @@ def test_example1_is_one_tracked_run_with_a_model(store, tiny_data):
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.metadata["dataset"] == "fashion_mnist"
+    # Fashion-MNIST trains with mirror=on: the logged model averages both views, so an image and
+    # its mirror image get the same class probabilities.
+    pixels = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    probabilities = model.predict(pixels)
+    assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert np.allclose(model.predict(pixels[..., ::-1].copy()), probabilities, atol=1e-5)
     assert f"log_plot.py --run-id {run.info.run_id}" in result.stdout
 
 

@@ -13,7 +13,7 @@ CPU = torch.device("cpu")
 
 def train(cfg, dataset, state=None, checkpoints=None, logged=None):
     seed_everything(cfg.seed, cfg.deterministic)
-    net = models.build(cfg.model)
+    net = models.build(cfg.model, cfg.mirror)
     save = (lambda s, best: checkpoints.append(copy.deepcopy(s))) if checkpoints is not None else None
     log = (lambda metrics, step: logged.append((step, metrics))) if logged is not None else (lambda m, s: None)
     state = fit(cfg, net, dataset, CPU, log_metrics=log, state=state, save_checkpoint=save)
@@ -46,8 +46,9 @@ def test_same_seed_same_result(tiny):
     assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_training(tiny):
-    cfg = TrainConfig(epochs=3, batch_size=64)
+@pytest.mark.parametrize("mirror", ["off", "on"])  # on: the mirrored half of each batch must repeat too
+def test_resume_from_checkpoint_matches_uninterrupted_training(tiny, mirror):
+    cfg = TrainConfig(epochs=3, batch_size=64, mirror=mirror)
     checkpoints = []
     full_net, full = train(cfg, tiny, checkpoints=checkpoints)
     assert [c["epoch"] for c in checkpoints] == [1, 2, 3]
@@ -79,11 +80,18 @@ def test_early_stopping_keeps_the_best_epoch(tiny):
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose from adamw, adam, sgd"),
     ({"val_fraction": 1.0}, "val_fraction=1.0 is not allowed; it must be in (0, 1)"),
     ({"val_fraction": 0}, "val_fraction=0 is not allowed; it must be in (0, 1)"),
+    ({"mirror": "sideways"}, "unknown mirror 'sideways'; choose from auto, on, off"),
 ])
 def test_bad_config_names_value_and_allowed(change, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig(**change).validate()
     assert message in str(err.value)
+
+
+def test_mirror_auto_is_on_only_where_a_mirror_image_keeps_its_label():
+    assert TrainConfig(dataset="fashion_mnist").validate().mirror == "on"
+    assert TrainConfig(dataset="mnist").validate().mirror == "off"
+    assert TrainConfig(dataset="mnist", mirror="on").validate().mirror == "on"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
