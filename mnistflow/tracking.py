@@ -19,7 +19,7 @@ from mlflow.models import infer_signature
 from mnistflow import metrics, plots
 from mnistflow.config import ConfigError
 from mnistflow.data import Data
-from mnistflow.models import count_params, servable
+from mnistflow.models import Mirrored, count_params, servable
 from mnistflow.train import evaluate
 
 CHECKPOINTS = "checkpoints"
@@ -234,4 +234,6 @@ def log_model(net: torch.nn.Module, data: Data) -> mlflow.models.model.ModelInfo
 
 
 def model_params(net: torch.nn.Module, device: torch.device) -> dict:
-    return {"num_params": count_params(net), "resolved_device": str(device), **library_versions()}
+    # `mirrored` records what mirror=auto resolved to: `mlflow run` has logged "auto" as `mirror`.
+    return {"num_params": count_params(net), "resolved_device": str(device),
+            "mirrored": isinstance(net, Mirrored), **library_versions()}

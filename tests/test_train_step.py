@@ -32,6 +32,7 @@ def test_mlflow_run_train_tracks_everything(store, tiny_data):
     params = run.data.params
     assert params["epochs"] == "2" and params["model"] == "fast" and params["dataset"] == "mnist"
     assert params["num_params"] == "185658"
+    assert params["mirror"] == "auto" and params["mirrored"] == "False"  # auto: off for digits
     assert {"torch_version", "torchvision_version", "mlflow_version", "python_version"} <= set(params)
     tags = run.data.tags
     assert tags["phase"] == "tuning" and tags["dataset"] == "mnist"
