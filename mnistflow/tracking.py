@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import torch
 import torchvision
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
@@ -132,6 +133,14 @@ def log_config(cfg) -> None:
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({key: value for key, value in config.items() if key not in logged})
     mlflow.log_dict(config, "config.yaml")
+
+
+def logged_config(run_id: str) -> dict:
+    """The config.yaml that log_config wrote for a run.
+
+    Runs from before `mirror` existed trained without it, so their config reads mirror=off.
+    """
+    return {"mirror": "off", **yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))}
 
 
 def log_datasets(data: Data, contexts=("training", "validation", "test")) -> None:

@@ -340,8 +340,8 @@ def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.Frozen
     mlflow.log_dict(best.params, "best_params.json")
 
     # The best trial's model, tested and logged here so `register` can take it from the parent.
-    config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
-    net = models.build(config["model"], config.get("mirror", "off"))
+    config = tracking.logged_config(run_id)
+    net = models.build(config["model"], config["mirror"])
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
         net.load_state_dict(torch.load(path, weights_only=True))

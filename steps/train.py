@@ -12,7 +12,6 @@ import tempfile
 import time
 
 import mlflow
-import yaml
 from mlflow.exceptions import MlflowException
 
 from mnistflow import data as datasets
@@ -36,7 +35,7 @@ def resumed_config(run_id: str) -> TrainConfig:
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
     try:
-        config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+        config = tracking.logged_config(run_id)
     except (MlflowException, OSError):
         raise ConfigError(f"run {run_id} has no config.yaml, so it was not started by the train step")
     return TrainConfig(**{**config, "resume": run_id})

@@ -37,6 +37,15 @@ def test_a_metric_that_cannot_be_written_fails_the_run(store):
     assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
 
 
+def test_logged_config_reads_mirror_off_for_a_run_from_before_mirror(store):
+    with mlflow.start_run() as run:
+        mlflow.log_dict({"model": "fast", "dataset": "fashion_mnist"}, "config.yaml")
+    assert tracking.logged_config(run.info.run_id) == {"model": "fast", "dataset": "fashion_mnist", "mirror": "off"}
+    with mlflow.start_run() as run:
+        mlflow.log_dict({"model": "fast", "mirror": "on"}, "config.yaml")
+    assert tracking.logged_config(run.info.run_id)["mirror"] == "on"
+
+
 def test_run_tags_record_the_code_and_the_person():
     tags = tracking.run_tags("production", "fashion_mnist", note="Run 3")
     assert len(tags["git_commit"]) == 40
