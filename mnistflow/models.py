@@ -49,7 +49,7 @@ def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 
 
 def fast() -> nn.Module:
-    """The default: chosen for test accuracy per second of CPU training (see README, Models).
+    """The default for MNIST: chosen for test accuracy per second of CPU training (see README, Models).
 
     Full-resolution layers are what cost time on a CPU, so a stride-2 stem halves the image at
     once and width grows only as the image shrinks; batch norm lets the one-cycle schedule use a
@@ -63,8 +63,22 @@ def fast() -> nn.Module:
     )
 
 
-MODELS = {"fast": fast, "baseline": baseline, "enhanced": enhanced, "cnn_bn": cnn_bn, "simple": simple}
-DEFAULT_MODEL = "fast"
+def wide() -> nn.Module:
+    """`fast` with twice the channels (32/64/128/192), at about half its speed.
+
+    Fashion-MNIST's classes differ in texture and small detail, and `fast` has too few
+    channels to learn them in 5 epochs (92.4 %); this net reaches 93 % there (see README, Models).
+    """
+    return nn.Sequential(
+        *_conv_bn(1, 32, stride=2), *_conv_bn(32, 64), nn.MaxPool2d(2),  # 28 -> 14 -> 7
+        *_conv_bn(64, 128), nn.MaxPool2d(2),                             # 7 -> 3
+        *_conv_bn(128, 192),
+        nn.Flatten(), nn.Linear(192 * 3 * 3, 10),
+    )
+
+
+MODELS = {"fast": fast, "wide": wide, "baseline": baseline, "enhanced": enhanced, "cnn_bn": cnn_bn,
+          "simple": simple}
 
 
 class Mirrored(nn.Module):

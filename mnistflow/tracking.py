@@ -20,7 +20,7 @@ from mlflow.models import infer_signature
 from mnistflow import metrics, plots
 from mnistflow.config import ConfigError
 from mnistflow.data import Data
-from mnistflow.models import Mirrored, count_params, servable
+from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
 
 CHECKPOINTS = "checkpoints"
@@ -138,9 +138,9 @@ def log_config(cfg) -> None:
 def logged_config(run_id: str) -> dict:
     """The config.yaml that log_config wrote for a run.
 
-    Runs from before `mirror` existed trained without it, so their config reads mirror=off.
+    Runs from before `mirror` and `shift` existed trained without them, so their config reads off.
     """
-    return {"mirror": "off", **yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))}
+    return {"mirror": "off", "shift": "off", **yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))}
 
 
 def log_datasets(data: Data, contexts=("training", "validation", "test")) -> None:
@@ -242,7 +242,9 @@ def log_model(net: torch.nn.Module, data: Data) -> mlflow.models.model.ModelInfo
     )
 
 
-def model_params(net: torch.nn.Module, device: torch.device) -> dict:
-    # `mirrored` records what mirror=auto resolved to: `mlflow run` has logged "auto" as `mirror`.
+def model_params(cfg, net: torch.nn.Module, device: torch.device) -> dict:
+    """Size, device and libraries, and what each "auto" setting became (`mlflow run` has logged the
+    -P value, "auto", under the setting's own name, and MLflow params cannot change)."""
     return {"num_params": count_params(net), "resolved_device": str(device),
-            "mirrored": isinstance(net, Mirrored), **library_versions()}
+            **{f"resolved_{name}": getattr(cfg, name) for name in ("model", "mirror", "shift")},
+            **library_versions()}

@@ -15,9 +15,10 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistflow.config import TrainConfig
-from mnistflow.data import Data, Split
+from mnistflow.data import Data, Split, shift_randomly
 
 EVAL_BATCH_SIZE = 1000
+SHIFT_PIXELS = 2  # shift=on: how far a training image may move (2 of 28 keeps every digit whole)
 
 
 def select_device(name: str) -> torch.device:
@@ -140,6 +141,8 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         bar = tqdm(data.train.batches(cfg.batch_size, shuffle), total=steps,
                    desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
         for i, (x, y) in enumerate(bar):
+            if cfg.shift == "on":
+                x = shift_randomly(x, SHIFT_PIXELS, fill=-data.mean / data.std, generator=shuffle)
             x, y = to_device(x, device), y.to(device, non_blocking=True)
             logits = model(x)
             loss = loss_fn(logits, y)

@@ -238,7 +238,7 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
                               tags=tags, nested=True) as (run, log_metrics):
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         tracking.log_config(train_cfg)
-        mlflow.log_params(tracking.model_params(net, device))
+        mlflow.log_params(tracking.model_params(train_cfg, net, device))
         try:
             state = fit(train_cfg, net, data, device, log_metrics=log_metrics, on_epoch_end=report)
         except optuna.TrialPruned as exc:

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         if state is None:
             tracking.log_config(cfg)
             mlflow.log_params({
-                **tracking.model_params(net, device),
+                **tracking.model_params(cfg, net, device),
                 "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
                 "steps_per_epoch": steps_per_epoch(cfg, data),
             })

@@ -37,13 +37,14 @@ def test_a_metric_that_cannot_be_written_fails_the_run(store):
     assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
 
 
-def test_logged_config_reads_mirror_off_for_a_run_from_before_mirror(store):
+def test_logged_config_reads_mirror_and_shift_off_for_a_run_from_before_them(store):
     with mlflow.start_run() as run:
         mlflow.log_dict({"model": "fast", "dataset": "fashion_mnist"}, "config.yaml")
-    assert tracking.logged_config(run.info.run_id) == {"model": "fast", "dataset": "fashion_mnist", "mirror": "off"}
+    assert tracking.logged_config(run.info.run_id) == {"model": "fast", "dataset": "fashion_mnist",
+                                                       "mirror": "off", "shift": "off"}
     with mlflow.start_run() as run:
-        mlflow.log_dict({"model": "fast", "mirror": "on"}, "config.yaml")
-    assert tracking.logged_config(run.info.run_id)["mirror"] == "on"
+        mlflow.log_dict({"model": "fast", "mirror": "on", "shift": "on"}, "config.yaml")
+    assert tracking.logged_config(run.info.run_id) == {"model": "fast", "mirror": "on", "shift": "on"}
 
 
 def test_run_tags_record_the_code_and_the_person():

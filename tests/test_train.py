@@ -12,6 +12,7 @@ CPU = torch.device("cpu")
 
 
 def train(cfg, dataset, state=None, checkpoints=None, logged=None):
+    cfg.validate()  # resolves model=auto
     seed_everything(cfg.seed, cfg.deterministic)
     net = models.build(cfg.model, cfg.mirror)
     save = (lambda s, best: checkpoints.append(copy.deepcopy(s))) if checkpoints is not None else None
@@ -46,9 +47,10 @@ def test_same_seed_same_result(tiny):
     assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
 
 
-@pytest.mark.parametrize("mirror", ["off", "on"])  # on: the mirrored half of each batch must repeat too
-def test_resume_from_checkpoint_matches_uninterrupted_training(tiny, mirror):
-    cfg = TrainConfig(epochs=3, batch_size=64, mirror=mirror)
+# mirror and shift on: the random mirror images and offsets must repeat too
+@pytest.mark.parametrize("mirror, shift", [("off", "off"), ("on", "on")])
+def test_resume_from_checkpoint_matches_uninterrupted_training(tiny, mirror, shift):
+    cfg = TrainConfig(epochs=3, batch_size=64, mirror=mirror, shift=shift)
     checkpoints = []
     full_net, full = train(cfg, tiny, checkpoints=checkpoints)
     assert [c["epoch"] for c in checkpoints] == [1, 2, 3]
@@ -75,12 +77,13 @@ def test_early_stopping_keeps_the_best_epoch(tiny):
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 0}, "epochs=0 is not allowed; it must be >= 1"),
     ({"lr": -0.1}, "lr=-0.1 is not allowed; it must be > 0"),
-    ({"model": "resnet"}, "unknown model 'resnet'; choose from fast, baseline"),
+    ({"model": "resnet"}, "unknown model 'resnet'; choose from auto, fast, wide, baseline"),
     ({"dataset": "cifar"}, "unknown dataset 'cifar'; choose from mnist, fashion_mnist"),
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose from adamw, adam, sgd"),
     ({"val_fraction": 1.0}, "val_fraction=1.0 is not allowed; it must be in (0, 1)"),
     ({"val_fraction": 0}, "val_fraction=0 is not allowed; it must be in (0, 1)"),
     ({"mirror": "sideways"}, "unknown mirror 'sideways'; choose from auto, on, off"),
+    ({"shift": "diagonal"}, "unknown shift 'diagonal'; choose from auto, on, off"),
 ])
 def test_bad_config_names_value_and_allowed(change, message):
     with pytest.raises(ConfigError) as err:
@@ -88,10 +91,12 @@ def test_bad_config_names_value_and_allowed(change, message):
     assert message in str(err.value)
 
 
-def test_mirror_auto_is_on_only_where_a_mirror_image_keeps_its_label():
-    assert TrainConfig(dataset="fashion_mnist").validate().mirror == "on"
-    assert TrainConfig(dataset="mnist").validate().mirror == "off"
-    assert TrainConfig(dataset="mnist", mirror="on").validate().mirror == "on"
+def test_auto_settings_resolve_by_dataset_and_explicit_ones_stay():
+    fashion, digits = TrainConfig(dataset="fashion_mnist").validate(), TrainConfig(dataset="mnist").validate()
+    assert (fashion.model, fashion.mirror, fashion.shift) == ("wide", "on", "off")
+    assert (digits.model, digits.mirror, digits.shift) == ("fast", "off", "on")
+    explicit = TrainConfig(dataset="mnist", model="wide", mirror="on", shift="off").validate()
+    assert (explicit.model, explicit.mirror, explicit.shift) == ("wide", "on", "off")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -30,9 +30,11 @@ def test_mlflow_run_train_tracks_everything(store, tiny_data):
     assert run.info.status == "FINISHED"
 
     params = run.data.params
-    assert params["epochs"] == "2" and params["model"] == "fast" and params["dataset"] == "mnist"
+    assert params["epochs"] == "2" and params["dataset"] == "mnist"
+    # mlflow run logs the -P values as given; what "auto" became is logged beside them
+    assert params["model"] == params["mirror"] == params["shift"] == "auto"
+    assert (params["resolved_model"], params["resolved_mirror"], params["resolved_shift"]) == ("fast", "off", "on")
     assert params["num_params"] == "185658"
-    assert params["mirror"] == "auto" and params["mirrored"] == "False"  # auto: off for digits
     assert {"torch_version", "torchvision_version", "mlflow_version", "python_version"} <= set(params)
     tags = run.data.tags
     assert tags["phase"] == "tuning" and tags["dataset"] == "mnist"
@@ -73,7 +75,7 @@ def test_mlflow_run_train_tracks_everything(store, tiny_data):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "epochs=0 is not allowed; it must be >= 1"),
     (["--lr", "-1"], "lr=-1.0 is not allowed; it must be > 0"),
-    (["--model", "resnet"], "unknown model 'resnet'; choose from fast, baseline, enhanced, cnn_bn, simple"),
+    (["--model", "resnet"], "unknown model 'resnet'; choose from auto, fast, wide, baseline, enhanced, cnn_bn, simple"),
     (["--dataset", "cifar10"], "unknown dataset 'cifar10'; choose from mnist, fashion_mnist"),
     (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'; choose from adamw, adam, sgd"),
     (["--val_fraction", "1.5"], "val_fraction=1.5 is not allowed; it must be in (0, 1)"),
