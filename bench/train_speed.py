@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from mnistflow import data as mnist_data
 from mnistflow import models, tracking
-from mnistflow.config import DEFAULT_MODEL, OneLineParser, TrainConfig
+from mnistflow.config import AUTO, OneLineParser, TrainConfig
 from mnistflow.train import fit, seed_everything
 
 
@@ -66,7 +66,7 @@ def tracked_once(cfg, data) -> float:
 def main():
     parser = OneLineParser(prog="train_speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="")
-    parser.add_argument("--pipeline_models", default=f"baseline,{DEFAULT_MODEL['mnist']}",
+    parser.add_argument("--pipeline_models", default=f"baseline,{AUTO['mnist']['model']}",
                         help="comma-separated nets to compare the two pipelines on")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train_samples", type=int, default=20000,
@@ -78,7 +78,9 @@ def main():
     if unknown:
         parser.error(f"unknown model {unknown[0]!r} in --pipeline_models; choose from {', '.join(models.MODELS)}")
 
-    cfg = TrainConfig(epochs=1, data_dir=args.data_dir, max_train_samples=args.train_samples, log_every=50).validate()
+    # shift off: the DataLoader reference serves the images as they are, so the pipeline does too.
+    cfg = TrainConfig(epochs=1, data_dir=args.data_dir, max_train_samples=args.train_samples, log_every=50,
+                      shift="off").validate()
     try:
         data = mnist_data.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
     except mnist_data.DataError as exc:
