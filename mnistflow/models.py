@@ -48,6 +48,16 @@ def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
             nn.ReLU(inplace=True)]
 
 
+def _strided_cnn(c1: int, c2: int, c3: int, c4: int) -> nn.Module:
+    """Four conv + batch norm layers with channels c1..c4: the shape of `fast` and `wide`."""
+    return nn.Sequential(
+        *_conv_bn(1, c1, stride=2), *_conv_bn(c1, c2), nn.MaxPool2d(2),  # 28 -> 14 -> 7
+        *_conv_bn(c2, c3), nn.MaxPool2d(2),                              # 7 -> 3
+        *_conv_bn(c3, c4),
+        nn.Flatten(), nn.Linear(c4 * 3 * 3, 10),
+    )
+
+
 def fast() -> nn.Module:
     """The default for MNIST: chosen for test accuracy per second of CPU training (see README, Models).
 
@@ -55,26 +65,16 @@ def fast() -> nn.Module:
     once and width grows only as the image shrinks; batch norm lets the one-cycle schedule use a
     high learning rate; no dropout, whose random masks are slow on a CPU.
     """
-    return nn.Sequential(
-        *_conv_bn(1, 16, stride=2), *_conv_bn(16, 32), nn.MaxPool2d(2),  # 28 -> 14 -> 7
-        *_conv_bn(32, 96), nn.MaxPool2d(2),                              # 7 -> 3
-        *_conv_bn(96, 160),
-        nn.Flatten(), nn.Linear(160 * 3 * 3, 10),
-    )
+    return _strided_cnn(16, 32, 96, 160)
 
 
 def wide() -> nn.Module:
-    """`fast` with twice the channels (32/64/128/192), at about half its speed.
+    """The default for Fashion-MNIST: `fast` with more channels, at about half its speed.
 
     Fashion-MNIST's classes differ in texture and small detail, and `fast` has too few
     channels to learn them in 5 epochs (92.4 %); this net reaches 93 % there (see README, Models).
     """
-    return nn.Sequential(
-        *_conv_bn(1, 32, stride=2), *_conv_bn(32, 64), nn.MaxPool2d(2),  # 28 -> 14 -> 7
-        *_conv_bn(64, 128), nn.MaxPool2d(2),                             # 7 -> 3
-        *_conv_bn(128, 192),
-        nn.Flatten(), nn.Linear(192 * 3 * 3, 10),
-    )
+    return _strided_cnn(32, 64, 128, 192)
 
 
 MODELS = {"fast": fast, "wide": wide, "baseline": baseline, "enhanced": enhanced, "cnn_bn": cnn_bn,

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from mnistflow import metrics, plots
-from mnistflow.config import ConfigError
+from mnistflow.config import AUTO, ConfigError
 from mnistflow.data import Data
 from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
@@ -246,5 +246,5 @@ def model_params(cfg, net: torch.nn.Module, device: torch.device) -> dict:
     """Size, device and libraries, and what each "auto" setting became (`mlflow run` has logged the
     -P value, "auto", under the setting's own name, and MLflow params cannot change)."""
     return {"num_params": count_params(net), "resolved_device": str(device),
-            **{f"resolved_{name}": getattr(cfg, name) for name in ("model", "mirror", "shift")},
+            **{f"resolved_{name}": getattr(cfg, name) for name in AUTO[cfg.dataset]},
             **library_versions()}
