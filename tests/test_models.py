@@ -20,6 +20,29 @@ def test_pipeline_doc_architectures_have_their_sizes():
     assert models.count_params(models.enhanced()) == 1_386_506
 
 
+@pytest.mark.parametrize("name", models.MODELS)
+def test_pooling_before_relu_is_the_usual_conv_relu_pool_exactly(name):
+    torch.manual_seed(0)
+    net = models.build(name).train()
+    layers = list(net)
+    pooled = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
+    assert pooled and all(isinstance(layers[i + 1], torch.nn.ReLU) for i in pooled)
+    for i in pooled:  # the textbook order: ReLU, then pool
+        layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    textbook = torch.nn.Sequential(*layers)
+    x = torch.randn(16, 1, 28, 28)
+    outputs, grads = [], []
+    for model in (net, textbook):
+        torch.manual_seed(1)  # the same dropout masks
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_servable_normalises_and_returns_probabilities():
     torch.manual_seed(0)
     net = models.build("baseline").eval()
