@@ -12,6 +12,10 @@ def test_train_speed_prints_medians_and_ratios(tiny_data):
     for row in ("baseline: pipeline / DataLoader epoch", "fast: pipeline / DataLoader epoch",
                 "fast: tracking on / off"):
         assert re.search(rf"{re.escape(row)}\s+\d+\.\d+\s+<= ", result.stdout), row
+    for row in ("baseline: floor / DataLoader epoch", "fast: floor / DataLoader epoch"):
+        assert re.search(rf"{re.escape(row)}\s+\d+\.\d+\s+\(best any pipeline can reach\)", result.stdout), row
+    for source in ("in-memory tensors", "DataLoader + ToTensor", "one reused batch (floor)"):
+        assert re.search(rf"fast: {re.escape(source)}\s+\d+\.\d+", result.stdout), source
     assert "270 training images per epoch" in result.stdout  # 300 capped, 10 % held out for validation
 
 
