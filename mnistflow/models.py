@@ -4,7 +4,7 @@ Every network takes a normalised (N, 1, 28, 28) batch and returns (N, 10) logits
 
 Each net max-pools before its ReLU, not after: the two commute (both keep the largest value),
 so the function and its gradients are exactly those of the usual conv -> ReLU -> pool, but the
-ReLU and its backward pass touch 4x fewer values. On a CPU that halves `baseline`'s step time.
+ReLU and its backward pass touch 4x fewer values (on a CPU a `baseline` epoch is 1.5x faster).
 """
 import torch
 from torch import nn
