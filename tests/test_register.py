@@ -56,7 +56,7 @@ def test_best_run_is_registered_gated_and_promoted(registry_store, tiny_data, ca
     assert len(tags["git_commit"]) == 40 and float(tags["test_accuracy"]) == 1.0
     for check in ("test_accuracy", "latency_p95_ms", "size_mb", "recall_gap"):
         assert tags[f"gate_{check}_passed"] == "true", check
-    assert float(tags["gate_latency_p95_ms"]) > 0 and 0 < float(tags["gate_size_mb"]) < 10
+    assert 0 < float(tags["gate_latency_p95_ms"]) < 100 and 0 < float(tags["gate_size_mb"]) < 10
     assert tags["gate_forced"] == "false"
     assert registry_store.good in version.description
     assert "sanity check, models:/Best@production" in out and "(10/10 right)" in out
