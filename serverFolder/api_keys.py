@@ -13,28 +13,28 @@ import os
 import sys
 import time
 
-from mnistflow import auth
+from mnistflow import auth, keystore
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("issue", "revoke", "list"))
     parser.add_argument("username", nargs="?")
-    parser.add_argument("--db", default=os.environ.get(auth.KEYS_DB_ENV, ""),
-                        help=f"the key store; default ${auth.KEYS_DB_ENV}")
+    parser.add_argument("--db", default=os.environ.get(keystore.KEYS_DB_ENV, ""),
+                        help=f"the key store; default ${keystore.KEYS_DB_ENV}")
     args = parser.parse_args(argv)
     if not args.db:
-        parser.error(f"say where the key store is: --db PATH or {auth.KEYS_DB_ENV}")
+        parser.error(f"say where the key store is: --db PATH or {keystore.KEYS_DB_ENV}")
     if args.action != "list" and not args.username:
         parser.error(f"{args.action} needs a username")
     if args.action == "issue":
-        key = auth.issue_key(args.db, args.username)
+        key = keystore.issue_key(args.db, args.username)
         print(f"API key for {args.username} (shown once; the user exports it as {auth.KEY_ENV}):", file=sys.stderr)
         print(key)
     elif args.action == "revoke":
-        print(f"revoked {auth.revoke_keys(args.db, args.username)} key(s) of {args.username}")
+        print(f"revoked {keystore.revoke_keys(args.db, args.username)} key(s) of {args.username}")
     else:
-        for username, prefix, created, revoked in auth.list_keys(args.db):
+        for username, prefix, created, revoked in keystore.list_keys(args.db):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
             print(f"{username:<20} sha256 {prefix}…  issued {when}  {'REVOKED' if revoked else 'active'}")
 
