@@ -50,10 +50,14 @@ class Candidate:
 
 
 def logged_models(experiment: str) -> dict:
-    """run id -> the model the train or tune step logged (named "model") in that run."""
+    """run id -> the newest model the train or tune step logged (named "model") in that run.
+
+    A tune parent run logs a model each time trials are added to its study: its newest one is
+    the best trial's, the one its best_trial_* tags describe.
+    """
     found = mlflow.search_logged_models(experiment_ids=[experiment], filter_string="name = 'model'",
                                         output_format="list")
-    return {model.source_run_id: model for model in found}
+    return {model.source_run_id: model for model in sorted(found, key=lambda model: model.creation_timestamp)}
 
 
 def best_run(cfg: RegisterConfig, experiment: str, models: dict) -> mlflow.entities.Run:

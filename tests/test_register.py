@@ -9,9 +9,10 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
-from steps import evaluate, register
+from steps import evaluate, register, tune
 
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
 LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1"]
@@ -152,6 +153,38 @@ def test_tune_parent_run_registers_its_best_trial(store, tiny_data, tmp_path):
     [version] = versions("MNIST_CNN")
     assert version.run_id == parent.info.run_id
     assert version.tags["best_trial_run_id"] == parent.data.tags["best_trial_run_id"]
+
+
+def test_a_study_tuned_twice_registers_its_newest_model(store, tiny_data, tmp_path, capsys):
+    # The first invocation's trial learns nothing, the second one's learns: the best trial changes,
+    # and the parent run logs a second model.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    for name, lr in (("poor", "1.0e-6"), ("good", "0.01")):
+        space = tmp_path / f"{name}.yaml"
+        space.write_text(f"model: fast\nlr: {lr}\nbatch_size: 64\n")
+        tune.main(["--n_trials", "1", "--epochs", "1", "--pruner", "none", "--data_dir", tiny_data,
+                   "--storage", storage, "--search_space", str(space)])
+    capsys.readouterr()
+    [parent] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                  filter_string="tags.study_name = 'mnist-cnn'")
+    logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{parent.info.run_id}'",
+                                         experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert len(logged) == 2
+    newest = max(logged, key=lambda model: model.creation_timestamp)
+
+    code, _, err = call(capsys, "--run_id", parent.info.run_id, "--data_dir", tiny_data, "--force", "true")
+    assert code == 0, err
+    [version] = versions("MNIST_CNN")
+    assert version.source == f"models:/{newest.model_id}"
+    best_trial_run = parent.data.tags["best_trial_run_id"]
+    assert mlflow.get_run(best_trial_run).data.tags["trial_number"] == "1"  # the second invocation's trial
+    assert version.tags["best_trial_run_id"] == best_trial_run
+    trial_weights = torch.load(mlflow.artifacts.download_artifacts(run_id=best_trial_run, artifact_path="model_state.pt",
+                                                                   dst_path=str(tmp_path)), weights_only=True)
+    registered = mlflow.pytorch.load_model(version.source).state_dict()  # Normalize, the net, Softmax
+    assert trial_weights.keys() == {key.removeprefix("1.") for key in registered if key.startswith("1.")}
+    for key, weights in trial_weights.items():
+        assert torch.equal(registered[f"1.{key}"], weights), key
 
 
 def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data, tmp_path):
