@@ -15,6 +15,7 @@ import contextlib
 import io
 import multiprocessing
 import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -97,7 +98,9 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="server-load-")
     # A directory of its own: the postgres account (when run as root) cannot enter `root`.
     pg_root, pg_port = tempfile.mkdtemp(prefix="server-load-pg-"), free_port()
-    [pg_url] = local_postgres.start(pg_root, pg_port, ["mlflow"])
+    # The servers this script starts find the password where libpq looks: PGPASSWORD.
+    os.environ["PGPASSWORD"] = secrets.token_urlsafe(24)
+    [pg_url] = local_postgres.start(pg_root, pg_port, ["mlflow"], os.environ["PGPASSWORD"])
     servers = {}
     try:
         servers["sqlite"] = (os.path.join(root, "sqlite"),

@@ -1,22 +1,31 @@
 """A throw-away PostgreSQL server on 127.0.0.1, for trying the shared-server setup on one machine.
 
     python serverFolder/local_postgres.py --root /tmp/pg --port 5432 mlflow basic_auth
+    export PGPASSFILE=/tmp/pg/pgpass          # the line it prints: where the password is
     python serverFolder/local_postgres.py --root /tmp/pg --stop
 
 It needs the Debian package (`apt-get install postgresql`), runs the server as the `postgres`
-account when started as root (PostgreSQL refuses root), trusts local connections (no password:
-loopback only, for tests and benchmarks, never for a real shared server) and creates the
-databases named (run as root, --root must be a directory the postgres account can reach,
-e.g. under /tmp, not inside another root-only one). It prints one SQLAlchemy URL per database,
-the form MLflow's --backend-store-uri and Optuna's storage take. Tests and bench/server_load.py
-use it too.
+account when started as root (PostgreSQL refuses root), and creates the databases named (run as
+root, --root must be a directory the postgres account can reach, e.g. under /tmp, not inside
+another root-only one). Connections need the password of the `postgres` user (scram-sha-256):
+PGPASSWORD when it is set, else a new random one written to <root>/pgpass (owner-only, the
+format libpq reads through PGPASSFILE). It is never on a command line, and the URLs printed, one
+SQLAlchemy URL per database (the form MLflow's --backend-store-uri and Optuna's storage take),
+carry none: libpq finds it in PGPASSWORD or PGPASSFILE. Tests and bench/server_load.py use it too.
 """
 import argparse
 import glob
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
+
+from local_server import port_number
+from mnistflow.config import OneLineParser
+
+USER = "postgres"
 
 
 def binary(name: str) -> str | None:
@@ -29,38 +38,56 @@ def available() -> bool:
 
 
 def _as_server_user() -> list[str]:
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return ["runuser", "-u", USER, "--"] if os.geteuid() == 0 else []
 
 
-def start(root: str, port: int, databases: list[str]) -> list[str]:
-    """Create a cluster in root/data, start it on 127.0.0.1:port and create `databases`."""
+def start(root: str, port: int, databases: list[str], password: str) -> list[str]:
+    """Create a cluster in root/data whose `postgres` user has `password`, start it on
+    127.0.0.1:port and create `databases`; their URLs (without the password)."""
     if not available():
         raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
     os.makedirs(root, exist_ok=True)
     if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    data = os.path.join(root, "data")
-    _run([binary("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], as_server=True)
+        shutil.chown(root, USER)
+    # initdb reads the password from a file only the server's account can read, removed at once.
+    with tempfile.NamedTemporaryFile("w", dir=root, prefix="pw-") as pwfile:
+        pwfile.write(password + "\n")
+        pwfile.flush()
+        if os.geteuid() == 0:
+            shutil.chown(pwfile.name, USER)
+        _run([binary("initdb"), "-D", os.path.join(root, "data"), "-U", USER, "--auth=scram-sha-256",
+              f"--pwfile={pwfile.name}", "-E", "UTF8"], as_server=True)
     try:
-        _run([binary("pg_ctl"), "-D", data, "-w", "-l", os.path.join(root, "log"), "-o",
+        _run([binary("pg_ctl"), "-D", os.path.join(root, "data"), "-w", "-l", os.path.join(root, "log"), "-o",
               f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], as_server=True)
     except RuntimeError as exc:
         raise RuntimeError(f"{exc} (the server's log: {os.path.join(root, 'log')})") from None
-    return [create_database(port, name) for name in databases]
+    return [create_database(port, name, password) for name in databases]
 
 
-def _run(command: list[str], as_server: bool = False) -> None:
+def _run(command: list[str], as_server: bool = False, env: dict | None = None) -> None:
     """Run a PostgreSQL program; RuntimeError naming it, with the last line it printed, when it fails."""
-    done = subprocess.run([*(_as_server_user() if as_server else []), *command], capture_output=True, text=True)
+    done = subprocess.run([*(_as_server_user() if as_server else []), *command], capture_output=True, text=True,
+                          env=env)
     if done.returncode != 0:
         last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise RuntimeError(f"{os.path.basename(command[0])} failed: {last_line}")
 
 
-def create_database(port: int, name: str) -> str:
-    """Create database `name` in the cluster on `port`; its SQLAlchemy URL."""
-    _run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {name}"])
-    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{name}"
+def create_database(port: int, name: str, password: str) -> str:
+    """Create database `name` in the cluster on `port`; its SQLAlchemy URL (without the password).
+    createdb quotes the name itself: no SQL is built here."""
+    _run([binary("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, "--", name],
+         env={**os.environ, "PGPASSWORD": password})
+    return f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/{name}"
+
+
+def write_pgpass(root: str, port: int, password: str) -> str:
+    """<root>/pgpass, owner-only, for PGPASSFILE."""
+    path = os.path.join(root, "pgpass")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(f"127.0.0.1:{port}:*:{USER}:{password}\n")
+    return path
 
 
 def stop(root: str) -> None:
@@ -69,20 +96,25 @@ def stop(root: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("databases", nargs="*", default=["mlflow"])
     parser.add_argument("--root", required=True, help="directory for the cluster and its log")
-    parser.add_argument("--port", type=int, default=5432)
+    parser.add_argument("--port", type=port_number, default=5432)
     parser.add_argument("--stop", action="store_true", help="stop the cluster in --root")
     args = parser.parse_args(argv)
+    root = os.path.abspath(args.root)
     if args.stop:
-        stop(args.root)
+        stop(root)
         return
+    # A generated password has no ':' or '\\', which the pgpass format would need escaped.
+    password = os.environ.get("PGPASSWORD") or secrets.token_urlsafe(24)
     try:
-        urls = start(os.path.abspath(args.root), args.port, args.databases)
+        urls = start(root, args.port, args.databases, password)
     except RuntimeError as exc:
         sys.exit(f"local_postgres: {exc}")
     print("\n".join(urls))
+    if not os.environ.get("PGPASSWORD"):
+        print(f"export PGPASSFILE={write_pgpass(root, args.port, password)}")
 
 
 if __name__ == "__main__":

@@ -18,21 +18,52 @@ import sys
 import time
 import urllib.request
 
+from mnistflow.config import OneLineParser
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The steps need no server-side jobs; without them the server starts faster and runs no user code.
 NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def port_number(text: str) -> int:
+    if not (text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"port {text!r} is not allowed; give a number from 1 to 65535")
+    return int(text)
+
+
+def address(text: str) -> str:
+    """HOST:PORT, checked (tls_proxy.py's --listen and --upstream)."""
+    host, _, port = text.rpartition(":")
+    if not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give HOST:PORT, e.g. 127.0.0.1:8443")
+    port_number(port)
+    return text
+
+
+def positive(kind: type, noun: str):
+    """An argparse type: `kind` of `text`, above 0 (`noun` says what, for the message)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give {noun} above 0")
+        return value
+    return parse
+
+
 def server_parser(description: str, root: str, workers: int) -> argparse.ArgumentParser:
     """The options local_server.py and shared_server.py share."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1 = this machine only)")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=port_number, default=5000)
     parser.add_argument("--root", default=root, help="directory for the log, pid and default stores")
-    parser.add_argument("--backend-store-uri", default="", help="runs and models; default sqlite:///<root>/mlflow.db")
+    parser.add_argument("--backend-store-uri", default="",
+                        help="runs and models; default $MLFLOW_BACKEND_STORE_URI, else sqlite:///<root>/mlflow.db")
     parser.add_argument("--artifacts-destination", default="", help="default <root>/artifacts; or s3://bucket/path")
-    parser.add_argument("--workers", type=int, default=workers)
-    parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for /health")
+    parser.add_argument("--workers", type=positive(int, "a whole number"), default=workers)
+    parser.add_argument("--timeout", type=positive(float, "a number of seconds"), default=90, help="seconds to wait for /health")
     parser.add_argument("--stop", action="store_true", help="stop the server started with this --root")
     return parser
 
@@ -72,18 +103,25 @@ def launch(name: str, command: list[str], root: str, url: str, timeout: float, e
 
 
 def server_command(args: argparse.Namespace, root: str, *options: str) -> list[str]:
-    """`mlflow server` with the options of `server_parser`, stores defaulting to files in root."""
+    """`mlflow server` with the options of `server_parser`; its stores come from `store_env`."""
     return [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", *options,
-            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-            "--backend-store-uri", args.backend_store_uri or f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination", args.artifacts_destination or os.path.join(root, "artifacts")]
+            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+
+
+def store_env(args: argparse.Namespace, root: str) -> dict:
+    """The stores, defaulting to files in root, as the environment variables `mlflow server` reads:
+    a database password in a URI stays off the command line, which every user of the machine sees."""
+    backend = args.backend_store_uri or os.environ.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{root}/mlflow.db"
+    return {"MLFLOW_BACKEND_STORE_URI": backend,
+            "MLFLOW_ARTIFACTS_DESTINATION": args.artifacts_destination or os.path.join(root, "artifacts")}
 
 
 def start(args: argparse.Namespace) -> None:
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     url = f"http://{args.host}:{args.port}"
-    launch("local_server", server_command(args, root), root, url, args.timeout, env={**os.environ, **NO_JOBS})
+    launch("local_server", server_command(args, root), root, url, args.timeout,
+           env={**os.environ, **NO_JOBS, **store_env(args, root)})
     print(f"export MLFLOW_TRACKING_URI={url}")
 
 

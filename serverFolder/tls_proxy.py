@@ -7,21 +7,47 @@
 
 Clients then use https://<server name> and, for a self-made CA,
 MLFLOW_TRACKING_SERVER_CERT_PATH=<dir>/ca.crt. Needs nginx (`apt-get install nginx-light`).
+Started as root, nginx's workers run as www-data. Responses carry HSTS; request bodies are
+limited to --max-body-size; requests with a password (basic auth) are rate-limited per address.
 """
 import argparse
 import getpass
 import os
+import pwd
+import re
 import shutil
 import sys
 
-from local_server import HERE, launch, stop
+from local_server import HERE, address, launch, stop
+from mnistflow.config import OneLineParser
+
+# When started as root, nginx's workers run as this account, with Debian's own temporary
+# directories (owned by it), not as root.
+WORKER_USER, WORKER_TEMP = "www-data", "/var/lib/nginx"
+
+
+def body_size(text: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*[kKmMgG]?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give a size above 0 in bytes, "
+                                         "or with k, m or g (nginx's client_max_body_size), e.g. 2g")
+    return text
+
+
+def has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server-name", default="localhost", help="the name clients use; the certificate's name")
-    parser.add_argument("--listen", default="127.0.0.1:8443", help="address:port nginx listens on")
-    parser.add_argument("--upstream", default="127.0.0.1:5000", help="the tracking server's address:port")
+    parser.add_argument("--listen", type=address, default="127.0.0.1:8443", help="address:port nginx listens on")
+    parser.add_argument("--upstream", type=address, default="127.0.0.1:5000", help="the tracking server's address:port")
+    parser.add_argument("--max-body-size", type=body_size, default="2g",
+                        help="the largest request body (an uploaded file), e.g. 500m; default 2g")
     parser.add_argument("--cert", default=os.path.join(HERE, "tls", "server.crt"))
     parser.add_argument("--key", default=os.path.join(HERE, "tls", "server.key"))
     parser.add_argument("--cafile", default="", help="CA to verify the proxy with while waiting for it; "
@@ -33,8 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def render(args: argparse.Namespace, root: str) -> str:
-    values = {"USER": getpass.getuser(), "ROOT": root, "LISTEN": args.listen, "SERVER_NAME": args.server_name,
-              "CERT": os.path.abspath(args.cert), "KEY": os.path.abspath(args.key), "UPSTREAM": args.upstream}
+    as_root = os.geteuid() == 0
+    values = {"USER": WORKER_USER if as_root else getpass.getuser(), "ROOT": root,
+              "TEMP": WORKER_TEMP if as_root else os.path.join(root, "tmp"), "LISTEN": args.listen,
+              "SERVER_NAME": args.server_name, "CERT": os.path.abspath(args.cert), "KEY": os.path.abspath(args.key),
+              "UPSTREAM": args.upstream, "MAX_BODY_SIZE": args.max_body_size}
     with open(os.path.join(HERE, "nginx.conf")) as f:
         text = f.read()
     for name, value in values.items():
@@ -53,6 +82,9 @@ def start(args: argparse.Namespace) -> None:
         if not os.path.exists(path):
             sys.exit(f"tls_proxy: {path} does not exist; make one with serverFolder/make_certs.sh")
     root = os.path.abspath(args.root)
+    if os.geteuid() == 0 and not (has_user(WORKER_USER) and os.path.isdir(WORKER_TEMP)):
+        sys.exit(f"tls_proxy: started as root, nginx's workers run as {WORKER_USER} with {WORKER_TEMP}, "
+                 "which Debian's nginx package creates; install it or start tls_proxy.py as another user")
     os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
     config = render(args, root)
     sibling_ca = os.path.join(os.path.dirname(os.path.abspath(args.cert)), "ca.crt")

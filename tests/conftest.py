@@ -1,5 +1,6 @@
 """Shared fixtures: tiny MNIST-format IDX files, a throw-away MLflow store per test, a PostgreSQL server."""
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -123,15 +124,20 @@ def postgres():
     """A throw-away PostgreSQL server on 127.0.0.1 and a free port (serverFolder/local_postgres.py);
     yields a function that creates a database and returns its SQLAlchemy URL.
 
+    The URLs carry no password: the server asks for one (scram-sha-256), which this fixture puts
+    in PGPASSWORD for the whole session, where libpq (psycopg2, psql) finds it, in this process
+    and the commands it starts. It holds a '%', which a URL must encode as '%25'.
     Skipped where PostgreSQL is not installed (see `require`).
     """
     require(local_postgres.available(), "PostgreSQL", "postgresql")
     # Not under pytest's tmp_path: that is private to the user running the tests.
     root = tempfile.mkdtemp(prefix="mnistflow-postgres-")
-    port = free_port()
-    local_postgres.start(root, port, [])
+    port, password = free_port(), f"pw%{secrets.token_hex(8)}"
+    local_postgres.start(root, port, [], password)
     try:
-        yield lambda name: local_postgres.create_database(port, name)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PGPASSWORD", password)
+            yield lambda name: local_postgres.create_database(port, name, password)
     finally:
         local_postgres.stop(root)
         shutil.rmtree(root, ignore_errors=True)
