@@ -1,34 +1,77 @@
-"""API keys, the client's side: every request to a tracking server carries `X-Api-Key`.
+"""API keys, the client's side: requests to a tracking server carry `X-Api-Key`.
 
 MLflow calls `ApiKeyHeaderProvider` before every request to a tracking server (it is registered
 as an `mlflow.request_header_provider` entry point in pyproject.toml), so exporting AM_SC_API_KEY
 is all a user does. The server's side, which maps a key to its user, is mnistflow/keystore.py.
+
+The key only goes where no one on the way can read it: over HTTPS, or plain HTTP to this machine
+(localhost, 127.0.0.0/8 or ::1, addresses whose traffic never leaves it), unless
+MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true says the network in between is trusted.
 """
+import ipaddress
 import os
+import urllib.parse
 
 import mlflow
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
 
+from mnistflow import cli_guard
 from mnistflow.config import ConfigError
 
 KEY_ENV = "AM_SC_API_KEY"
 HEADER = "X-Api-Key"
+PLAIN_HTTP_ENV = "MNISTFLOW_ALLOW_PLAIN_HTTP_KEY"
 
 
 class ApiKeyHeaderProvider(RequestHeaderProvider):
+    def __init__(self):
+        self._access_checked = False
+
     def in_context(self) -> bool:
-        return bool(os.environ.get(KEY_ENV))
+        if not self._access_checked and cli_guard.is_mlflow_run_command():
+            # `mlflow run` would fail later with a traceback, or retry for minutes: check first.
+            # Marked before the check, whose own requests come back here.
+            self._access_checked = True
+            try:
+                check_access()
+            except ConfigError as exc:
+                cli_guard.exit_with(exc)
+        return bool(os.environ.get(KEY_ENV)) and not plain_http_destinations()
 
     def request_headers(self) -> dict:
-        return {HEADER: os.environ[KEY_ENV]}
+        return {HEADER: os.environ[KEY_ENV]} if self.in_context() else {}
+
+
+def plain_http_destinations() -> list[str]:
+    """The tracking and registry URIs a key must not be sent to (the provider is not told which
+    of them a request goes to)."""
+    if os.environ.get(PLAIN_HTTP_ENV, "").lower() == "true":
+        return []
+    uris = {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}
+    return sorted(uri for uri in uris if uri and uri.startswith("http://") and not on_this_machine(uri))
+
+
+def on_this_machine(uri: str) -> bool:
+    host = urllib.parse.urlsplit(uri).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: what it resolves to may change, so it does not count
 
 
 def check_access() -> None:
-    """Stop before any work when the tracking server cannot be reached, its TLS certificate is
-    not trusted, or it refuses this client (no key, a wrong or revoked key), with one line that
-    says what to set. Local stores need no check."""
+    """Stop before any work when the API key would travel unencrypted, the tracking server cannot
+    be reached or answers with an error, its TLS certificate is not trusted, or it refuses this
+    client (no key, a wrong or revoked key), with one line that says what to set. Local stores
+    need no check."""
+    blocked = plain_http_destinations() if os.environ.get(KEY_ENV) else []
+    if blocked:
+        raise ConfigError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not this "
+                          f"machine: use an https:// URI, or set {PLAIN_HTTP_ENV}=true if the network is trusted")
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
@@ -38,7 +81,7 @@ def check_access() -> None:
     except MlflowException as exc:
         status = exc.get_http_status_code()
         if status not in (401, 403):
-            raise
+            raise server_error(uri, status) from None
         fix = (f"the key in {KEY_ENV} is unknown, revoked or lacks permission; ask the server's admin"
                if os.environ.get(KEY_ENV) else f"set {KEY_ENV} to your API key")
         raise ConfigError(f"the tracking server {uri} refused this client (HTTP {status}): {fix}") from None
@@ -50,7 +93,7 @@ def check_reachable(uri: str) -> None:
     ca = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
     insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
     try:
-        requests.get(f"{uri}/health", timeout=30, verify=False if insecure else ca or True)
+        health = requests.get(f"{uri}/health", timeout=30, verify=False if insecure else ca or True)
     except requests.exceptions.SSLError:
         trusted = f"the CA in MLFLOW_TRACKING_SERVER_CERT_PATH ({ca})" if ca else "this machine's CAs"
         raise ConfigError(f"the TLS certificate of {uri} could not be verified with {trusted}: set "
@@ -58,3 +101,10 @@ def check_reachable(uri: str) -> None:
     except requests.exceptions.RequestException as exc:
         raise ConfigError(f"cannot reach the tracking server {uri}: {type(exc).__name__}; is it running, "
                           "and is MLFLOW_TRACKING_URI right?") from None
+    if health.status_code >= 500:  # a proxy without its server, or a server in trouble
+        raise server_error(uri, health.status_code)
+
+
+def server_error(uri: str, status: int) -> ConfigError:
+    return ConfigError(f"the tracking server {uri} failed to answer (HTTP {status}); try again later, "
+                       "or tell the server's admin")

@@ -7,6 +7,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+import sqlalchemy
 import torch
 
 from mnistflow.data import DATASETS
@@ -116,6 +117,7 @@ class TuneConfig:
             raise ConfigError(f"n_trials={self.n_trials} with no timeout would never stop; "
                               "give n_trials >= 1 or a timeout in seconds")
         self.study_name = self.study_name or f"{self.dataset}-cnn"
+        refuse_storage_password(self.storage)
         return self
 
 
@@ -136,6 +138,7 @@ class PipelineConfig:
         _choose(self, "dataset", DATASETS)
         for name, low in (("epochs", 1), ("n_trials", 1), ("tune_epochs", 1), ("max_train_samples", 0)):
             _at_least(self, name, low)
+        refuse_storage_password(self.storage)
         return self
 
 
@@ -221,6 +224,26 @@ def _choose(cfg, name: str, allowed) -> None:
 def _at_least(cfg, name: str, low) -> None:
     if getattr(cfg, name) < low:
         raise ConfigError(f"{name}={getattr(cfg, name)} is not allowed; it must be >= {low}")
+
+
+# The Optuna storage URL when it holds a password: read by the tune step, never logged or printed.
+STORAGE_ENV = "MNISTFLOW_OPTUNA_STORAGE"
+
+
+def refuse_storage_password(storage: str) -> None:
+    """A storage parameter is logged as a run param and printed, so it may not hold a password
+    (in the URL's user part or as a `password` query argument)."""
+    try:
+        url = sqlalchemy.engine.make_url(storage) if storage else None
+    except sqlalchemy.exc.ArgumentError:
+        return  # not a URL; opening the storage reports it
+    secret_query = [key for key in url.query if "password" in key.lower()] if url else []
+    if url is None or not (url.password or secret_query):
+        return
+    masked = url.set(query={**url.query, **{key: "hidden" for key in secret_query}})
+    raise ConfigError(f"storage {masked.render_as_string(hide_password=True)!r} carries a password, and "
+                      "parameters are logged and printed: put the password in PGPASSWORD or ~/.pgpass, "
+                      f"or the whole URL in the environment variable {STORAGE_ENV}, which no step logs or prints")
 
 
 def parse_bool(text: str) -> bool:

@@ -20,7 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnistflow import data as datasets
 from mnistflow import models, tracking
-from mnistflow.config import ConfigError, TrainConfig, TuneConfig, parse_bool
+from mnistflow.config import STORAGE_ENV, ConfigError, TrainConfig, TuneConfig, parse_bool
 from mnistflow.train import fit, seed_everything, select_device
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -133,7 +133,7 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
     lock up front (BEGIN IMMEDIATE) and waits for it: otherwise two workers that read, then
     write, fail with "database is locked". PostgreSQL needs none of this and spans machines.
     """
-    url = cfg.storage or DEFAULT_STORAGE
+    url = storage_url(cfg)
     try:
         sqlite = sqlalchemy.engine.make_url(url).get_backend_name() == "sqlite"
         with warnings.catch_warnings():
@@ -147,10 +147,23 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
             )
     except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"cannot open storage {redacted(url)}: {reason}")
+        raise ConfigError(f"cannot open storage {storage_label(cfg)}: {reason}")
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return storage
+
+
+def storage_url(cfg: TuneConfig) -> str:
+    """The storage parameter, else the whole URL in $MNISTFLOW_OPTUNA_STORAGE (which may hold a
+    password), else SQLite in the current directory."""
+    return cfg.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def storage_label(cfg: TuneConfig) -> str:
+    """How messages name the storage: its URL without a password, or only the variable's name."""
+    if not cfg.storage and os.environ.get(STORAGE_ENV):
+        return f"${STORAGE_ENV}"
+    return redacted(storage_url(cfg))
 
 
 def redacted(url: str) -> str:

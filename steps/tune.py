@@ -8,7 +8,6 @@ Run the same command again (same study_name and storage) to add trials to the sa
 parent run; a trial whose worker died is failed and rerun. Workers on other machines join a
 study by running this step with the same study_name and a shared PostgreSQL storage.
 """
-import dataclasses
 import gc
 import multiprocessing
 import os
@@ -45,12 +44,12 @@ def main(argv=None) -> None:
                               run_name=None if parent_run else f"study-{cfg.study_name}") as (parent, _):
         if not parent_run:
             study.set_user_attr(tuning.PARENT_RUN_ATTR, parent.info.run_id)
-            tracking.log_config(dataclasses.replace(cfg, storage=tuning.redacted(cfg.storage)))
+            tracking.log_config(cfg)  # its storage holds no password (TuneConfig refuses one)
             mlflow.set_tags({**tracking.run_tags("tuning", cfg.dataset), "study_name": cfg.study_name})
             mlflow.log_artifact(cfg.search_space)
             tracking.log_datasets(data)
         before = len(study.trials)
-        print(f"study {cfg.study_name} ({before} trials so far) in {tuning.redacted(storage.url)}; "
+        print(f"study {cfg.study_name} ({before} trials so far) in {tuning.storage_label(cfg)}; "
               f"parent run {parent.info.run_id}", flush=True)
 
         # Worker 0 is this process; the others are fresh interpreters on the same study.
