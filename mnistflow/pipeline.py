@@ -1,8 +1,11 @@
 """Chaining entry points: run one through `mlflow.projects.run` as a child of the active run, or
-reuse its earlier run when nothing that matters has changed (the MLflow multistep-workflow way).
+reuse its earlier run when nothing that matters has changed (the MLflow multistep-workflow way):
+the same parameters, the same git commit and the same uncommitted changes.
 """
+import hashlib
 import os
 import shlex
+import subprocess
 from dataclasses import dataclass
 
 import mlflow
@@ -11,6 +14,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PROJECT_ENTRY_POI
 from mnistflow import tracking
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKTREE_TAG = "git_worktree_sha256"  # on a step run: worktree_digest() when it was launched
 
 
 @dataclass
@@ -18,6 +22,27 @@ class StepRun:
     entry_point: str
     run: mlflow.entities.Run
     reused: bool
+    why: str  # why it was reused, or run anew
+
+
+def worktree_digest(directory: str = PROJECT_DIR) -> str | None:
+    """A sha256 of how the git working tree differs from its commit: `git diff HEAD` (staged and
+    not) and every untracked file that .gitignore does not exclude, by path and content.
+    None outside a git working tree."""
+    def git(*args: str) -> bytes:
+        # --no-optional-locks: reading must not rewrite the index under another git command.
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=directory, capture_output=True,
+                              check=True).stdout
+    try:
+        digest = hashlib.sha256(git("diff", "HEAD", "--binary", "--no-ext-diff"))
+        top = git("rev-parse", "--show-toplevel").decode().strip()
+        for path in sorted(git("ls-files", "--others", "--exclude-standard", "--full-name", "-z", ":/").split(b"\0")):
+            if path:
+                with open(os.path.join(top, os.fsdecode(path)), "rb") as f:
+                    digest.update(b"\0untracked\0" + path + b"\0" + hashlib.sha256(f.read()).digest())
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return digest.hexdigest()
 
 
 def env_manager(run: mlflow.entities.Run) -> str:
@@ -25,21 +50,28 @@ def env_manager(run: mlflow.entities.Run) -> str:
     return run.data.tags.get(MLFLOW_PROJECT_ENV, "local")
 
 
-def finished_run(entry_point: str, parameters: dict, git_commit: str, experiment_id: str):
-    """The newest FINISHED run of this entry point with these parameters at this git commit, or None.
+def reusable_run(entry_point: str, parameters: dict, experiment_id: str, commit: str,
+                 digest: str | None) -> tuple[mlflow.entities.Run | None, str]:
+    """The newest FINISHED run of this entry point with these parameters, from this git commit and
+    working tree (`digest`), or None; and why, for the summary.
 
     Parameters are compared as MLflow stores those of `mlflow run`: as shell-quoted strings
     (an empty value is stored as '').
     """
     expected = {key: shlex.quote(value) for key, value in parameters.items()}
-    candidates = mlflow.search_runs(
+    candidates = [run for run in mlflow.search_runs(
         experiment_ids=[experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
         filter_string=f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}' AND attributes.status = 'FINISHED'")
-    for run in candidates:
-        if run.data.tags.get(MLFLOW_GIT_COMMIT) == git_commit and \
-                all(run.data.params.get(key) == value for key, value in expected.items()):
-            return run
-    return None
+        if all(run.data.params.get(key) == value for key, value in expected.items())]
+    if not candidates:
+        return None, "no earlier run with these parameters"
+    same_commit = [run for run in candidates if run.data.tags.get(MLFLOW_GIT_COMMIT) == commit]
+    if not same_commit:
+        return None, f"commit {commit[:8]} differs from run {candidates[0].info.run_id[:8]}'s"
+    for run in same_commit:
+        if digest is not None and run.data.tags.get(WORKTREE_TAG) == digest:
+            return run, f"same parameters, commit {commit[:8]} and working tree"
+    return None, f"working tree differs from run {same_commit[0].info.run_id[:8]}'s"
 
 
 def get_or_run(entry_point: str, parameters: dict, env: str, force: bool = False) -> StepRun:
@@ -47,14 +79,16 @@ def get_or_run(entry_point: str, parameters: dict, env: str, force: bool = False
     FINISHED before (and not `force`). Raises mlflow's ExecutionException when the step fails."""
     parameters = {key: str(value) for key, value in parameters.items()}
     parent = mlflow.active_run()
-    commit = tracking.git_commit()
-    if not force:
-        earlier = finished_run(entry_point, parameters, commit, parent.info.experiment_id)
-        if earlier is not None:
-            print(f"== {entry_point}: reusing run {earlier.info.run_id} (same parameters, commit {commit[:8]})",
-                  flush=True)
-            return StepRun(entry_point, earlier, reused=True)
-    print(f"== {entry_point}: running {' '.join(f'{k}={v}' for k, v in parameters.items())}", flush=True)
+    commit, digest = tracking.git_commit(), worktree_digest()
+    earlier, why = (None, "force") if force else \
+        reusable_run(entry_point, parameters, parent.info.experiment_id, commit, digest)
+    if earlier is not None:
+        print(f"== {entry_point}: reusing run {earlier.info.run_id} ({why})", flush=True)
+        return StepRun(entry_point, earlier, reused=True, why=why)
+    print(f"== {entry_point}: running ({why}) {' '.join(f'{k}={v}' for k, v in parameters.items())}", flush=True)
     submitted = mlflow.projects.run(PROJECT_DIR, entry_point, parameters=parameters, env_manager=env,
                                     experiment_id=parent.info.experiment_id, synchronous=True)
-    return StepRun(entry_point, mlflow.get_run(submitted.run_id), reused=False)
+    if digest is not None:
+        # Set once the step FINISHED (mlflow.projects.run returns no earlier): a run without it is never reused.
+        mlflow.MlflowClient().set_tag(submitted.run_id, WORKTREE_TAG, digest)
+    return StepRun(entry_point, mlflow.get_run(submitted.run_id), reused=False, why=why)

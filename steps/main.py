@@ -7,8 +7,10 @@
 Each step is launched with mlflow.projects.run, in the environment manager this run was started
 with, and run ids are passed on: register gets the better of the train run and the tune parent
 run (by test accuracy), plot_loss the run that was registered. A step whose earlier run FINISHED
-with the same parameters at the same git commit is reused instead of rerun.
+with the same parameters, at the same git commit and with the same uncommitted changes, is
+reused instead of rerun; the summary says why each step ran or was reused.
 """
+import dataclasses
 import sys
 
 import mlflow
@@ -34,7 +36,7 @@ def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
                                                 "min_accuracy": cfg.min_accuracy, "data_dir": cfg.data_dir},
                                    env, cfg.force)
     plot = pipeline.get_or_run("plot_loss", {"run_id": best.info.run_id}, env, cfg.force)
-    return [train, pipeline.StepRun("tune", study_parent, tune.reused), register, plot]
+    return [train, dataclasses.replace(tune, run=study_parent), register, plot]
 
 
 def key_figures(step: pipeline.StepRun) -> str:
@@ -52,9 +54,9 @@ def key_figures(step: pipeline.StepRun) -> str:
 
 
 def summary_table(steps: list[pipeline.StepRun]) -> str:
-    rows = [f"{'step':<10} {'run id':<32}  {'ran':<6}  key figures"]
-    rows += [f"{s.entry_point:<10} {s.run.info.run_id:<32}  {'reused' if s.reused else 'new':<6}  {key_figures(s)}"
-             for s in steps]
+    rows = [f"{'step':<10} {'run id':<32}  {'ran':<6}  key figures; why"]
+    rows += [f"{s.entry_point:<10} {s.run.info.run_id:<32}  {'reused' if s.reused else 'new':<6}  "
+             f"{key_figures(s)}; {s.why}" for s in steps]
     return "\n".join(rows)
 
 

@@ -5,7 +5,8 @@
 Run 1 (baseline), Run 2 (enhanced) and Run 3 (enhanced, lr 0.0005, batch 64) go through the train
 step as child runs, with the doc's Adam, constant learning rate and equal epochs. The parent run
 then holds a comparison table (progressive_comparison.csv) and chart (plots/progressive.png) of
-test accuracy, test loss, training time and parameter count. Runs done before are reused.
+test accuracy, test loss, training time and parameter count. A run done before with the same
+settings, git commit and uncommitted changes is reused.
 """
 import csv
 import io

@@ -1,11 +1,13 @@
 """`mlflow run .` (main: train → tune → register → plot_loss) and `progressive`, through the real CLI."""
-import glob
 import os
+import shutil
+import subprocess
 
 import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
-from conftest import EXPERIMENT, ROOT, run_step
+from conftest import EXPERIMENT, ROOT, run_step, step_env
+from mnistflow import pipeline
 
 
 def runs_of(entry_point: str) -> list:
@@ -19,44 +21,106 @@ def children(parent_id: str) -> dict:
     return {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT]: run for run in found if MLFLOW_PROJECT_ENTRY_POINT in run.data.tags}
 
 
-def test_main_runs_the_chain_then_reuses_it_then_force_reruns(store, tiny_data, tmp_path):
-    pipeline_args = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "n_trials=2",
+def git(directory, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost", *args],
+                          cwd=directory, capture_output=True, text=True, check=True).stdout
+
+
+def project_copy(destination) -> str:
+    """This project (its files git does not ignore, committed or not) as a git repository of its
+    own, whose working tree a test may change."""
+    for path in filter(None, git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")):
+        if os.path.isfile(os.path.join(ROOT, path)):  # a tracked file deleted in the checkout is still listed
+            os.makedirs(os.path.join(destination, os.path.dirname(path)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, path), os.path.join(destination, path))
+    git(destination, "init", "-q")
+    git(destination, "add", "-A")
+    git(destination, "commit", "-q", "-m", "the project under test")
+    return str(destination)
+
+
+def summary_rows(stdout: str) -> dict:
+    """The pipeline's summary table, by step: {step: row}."""
+    table = stdout[stdout.index("pipeline run"):].splitlines()[2:]
+    return {row.split()[0]: row for row in table if row.strip()}
+
+
+def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny_data, tmp_path):
+    project = project_copy(tmp_path / "project")
+    pipeline_args = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "n_trials=1",
                      "-P", "tune_epochs=1", "-P", f"data_dir={tiny_data}", "-P", f"storage=sqlite:///{tmp_path}/optuna.db",
                      "-P", "model_name=Pipeline", "-P", "min_accuracy=0.5"]
-    try:
-        first = run_step(*pipeline_args)
-        assert first.returncode == 0, first.stderr[-3000:]
-        [pipeline_run] = runs_of("main")
-        assert pipeline_run.info.status == "FINISHED"
-        steps = children(pipeline_run.info.run_id)
-        assert set(steps) == {"train", "tune", "register", "plot_loss"}
-        assert all(run.info.status == "FINISHED" for run in steps.values())
-        # Run ids were passed on: register and plot_loss got the better of train and tune.
-        registered = steps["register"].data.tags["source_run_id"]
-        assert registered in (steps["train"].info.run_id, pipeline_run.data.tags["tune_run_id"])
-        assert steps["plot_loss"].data.params["run_id"] == registered
-        assert "plots/loss_history.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(registered, "plots")}
-        version = mlflow.MlflowClient().get_model_version_by_alias("Pipeline", "production")
-        assert version.run_id == registered
-        summary = first.stdout[first.stdout.index("pipeline run"):]
-        for step in ("train", "tune", "register", "plot_loss"):
-            assert f"\n{step} " in summary
-        assert "Pipeline version 1 @production" in summary and "reused" not in summary
 
-        second = run_step(*pipeline_args)
-        assert second.returncode == 0, second.stderr[-3000:]
-        assert len(runs_of("train")) == 1 and len(runs_of("tune")) == 1 and len(runs_of("register")) == 1
-        summary = second.stdout[second.stdout.index("pipeline run"):]
-        assert summary.count(" reused ") == 4
-        assert "== train: reusing run" in second.stdout
+    def run_pipeline(*extra: str) -> dict:
+        result = subprocess.run([*pipeline_args, *extra], cwd=project, capture_output=True, text=True, timeout=600,
+                                env=step_env())
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
 
-        forced = run_step(*pipeline_args, "-P", "force=true")
-        assert forced.returncode == 0, forced.stderr[-3000:]
-        assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 2 and len(runs_of("plot_loss")) == 2
-        assert " reused " not in forced.stdout[forced.stdout.index("pipeline run"):]
-    finally:
-        for png in glob.glob(os.path.join(ROOT, "loss_*.png")):  # plot_loss saves its PNG where it runs
-            os.remove(png)
+    first = run_pipeline()
+    [pipeline_run] = runs_of("main")
+    assert pipeline_run.info.status == "FINISHED"
+    steps = children(pipeline_run.info.run_id)
+    assert set(steps) == {"train", "tune", "register", "plot_loss"}
+    assert all(run.info.status == "FINISHED" for run in steps.values())
+    # Run ids were passed on: register and plot_loss got the better of train and tune.
+    registered = steps["register"].data.tags["source_run_id"]
+    assert registered in (steps["train"].info.run_id, pipeline_run.data.tags["tune_run_id"])
+    assert steps["plot_loss"].data.params["run_id"] == registered
+    assert "plots/loss_history.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(registered, "plots")}
+    version = mlflow.MlflowClient().get_model_version_by_alias("Pipeline", "production")
+    assert version.run_id == registered
+    rows = summary_rows(first.stdout)
+    assert set(rows) == {"train", "tune", "register", "plot_loss"}
+    assert "Pipeline version 1 @production" in rows["register"]
+    assert all(" new " in row and row.endswith("; no earlier run with these parameters") for row in rows.values())
+
+    second = run_pipeline()
+    assert len(runs_of("train")) == 1 and len(runs_of("tune")) == 1 and len(runs_of("register")) == 1
+    assert all(" reused " in row and "and working tree" in row for row in summary_rows(second.stdout).values())
+    assert "== train: reusing run" in second.stdout
+
+    # An uncommitted edit: the same commit, but not the same code.
+    with open(os.path.join(project, "mnistflow", "train.py"), "a") as f:
+        f.write("# an uncommitted edit\n")
+    edited = run_pipeline()
+    assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 2
+    rows = summary_rows(edited.stdout)
+    assert all(" new " in row for row in rows.values())
+    for step in ("train", "tune"):
+        assert rows[step].endswith(f"; working tree differs from run {steps[step].info.run_id[:8]}'s")
+
+    forced = run_pipeline("-P", "force=true")
+    assert len(runs_of("train")) == 3 and len(runs_of("tune")) == 3 and len(runs_of("plot_loss")) == 3
+    assert all(" new " in row and row.endswith("; force") for row in summary_rows(forced.stdout).values())
+
+
+def test_the_working_tree_digest_follows_uncommitted_changes(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".gitignore").write_text("*.db\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "clean")
+    clean = pipeline.worktree_digest(str(repo))
+    assert clean is not None
+
+    (repo / "store.db").write_text("ignored")
+    assert pipeline.worktree_digest(str(repo)) == clean
+    (repo / "code.py").write_text("x = 2\n")
+    edited = pipeline.worktree_digest(str(repo))
+    git(repo, "add", "code.py")  # staged or not, it differs from the commit the same way
+    assert pipeline.worktree_digest(str(repo)) == edited != clean
+    git(repo, "reset", "-q", "--hard")
+    assert pipeline.worktree_digest(str(repo)) == clean
+    (repo / "new.py").write_text("y = 1\n")
+    untracked = pipeline.worktree_digest(str(repo))
+    (repo / "new.py").write_text("y = 2\n")
+    assert len({clean, untracked, pipeline.worktree_digest(str(repo))}) == 3
+    os.remove(repo / "new.py")
+    assert pipeline.worktree_digest(str(repo)) == clean
+    assert pipeline.worktree_digest(str(tmp_path)) is None  # not a git working tree
 
 
 def test_bad_main_parameter_is_one_line(store):
