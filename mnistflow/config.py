@@ -92,6 +92,27 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     dataset: str = "mnist"
+    def resumed(self, logged: dict) -> "TrainConfig":
+        """The config of the run to resume, `logged`, with this one's flags checked against it.
+
+        A resumed run trains exactly as it began: its params are logged once and its one-cycle
+        schedule is fixed to its epochs, so a flag that would change it (a larger --epochs too)
+        is refused. A flag left at its default counts as not given, since `mlflow run` passes
+        every parameter. Only data_dir may differ: the same data, found elsewhere.
+        """
+        names = {field.name for field in dataclasses.fields(self)}
+        if set(logged) - names:
+            raise ConfigError(f"the run's config.yaml has settings the train step does not know "
+                              f"({', '.join(sorted(set(logged) - names))}); it was not written by the train step")
+        for field in dataclasses.fields(self):
+            given = getattr(self, field.name)
+            if field.name in ("resume", "data_dir") or given in (field.default, logged.get(field.name, field.default)):
+                continue
+            raise ConfigError(f"{field.name}={given!r} cannot be given with resume: the run was started with "
+                              f"{field.name}={logged.get(field.name, field.default)!r} and continues as it began; "
+                              "start a new run to change it")
+        return TrainConfig(**{**logged, "resume": self.resume, "data_dir": self.data_dir or logged.get("data_dir", "")})
+
     n_trials: int = 10          # trials this invocation adds, shared out over the workers
     timeout: int = 0            # seconds each worker may start new trials for; 0 = no limit
     epochs: int = 3             # training budget of one trial

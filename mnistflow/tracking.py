@@ -2,10 +2,14 @@
 import dataclasses
 import getpass
 import os
+import pickle
 import platform
+import re
 import signal
+import socket
 import subprocess
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -16,6 +20,7 @@ import torchvision
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from mnistflow import metrics, plots
 from mnistflow.config import AUTO, ConfigError
@@ -24,6 +29,17 @@ from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
 
 CHECKPOINTS = "checkpoints"
+EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")
+LEGACY_CHECKPOINT = "last.pt"  # the one checkpoint of runs from before epoch-numbered checkpoints
+UNREADABLE = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError)  # torch.load of a torn file
+TRAIN_RUN_PARAM = "steps_per_epoch"  # logged by the train step only, from its first version on
+# A RUNNING run is taken for alive while its newest metric is younger than twice its longest
+# epoch, and never less than this: the final test and model logging write no metric for a while.
+SILENCE_FLOOR_S = 60
+
+
+class StoreError(Exception):
+    """The tracking or artifact store could not be read; the message says what and why."""
 
 
 class AsyncMetrics:
@@ -95,6 +111,59 @@ def existing_run(run_id: str, what: str = "run_id") -> mlflow.entities.Run:
         raise ConfigError(f"unknown {what} {run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
 
 
+def resumable_config(run_id: str) -> dict:
+    """The config.yaml of a train run that `--resume` may continue; ConfigError saying why not.
+
+    Only a run the train step started has checkpoints; a FINISHED run is done; a RUNNING run
+    whose process may still be writing to it would be trained twice at once (`still_alive`).
+    """
+    run = existing_run(run_id, "resume run id")
+    if TRAIN_RUN_PARAM not in run.data.params:
+        raise ConfigError(f"run {run_id} ({run.info.run_name}) was not started by the train step, so it has "
+                          "no checkpoints to resume; give the id of a train run")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
+    alive = still_alive(run) if run.info.status == "RUNNING" else None
+    if alive:
+        raise ConfigError(f"run {run_id} is still RUNNING ({alive}); resume it once its process has stopped")
+    try:
+        return logged_config(run_id)
+    except (MlflowException, OSError) as exc:
+        raise StoreError(f"cannot read config.yaml of run {run_id} from {run.info.artifact_uri}: {_first_line(exc)}")
+
+
+def process_tags() -> dict:
+    """Where the train step's process runs, so that `still_alive` can ask it."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def still_alive(run: mlflow.entities.Run, now: float | None = None) -> str | None:
+    """Why a RUNNING run may still have a process writing to it, or None when it went silent.
+
+    On the machine that runs it, its process (tags `host` and `pid`) says so. Elsewhere, and for
+    runs from before those tags, it counts as alive while its newest metric is younger than twice
+    its longest epoch so far, and at least SILENCE_FLOOR_S.
+    """
+    tags = run.data.tags
+    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+        try:
+            os.kill(int(tags["pid"]), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # another user's process: it exists
+        return f"its process {tags['pid']} on this machine is alive"
+    client = mlflow.MlflowClient()
+    newest_ms = max([run.info.start_time] + [m.timestamp for key in run.data.metrics
+                                             for m in client.get_metric_history(run.info.run_id, key)])
+    longest_epoch_s = max([m.value for m in client.get_metric_history(run.info.run_id, "epoch_time_s")], default=0)
+    window_s = max(2 * longest_epoch_s, SILENCE_FLOOR_S)
+    silent_s = (now or time.time()) - newest_ms / 1000
+    if silent_s < window_s:
+        return f"its last write was {silent_s:.0f} s ago, less than {window_s:.0f} s"
+    return None
+
+
 def git_commit() -> str:
     return _git("rev-parse", "HEAD") or "unknown"
 
@@ -157,37 +226,101 @@ def log_datasets(data: Data, contexts=("training", "validation", "test")) -> Non
         mlflow.log_input(dataset, context=context)
 
 
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pt"
+
+
 def checkpoint_saver(directory: str):
-    """A `save_checkpoint(state, is_best)` for `fit` that logs last.pt (and best.pt) to the run."""
+    """A `save_checkpoint(state, is_best)` for `fit` that logs checkpoints/epoch_NNN.pt to the run.
+
+    Every epoch's checkpoint is a new file, so a crash while one is written leaves the ones before
+    it whole. The two newest are kept: the previous one also covers a newest one that the store
+    acknowledged but lost (a local copy is not synced to disk). Older ones are deleted where the
+    artifact store can delete; elsewhere they stay. The best epoch's weights are in every
+    checkpoint (`best`), and they are what the run's model holds at the end.
+    """
     def save(state: dict, is_best: bool) -> None:
-        path = os.path.join(directory, "last.pt")
+        path = os.path.join(directory, checkpoint_name(state["epoch"]))
         torch.save(state, path)
         mlflow.log_artifact(path, CHECKPOINTS)
-        if is_best:
-            best = os.path.join(directory, "best.pt")
-            torch.save({"epoch": state["epoch"], "model": state["model"]}, best)
-            mlflow.log_artifact(best, CHECKPOINTS)
+        os.remove(path)
+        if state["epoch"] > 2:
+            _delete_artifact(f"{CHECKPOINTS}/{checkpoint_name(state['epoch'] - 2)}")
     return save
 
 
-def load_checkpoint(run_id: str) -> dict | None:
-    """The run's last checkpoint, or None when it has none yet."""
+def _delete_artifact(path: str) -> None:
+    repository = get_artifact_repository(mlflow.get_artifact_uri())
+    try:
+        repository.delete_artifacts(path)
+    except NotImplementedError:
+        pass  # this kind of store cannot delete: the old checkpoint stays
+    except (MlflowException, OSError) as exc:
+        print(f"warning: old checkpoint {path} not deleted, it stays: {_first_line(exc)}", flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an error's message (torch's explain themselves at length)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+
+
+def resume_state(run_id: str) -> dict | None:
+    """The state a train run continues from: its newest readable checkpoint, or None when it
+    stopped before its first one.
+
+    An unreadable checkpoint (a crash while it was written) is skipped, and said so. StoreError
+    when the store cannot list or fetch the checkpoints, or when the run logged epochs but none
+    of its checkpoints can be read: training again from epoch 1 would log those epochs twice.
+    """
+    client = mlflow.MlflowClient()
+    where = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINTS}"
+    try:
+        names = {os.path.basename(f.path) for f in client.list_artifacts(run_id, CHECKPOINTS)}
+    except (MlflowException, OSError) as exc:
+        raise StoreError(f"cannot list the checkpoints of run {run_id} in {where}: {_first_line(exc)}")
+    numbered = sorted((name for name in names if EPOCH_CHECKPOINT.fullmatch(name)),
+                      key=lambda name: int(EPOCH_CHECKPOINT.fullmatch(name)[1]), reverse=True)
+    newest_first = numbered + ([LEGACY_CHECKPOINT] if LEGACY_CHECKPOINT in names else [])
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=f"{CHECKPOINTS}/last.pt", dst_path=tmp)
-        except (MlflowException, OSError):
-            return None
-        # weights_only: a checkpoint is data; never let it run code while loading.
-        return torch.load(path, weights_only=True)
+        for name in newest_first:
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=f"{CHECKPOINTS}/{name}", dst_path=tmp)
+            except (MlflowException, OSError) as exc:
+                raise StoreError(f"cannot fetch checkpoint {name} of run {run_id} from {where}: {_first_line(exc)}")
+            try:
+                # weights_only: a checkpoint is data; never let it run code while loading.
+                return torch.load(path, weights_only=True)
+            except UNREADABLE as exc:
+                print(f"checkpoint {name} of run {run_id} is unreadable ({_first_line(exc)}); "
+                      "trying the one before it", flush=True)
+    epochs = max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+    if epochs or newest_first:
+        raise StoreError(f"run {run_id} logged {epochs} epochs but has no readable checkpoint in {where}; "
+                         "it cannot continue without training those epochs twice")
+    return None
 
 
-def log_missing_epochs(run_id: str, history: list[dict], log_metrics) -> None:
-    """Log the epochs a checkpoint holds but the run lacks (a crash between the two writes)."""
-    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")}
+def metrics_once(run_id: str, history: list[dict], log_metrics):
+    """A `log_metrics` for a resumed run that writes each metric at each step at most once.
+
+    It first logs the epochs the checkpoint holds but the run lacks (a crash between the
+    checkpoint and the metrics), then leaves out the steps the run already has (a resume from an
+    older checkpoint, when the newest was unreadable, trains epochs that were logged).
+    """
+    client = mlflow.MlflowClient()
+    logged = {key: max(m.step for m in client.get_metric_history(run_id, key))
+              for key in client.get_run(run_id).data.metrics}
+
+    def log_new(metrics: dict, step: int) -> None:
+        new = {key: value for key, value in metrics.items() if step > logged.get(key, 0)}
+        if new:
+            log_metrics(new, step)
+            logged.update(dict.fromkeys(new, step))
+
     for epoch, epoch_metrics in enumerate(history, start=1):
-        if epoch not in logged:
-            log_metrics(epoch_metrics, epoch)
+        log_new(epoch_metrics, epoch)
+    return log_new
 
 
 def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> dict:

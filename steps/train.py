@@ -3,6 +3,11 @@
     python -m steps.train --epochs 5
     mlflow run . -e train -P epochs=5 --env-manager local
     python -m steps.train --resume <run_id>      # continue a FAILED or KILLED run where it stopped
+
+A resumed run continues from its newest readable checkpoint with the settings it began with;
+other flags given with --resume must match them (data_dir may differ). A RUNNING run is resumed
+only once its process has stopped: on the same machine the process is asked; elsewhere the run
+must have written nothing for twice its longest epoch (at least a minute).
 """
 import argparse
 import gc
@@ -12,7 +17,6 @@ import tempfile
 import time
 
 import mlflow
-from mlflow.exceptions import MlflowException
 
 from mnistflow import data as datasets
 from mnistflow import auth, models, tracking
@@ -29,35 +33,23 @@ def parse_config(argv=None) -> TrainConfig:
     return from_args(parser.parse_args(argv))
 
 
-def resumed_config(run_id: str) -> TrainConfig:
-    """The config a run was started with, so the continued run trains exactly as it began."""
-    run = tracking.existing_run(run_id, "resume run id")
-    if run.info.status == "FINISHED":
-        raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
-    try:
-        config = tracking.logged_config(run_id)
-    except (MlflowException, OSError):
-        raise ConfigError(f"run {run_id} has no config.yaml, so it was not started by the train step")
-    return TrainConfig(**{**config, "resume": run_id})
-
-
 def main(argv=None) -> None:
     started = time.perf_counter()
     cfg = parse_config(argv)
     try:
         auth.check_access()
         if cfg.resume:
-            cfg = resumed_config(cfg.resume)
+            cfg = cfg.resumed(tracking.resumable_config(cfg.resume))
         cfg.validate()
         data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
-    except (ConfigError, DataError) as exc:
+        state = tracking.resume_state(cfg.resume) if cfg.resume else None
+    except (ConfigError, DataError, tracking.StoreError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
     seed_everything(cfg.seed, cfg.deterministic)
     device = select_device(cfg.device)
     net = models.build(cfg.model, cfg.mirror)
-    state = tracking.load_checkpoint(cfg.resume) if cfg.resume else None
     launcher_run = os.environ.get("MLFLOW_RUN_ID")  # set when started by `mlflow run`
 
     with tracking.tracked_run(run_id=cfg.resume or None) as (run, log_metrics), \
@@ -66,6 +58,7 @@ def main(argv=None) -> None:
         if cfg.resume and launcher_run and launcher_run != run_id:
             # `mlflow run` opened a run of its own before this step started; point it here.
             mlflow.MlflowClient().set_tag(launcher_run, "mlflow.note.content", f"resumed run {run_id}")
+        mlflow.set_tags(tracking.process_tags())
         if state is None:
             tracking.log_config(cfg)
             mlflow.log_params({
@@ -80,7 +73,7 @@ def main(argv=None) -> None:
                   f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
         else:
             print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
-            tracking.log_missing_epochs(run_id, state["history"], log_metrics)
+            log_metrics = tracking.metrics_once(run_id, state["history"], log_metrics)
 
         state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
                     save_checkpoint=tracking.checkpoint_saver(checkpoint_dir))

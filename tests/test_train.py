@@ -103,3 +103,18 @@ def test_auto_settings_resolve_by_dataset_and_explicit_ones_stay():
 def test_unavailable_device_is_refused():
     with pytest.raises(ConfigError, match="device 'cuda' is not available on this machine; use auto or cpu"):
         TrainConfig(device="cuda").validate()
+
+
+def test_resume_continues_with_the_runs_own_settings_and_refuses_other_ones():
+    logged = dataclasses.asdict(TrainConfig(epochs=3, lr=0.02, data_dir="/old").validate())
+    # What `mlflow run -P resume=<id>` passes: every other flag at its default.
+    resumed = TrainConfig(resume="abc").resumed(logged)
+    assert (resumed.epochs, resumed.lr, resumed.model, resumed.resume, resumed.data_dir) == (3, 0.02, "fast", "abc", "/old")
+    assert TrainConfig(resume="abc", epochs=3, data_dir="/new").resumed(logged).data_dir == "/new"
+    # The one-cycle schedule and the logged params are fixed to 3 epochs: no silent extension.
+    with pytest.raises(ConfigError, match=r"epochs=8 cannot be given with resume: the run was started with epochs=3"):
+        TrainConfig(resume="abc", epochs=8).resumed(logged)
+    with pytest.raises(ConfigError, match=r"optimizer='sgd' cannot be given with resume"):
+        TrainConfig(resume="abc", optimizer="sgd").resumed(logged)
+    with pytest.raises(ConfigError, match="settings the train step does not know \\(n_trials, study_name\\)"):
+        TrainConfig(resume="abc").resumed({**logged, "n_trials": 10, "study_name": "s"})

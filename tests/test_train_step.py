@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
+from mnistflow import tracking
+from mnistflow.config import TuneConfig
+from steps import train as train_step
 
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s",
                  "images_per_s"}
@@ -59,7 +62,7 @@ def test_mlflow_run_train_tracks_everything(store, tiny_data):
     assert {"config.yaml", "model_summary.txt", "plots/test_confusion_matrix.png",
             "plots/loss_accuracy_curves.png", "plots/test_misclassified.png",
             "test/classification_report.txt", "test/classification_report.json",
-            "checkpoints/last.pt", "checkpoints/best.pt"} <= artifacts
+            "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt"} <= artifacts
     png = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/test_confusion_matrix.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -113,6 +116,11 @@ def test_bad_input_through_mlflow_run_leaves_no_running_run(store, tiny_data):
     assert [r.info.status for r in runs()] == ["FAILED"]  # `mlflow run` opened it; never RUNNING
 
 
+def checkpoints(tmp_path, run_id: str = "*") -> str:
+    """The pattern of a run's stored checkpoint files in the `store` fixture's artifact folder."""
+    return str(tmp_path / "artifacts" / run_id / "artifacts" / "checkpoints" / "epoch_*.pt")
+
+
 def wait_for_new(path_pattern: str, existing: set, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not set(glob.glob(path_pattern)) - existing:
@@ -134,7 +142,7 @@ def test_ctrl_c_under_mlflow_run_ends_the_run_killed(store, tiny_data, tmp_path)
                              "-P", "model=baseline"],
                             cwd=ROOT, env=step_env(), start_new_session=True, preexec_fn=sigint_as_in_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_new(str(tmp_path / "artifacts" / "*" / "artifacts" / "checkpoints" / "last.pt"), set(), proc)
+    wait_for_new(checkpoints(tmp_path), set(), proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -153,9 +161,7 @@ def test_interrupted_run_is_killed_and_resumes_to_the_uninterrupted_result(store
     proc = subprocess.Popen([sys.executable, "-m", "steps.train", *args], cwd=ROOT, preexec_fn=sigint_as_in_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Ctrl-C once the first checkpoint is stored, mid-way through the run.
-    checkpoint = tmp_path / "artifacts" / "*" / "artifacts" / "checkpoints" / "last.pt"
-    done_before = set(glob.glob(str(checkpoint)))
-    wait_for_new(str(checkpoint), done_before, proc)
+    wait_for_new(checkpoints(tmp_path), set(glob.glob(checkpoints(tmp_path))), proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -177,3 +183,85 @@ def test_interrupted_run_is_killed_and_resumes_to_the_uninterrupted_result(store
     finished_again = python_step("steps.train", "--resume", interrupted.info.run_id)
     assert finished_again.returncode == 2
     assert "already FINISHED" in finished_again.stderr
+
+
+def one_line_error(stderr: str, message: str) -> None:
+    """The step's error is one line with `message`; `mlflow run` may add its own lines around it."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("train: error: ")]
+    assert message in line, line
+
+
+def test_resume_refuses_a_live_run_and_continues_a_killed_one_from_its_newest_readable_checkpoint(
+        store, tiny_data, tmp_path, capsys):
+    proc = subprocess.Popen([sys.executable, "-m", "steps.train", "--data_dir", tiny_data, "--epochs", "4",
+                             "--batch_size", "32", "--model", "baseline"], cwd=ROOT, env=step_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_new(checkpoints(tmp_path), set(), proc)
+    [run] = runs()
+    run_id = run.info.run_id
+    # Its process is training: a second one on the same run would log every epoch twice.
+    with pytest.raises(SystemExit) as refused:
+        train_step.main(["--resume", run_id])
+    assert refused.value.code == 2
+    one_line_error(capsys.readouterr().err, f"run {run_id} is still RUNNING (its process {proc.pid} on this machine is alive)")
+    while len(glob.glob(checkpoints(tmp_path, run_id))) < 2:  # so that one stays when the newest is torn
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert mlflow.get_run(run_id).info.status == "RUNNING"  # nobody is left to say otherwise
+
+    # Through `mlflow run`: a larger epochs cannot stretch the run's one-cycle schedule.
+    result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+                      "-P", f"resume={run_id}", "-P", "epochs=9")
+    assert result.returncode != 0
+    one_line_error(result.stderr, "epochs=9 cannot be given with resume: the run was started with epochs=4")
+    [launcher] = [r for r in runs() if r.info.run_id != run_id]
+    assert launcher.info.status == "FAILED"
+
+    # A store that lost the run's files is an error, not a fresh start inside the same run.
+    artifacts = tmp_path / "artifacts" / run_id
+    artifacts.rename(tmp_path / "moved")
+    with pytest.raises(SystemExit) as refused:
+        train_step.main(["--resume", run_id])
+    assert refused.value.code == 2
+    one_line_error(capsys.readouterr().err, f"cannot read config.yaml of run {run_id}")
+    (tmp_path / "moved").rename(artifacts)
+
+    # A crash while the newest checkpoint was written leaves it torn: resume from the one before.
+    newest = max(glob.glob(checkpoints(tmp_path, run_id)))
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    before = int(os.path.basename(newest)[len("epoch_"):-len(".pt")]) - 1
+    assert mlflow.get_run(run_id).data.tags["pid"] == str(proc.pid)
+    result = python_step("steps.train", "--resume", run_id)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint {os.path.basename(newest)} of run {run_id} is unreadable" in result.stdout
+    assert f"resuming after epoch {before} of 4" in result.stdout
+    resumed = mlflow.get_run(run_id)
+    assert resumed.info.status == "FINISHED" and "test_accuracy" in resumed.data.metrics
+    client = mlflow.MlflowClient()
+    for name in ("val_loss", "epoch_time_s"):  # every epoch once: none lost, none doubled
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2, 3, 4], name
+    assert sorted(os.path.basename(p) for p in glob.glob(checkpoints(tmp_path, run_id))) == ["epoch_003.pt", "epoch_004.pt"]
+    assert len(runs()) == 2
+
+
+def test_resume_of_a_run_the_train_step_did_not_start_is_refused_in_one_line(store, tiny_data):
+    # A tune study's parent run: params and a config.yaml, but the tune step's.
+    with tracking.tracked_run(run_name="study-s") as (study, _):
+        tracking.log_config(TuneConfig().validate())
+    result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+                      "-P", f"resume={study.info.run_id}", "-P", f"data_dir={tiny_data}")
+    assert result.returncode != 0
+    one_line_error(result.stderr, f"run {study.info.run_id} (study-s) was not started by the train step, "
+                                  "so it has no checkpoints to resume")
+    assert sorted(r.info.status for r in runs()) == ["FAILED", "FINISHED"]  # `mlflow run`'s own run FAILED
+
+    with mlflow.start_run(run_name="register") as register_run:  # a run of another step, still RUNNING
+        mlflow.log_param("model_name", "MNIST_CNN")
+        result = python_step("steps.train", "--resume", register_run.info.run_id)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f"run {register_run.info.run_id} (register) was not started by the train step" in line
