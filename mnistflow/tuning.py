@@ -295,6 +295,19 @@ def work(cfg: TuneConfig, space: dict, parent_run_id: str, worker: int, n_trials
                    catch=(Exception,), show_progress_bar=worker == 0)
 
 
+def invocation_failure(study: optuna.Study, first_trial: int, worker_exit_codes: list[int]) -> str | None:
+    """Why this invocation of the tune step failed, or None: an extra worker process died (the
+    exit codes of workers 1, 2, ...), or every trial it added (numbers from `first_trial` on) failed."""
+    dead = [f"worker {i} died (exit code {code})" for i, code in enumerate(worker_exit_codes, start=1) if code]
+    if dead:
+        return (", ".join(dead) + "; a trial it left RUNNING is failed and rerun by the next tune of "
+                "this study once its heartbeat is stale")
+    added = [t for t in study.get_trials(deepcopy=False) if t.number >= first_trial and t.state.is_finished()]
+    if added and all(t.state == optuna.trial.TrialState.FAIL for t in added):
+        return f"all {len(added)} trials of this invocation failed; Optuna's warnings above say why"
+    return None
+
+
 def shares(n_trials: int, workers: int) -> list[int | None]:
     """Trials per worker: n_trials split as evenly as possible, or no count when only a timeout
     limits the study. A worker whose share would be 0 is not started."""

@@ -5,7 +5,8 @@
     python -m steps.tune --workers 2                  # two local processes on one study
 
 Run the same command again (same study_name and storage) to add trials to the same study and
-parent run; a trial whose worker died is failed and rerun. Workers on other machines join a
+parent run; a trial whose worker died is failed and rerun. The step exits 1, its parent run
+FAILED, when every trial it added failed or one of its worker processes died. Workers on other machines join a
 study by running this step with the same study_name and a shared PostgreSQL storage.
 """
 import gc
@@ -60,14 +61,16 @@ def main(argv=None) -> None:
         for process in others:
             process.start()
         tuning.work(cfg, space, parent.info.run_id, 0, counts[0], data)
-        for i, process in enumerate(others, start=1):
+        for process in others:
             process.join()
-            if process.exitcode:
-                print(f"warning: worker {i} exited with code {process.exitcode}", flush=True)
 
         best = tuning.log_study(study, cfg, data)
+        print(tuning.summary_table(study))
+        failure = tuning.invocation_failure(study, before, [process.exitcode for process in others])
+        if failure:
+            print(f"tune: error: {failure}", file=sys.stderr, flush=True)
+            sys.exit(1)  # inside the parent run, which this ends FAILED
 
-    print(tuning.summary_table(study))
     print(f"study {cfg.study_name}: {len(study.trials) - before} trials added, {len(study.trials)} in all; "
           + (f"best trial {best.number} val_accuracy={best.value:.4f} (run {best.user_attrs[tuning.RUN_ID_ATTR]})"
              if best else "no trial completed") + f"; parent run {parent.info.run_id}", flush=True)

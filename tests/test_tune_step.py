@@ -167,3 +167,62 @@ def test_bad_input_through_mlflow_run_leaves_no_running_run(store, tiny_data, tm
     assert result.returncode != 0
     assert "tune: error: unknown pruner 'asha'" in result.stderr
     assert [r.info.status for r in mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")] == ["FAILED"]
+
+
+def test_tune_exits_1_when_every_trial_of_the_invocation_failed(store, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    # An earlier trial of the study searched lr on a log scale; Optuna refuses any other scale
+    # for the same parameter of the same study, so every trial of this search space fails.
+    optuna.create_study(study_name="s", storage=storage, direction="maximize").add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"lr": 0.01},
+        distributions={"lr": optuna.distributions.FloatDistribution(0.001, 0.03, log=True)}))
+    (tmp_path / "linear.yaml").write_text("lr: {type: float, low: 0.001, high: 0.03}\n")
+    result = python_step("steps.tune", *tune_args(storage, tiny_data, "--n_trials", "2", "--epochs", "1",
+                                                  "--search_space", str(tmp_path / "linear.yaml")))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == ("tune: error: all 2 trials of this invocation failed; "
+                                                      "Optuna's warnings above say why")
+    assert [t.state.name for t in load(storage).trials] == ["FAIL"] * 3
+    [parent] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials_fail"] == 3
+
+
+def worker_processes(pid: int) -> list[int]:
+    """The worker processes the tune step `pid` spawned (not multiprocessing's resource tracker)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(child) for child in f.read().split()]
+    workers = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    workers.append(child)
+        except FileNotFoundError:
+            pass
+    return workers
+
+
+def test_tune_exits_1_when_a_worker_process_died(store, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    step = subprocess.Popen([sys.executable, "-m", "steps.tune", *tune_args(storage, tiny_data),
+                             "--workers", "2", "--n_trials", "2", "--epochs", "5", "--pruner", "none"],
+                            cwd=ROOT, env=step_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while True:  # until both workers are training a trial
+        assert step.poll() is None and time.time() < deadline, step.stderr.read()[-3000:]
+        time.sleep(0.2)
+        try:
+            if sum(tuning.RUN_ID_ATTR in t.user_attrs for t in load(storage).trials) == 2:
+                break
+        except KeyError:  # the study is not created yet
+            pass
+    [worker] = worker_processes(step.pid)
+    os.kill(worker, signal.SIGKILL)
+    _, stderr = step.communicate(timeout=300)
+    assert step.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith("tune: error: worker 1 died (exit code -9); "
+                                                      "a trial it left RUNNING is failed and rerun")
+    parent = mlflow.get_run(load(storage).user_attrs[tuning.PARENT_RUN_ATTR])
+    assert parent.info.status == "FAILED"
