@@ -6,8 +6,8 @@
 
 Run the same command again (same study_name and storage) to add trials to the same study and
 parent run; a trial whose worker died is failed and rerun. The step exits 1, its parent run
-FAILED, when every trial it added failed or one of its worker processes died. Workers on other machines join a
-study by running this step with the same study_name and a shared PostgreSQL storage.
+FAILED, when every trial it added failed or one of its worker processes died. Workers on other
+machines join a study by running this step with the same study_name and a shared PostgreSQL storage.
 """
 import gc
 import multiprocessing
