@@ -3,15 +3,22 @@
 certificates from make_certs.sh), on SQLite and on PostgreSQL. Requests that must be refused are
 refused before anything is written; keys never show up in what the server stores or logs."""
 import base64
+import concurrent.futures
 import glob
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import mlflow
@@ -22,26 +29,42 @@ from conftest import ROOT, free_port, require, run_step, step_env
 sys.path.insert(0, os.path.join(ROOT, "serverFolder"))
 import api_keys  # noqa: E402  (scripts, not a package)
 import users  # noqa: E402
+from mnistflow import keystore  # noqa: E402
+from shared_server import HARDENING_ENV  # noqa: E402
+
+SOURCE_RULE = HARDENING_ENV["MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX"]
 
 ADMIN = ("admin", "test-Admin-pw-1")
 SECRETS = {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"}
 
 
+def with_password(url: str) -> str:
+    """A PostgreSQL URL of the `postgres` fixture with its password in it, URL-encoded ('%' is '%25')."""
+    return url.replace("postgres@", f"postgres:{urllib.parse.quote(os.environ['PGPASSWORD'], safe='')}@", 1)
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, tmp_path_factory):
-    """shared_server.py on a free port behind tls_proxy.py on another; alice exists and has a key."""
+    """shared_server.py on a free port behind tls_proxy.py on another; alice exists and has a key.
+
+    On PostgreSQL, both stores (runs, and users) are URLs whose password holds a '%'; they reach
+    the server in environment variables, and the server has no PGPASSWORD to fall back on."""
     require(bool(shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")), "nginx", "nginx-light")
     root = tmp_path_factory.mktemp(f"shared-{request.param}")
-    backend = request.getfixturevalue("postgres")("mlflow") if request.param == "postgresql" \
-        else f"sqlite:///{root}/mlflow.db"
+    env = {k: v for k, v in step_env().items() if k != "PGPASSWORD"}
+    if request.param == "postgresql":
+        backend = with_password(request.getfixturevalue("postgres")("mlflow"))
+        env.update(MLFLOW_BACKEND_STORE_URI=backend,
+                   MNISTFLOW_AUTH_DB_URI=with_password(request.getfixturevalue("postgres")("mlflow_auth")))
+    else:
+        backend = f"sqlite:///{root}/server/mlflow.db"
     assert run_step("bash", "serverFolder/make_certs.sh", str(root / "certs")).returncode == 0
     mlflow_port, proxy_port = free_port(), free_port()
-    keys = str(root / "api_keys.db")
-    env = {**step_env(), **SECRETS, "MNISTFLOW_API_KEYS_DB": keys}
+    keys = str(root / "server" / "api_keys.db")  # shared_server.py's default, beside its basic_auth.ini
     started = subprocess.run(
         ["python", "serverFolder/shared_server.py", "--allowed-hosts", "localhost", "--port", str(mlflow_port),
-         "--root", str(root / "server"), "--backend-store-uri", backend, "--workers", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True)
+         "--root", str(root / "server"), "--workers", "2"],
+        cwd=ROOT, env={**env, **SECRETS}, capture_output=True, text=True)
     assert started.returncode == 0, started.stderr
     proxy = run_step("python", "serverFolder/tls_proxy.py", "--listen", f"127.0.0.1:{proxy_port}",
                      "--upstream", f"127.0.0.1:{mlflow_port}", "--cert", str(root / "certs" / "server.crt"),
@@ -54,7 +77,8 @@ def server(request, tmp_path_factory):
                     basic=ADMIN)[0] == 200
         issued = run_step("python", "serverFolder/api_keys.py", "issue", "alice", "--db", keys)
         assert issued.returncode == 0, issued.stderr
-        yield {"url": url, "ca": ca, "key": issued.stdout.strip(), "keys": keys, "root": root, "backend": backend}
+        yield {"url": url, "ca": ca, "key": issued.stdout.strip(), "keys": keys, "root": root, "backend": backend,
+               "upstream": f"127.0.0.1:{mlflow_port}"}
     finally:
         run_step("python", "serverFolder/tls_proxy.py", "--root", str(root / "proxy"), "--stop")
         run_step("python", "serverFolder/shared_server.py", "--root", str(root / "server"), "--stop")
@@ -107,6 +131,8 @@ def test_train_over_https_with_a_key_lands_in_the_server_stores(server, tiny_dat
     store = mlflow.MlflowClient(server["backend"])
     [run] = store.search_runs([store.get_experiment_by_name("alice-exp").experiment_id])
     assert run.info.status == "FINISHED"
+    # The run records who logged it: the key's user, not the client's OS account.
+    assert (run.info.user_id, run.data.tags["mlflow.user"]) == ("alice", "alice")
     assert {"test_accuracy", "val_loss"} <= set(run.data.metrics)
     assert [m.step for m in store.get_metric_history(run.info.run_id, "val_loss")] == [1]
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
@@ -221,6 +247,178 @@ def test_the_shared_server_refuses_to_start_without_its_secrets(tmp_path):
     assert not os.path.exists(tmp_path / "server.pid")
 
 
+def test_a_run_records_the_authenticated_user_whatever_the_client_claims(server):
+    url, ca, key = server["url"], server["ca"], server["key"]
+    assert call(url, ca, "/api/2.0/mlflow/experiments/create", {"name": "alice-audit"}, key=key)[0] == 200
+    store = mlflow.MlflowClient(server["backend"])  # read back from the backend store itself
+    experiment_id = store.get_experiment_by_name("alice-audit").experiment_id
+    forged = {"experiment_id": experiment_id, "user_id": "mallory", "tags": [{"key": "mlflow.user", "value": "mallory"}]}
+    status, text = call(url, ca, "/api/2.0/mlflow/runs/create", forged, key=key)
+    assert status == 200, text
+    run_id = json.loads(text)["run"]["info"]["run_id"]
+    status, _ = call(url, ca, "/api/2.0/mlflow/runs/create", {"experiment_id": experiment_id}, basic=ADMIN)
+    assert status == 200
+    runs = {run.info.run_id: run for run in store.search_runs([experiment_id])}
+    assert {(r.info.user_id, r.data.tags["mlflow.user"]) for r in runs.values()} == {("alice", "alice"),
+                                                                                     ("admin", "admin")}
+    # Afterwards, no one sets or deletes it; a body MLflow would parse twice cannot slip past.
+    for path, body, status in [
+        ("runs/set-tag", {"run_id": run_id, "key": "mlflow.user", "value": "mallory"}, 403),
+        ("runs/delete-tag", {"run_id": run_id, "key": "mlflow.user"}, 403),
+        ("runs/log-batch", {"run_id": run_id, "tags": [{"key": "mlflow.user", "value": "mallory"}]}, 403),
+        ("runs/create", json.dumps(forged), 400),
+    ]:
+        assert call(url, ca, f"/api/2.0/mlflow/{path}", body, key=key)[0] == status, path
+    assert call(url, ca, "/api/2.0/mlflow/runs/set-tag", {"run_id": run_id, "key": "note", "value": "x"}, key=key)[0] \
+        == 200
+    assert store.get_run(run_id).data.tags["mlflow.user"] == "alice"
+    assert len(store.search_runs([experiment_id])) == 2
+
+
+def test_the_servers_files_are_owner_only_and_no_password_is_on_a_command_line(server):
+    root = server["root"] / "server"
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    files = ["api_keys.db", "basic_auth.ini", *(["mlflow.db", "basic_auth.db"] if "sqlite" in server["backend"] else [])]
+    assert {name: stat.S_IMODE(os.stat(root / name).st_mode) for name in files} == {name: 0o600 for name in files}
+    if "sqlite" in server["backend"]:
+        return
+    password = os.environ["PGPASSWORD"]
+    assert "%" in password and urllib.parse.quote(password, safe="") in server["backend"]
+    session = int((root / "server.pid").read_text())
+    command_lines = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            command_lines.append((os.getsid(int(cmdline.split("/")[2])), open(cmdline, "rb").read()))
+        except OSError:  # a process that ended meanwhile
+            pass
+    assert sum(sid == session for sid, _ in command_lines) >= 3  # mlflow server, uvicorn and its workers
+    for _, command_line in command_lines:
+        assert password.encode() not in command_line
+        assert urllib.parse.quote(password, safe="").encode() not in command_line
+    assert urllib.parse.quote(password, safe="") not in (root / "server.log").read_text()
+
+
+def test_the_tls_proxy_is_hardened(server, tmp_path):
+    if server["backend"].startswith("postgresql"):
+        pytest.skip("the proxy does not depend on the server's backend store")
+    url, ca, proxy = server["url"], server["ca"], server["root"] / "proxy"
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    dumped = subprocess.run([nginx, "-T", "-c", str(proxy / "nginx.conf")], capture_output=True, text=True).stdout
+    [ciphers] = re.findall(r"ssl_ciphers (\S+);", dumped)
+    assert all(c.startswith("ECDHE-") and ("GCM" in c or "CHACHA20" in c) for c in ciphers.split(":"))
+    assert re.findall(r"client_max_body_size (\S+);", dumped) == ["2g"]
+    with urllib.request.urlopen(url + "/health", context=ssl.create_default_context(cafile=ca)) as response:
+        max_age = int(re.fullmatch(r"max-age=(\d+)", response.headers["Strict-Transport-Security"])[1])
+    assert max_age >= 365 * 86400
+    master = (proxy / "nginx.pid").read_text().strip()
+    workers = subprocess.run(["ps", "-o", "user=", "--ppid", master], capture_output=True, text=True).stdout.split()
+    assert workers and "root" not in workers
+    # Password guessing is slowed, then refused (429), per address; API-key traffic is not.
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        guesses = list(pool.map(lambda i: call(url, ca, search, basic=("admin", f"guess-{i}"))[0], range(40)))
+        keyed = list(pool.map(lambda i: call(url, ca, search, key=server["key"])[0], range(40)))
+    assert guesses.count(429) >= 10 and set(guesses) <= {401, 429}
+    assert keyed == [200] * 40
+    time.sleep(5)  # the queue of guesses drains (5 per second) before the admin's own calls in later tests
+    # The body limit is a setting: a proxy with a 1 KB limit refuses a 2 KB body before MLflow sees it.
+    port = free_port()
+    small = run_step("python", "serverFolder/tls_proxy.py", "--listen", f"127.0.0.1:{port}", "--max-body-size", "1k",
+                     "--upstream", server["upstream"],
+                     "--cert", str(server["root"] / "certs" / "server.crt"),
+                     "--key", str(server["root"] / "certs" / "server.key"), "--root", str(tmp_path))
+    try:
+        assert small.returncode == 0, small.stderr
+        too_big = {"name": "x" * 2048}
+        assert call(f"https://localhost:{port}", ca, "/api/2.0/mlflow/experiments/create", too_big,
+                    key=server["key"])[0] == 413
+    finally:
+        run_step("python", "serverFolder/tls_proxy.py", "--root", str(tmp_path), "--stop")
+    assert "x" * 2048 not in experiment_names(server)
+
+
+@pytest.mark.parametrize("source", [
+    "mlflow-artifacts://other.host/0/models/m-0/artifacts", "mlflow-artifacts:/0/../../etc",
+    "mlflow-artifacts:/0/./x", "mlflow-artifacts:/0/x\n", "mlflow-artifacts:", "file:///etc/passwd",
+    "s3://bucket/model", "http://other.host/model", "runs:/0123456789abcdef/model", "/etc", "models:/alice-model/1",
+    "models:/m-{model_id}\n", "models:/m-{model_id}/../x", " models:/m-{model_id}", "MODELS:/m-{model_id}",
+])
+def test_a_model_version_source_outside_the_servers_store_is_refused(server, source):
+    url, ca, key = server["url"], server["ca"], server["key"]
+    if not call(url, ca, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=alice-sources", key=key)[0] == 200:
+        assert call(url, ca, "/api/2.0/mlflow/experiments/create", {"name": "alice-sources"}, key=key)[0] == 200
+        call(url, ca, "/api/2.0/mlflow/registered-models/create", {"name": "alice-sources"}, key=key)
+    store = mlflow.MlflowClient(server["backend"])
+    experiment_id = store.get_experiment_by_name("alice-sources").experiment_id
+    [model] = store.search_logged_models([experiment_id]) or [store.create_logged_model(experiment_id)]
+    attempt = source.format(model_id=model.model_id.removeprefix("m-"))
+    request = ("/api/2.0/mlflow/model-versions/create", {"name": "alice-sources", "source": attempt})
+    # As alice, the auth app's own checks may refuse some first (403; a 500 for 'models:/m-<id>/../x').
+    assert call(url, ca, *request, key=key)[0] >= 400
+    # The admin skips the auth app's checks: the server's rule itself refuses (MLflow's own later
+    # checks word it differently).
+    status, text = call(url, ca, *request, basic=ADMIN)
+    assert status == 400 and json.loads(text)["message"] == f"Invalid model version source: '{attempt}'.", text
+    assert store.search_model_versions("name='alice-sources'") == []
+    # The form MLflow 3 registers with is accepted.
+    assert re.search(SOURCE_RULE, f"models:/{model.model_id}") and re.search(SOURCE_RULE, "mlflow-artifacts:/1/a/b")
+
+
+def test_api_keys_expire_are_revoked_one_by_one_and_only_name_real_users(server, capsys):
+    url, ca, keys = server["url"], server["ca"], server["keys"]
+    expiry = time.time() + 5
+    short = keys_script(capsys, "issue", "alice", "--db", keys, "--days", str(5 / 86400)).strip()
+    kept, revoked = (keys_script(capsys, "issue", "alice", "--db", keys).strip() for _ in range(2))
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert call(url, ca, search, key=short)[0] == 200
+    listed = keys_script(capsys, "list", "--db", keys).splitlines()
+    [revoked_id] = [line.split()[2] for line in listed[-1:]]  # the newest key: `revoked`
+    assert any("active until" in line for line in listed)
+    assert keys_script(capsys, "revoke", "--key", revoked_id[:8], "--db", keys) == \
+        f"revoked key {revoked_id[:8]} of alice\n"
+    time.sleep(max(0.0, expiry - time.time()) + 1)
+    assert [call(url, ca, search, key=k)[0] for k in (short, kept, revoked)] == [401, 200, 401]
+    listed = keys_script(capsys, "list", "--db", keys)
+    assert "EXPIRED" in listed and listed.count("REVOKED") >= 1
+    before = os.path.getsize(keys), keystore.list_keys(keys)
+    for args, message in [
+        (("issue", "nobody-here"), "no user 'nobody-here' on the server; create it first (users.py create NAME)"),
+        (("revoke", "--key", "zz"), "key id 'zz' is not allowed; give 6 or more hex digits of an id from 'list'"),
+        (("revoke", "--key", "000000"), "key id '000000' matches 0 keys; give one id from 'list'"),
+        (("issue", "alice", "--days", "-1"), "argument --days: '-1' is not allowed; give a number of days above 0"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            api_keys.main([*args, "--db", keys])
+        assert exit_info.value.code == 2 and capsys.readouterr().err == f"api_keys: error: {message}\n"
+    assert (os.path.getsize(keys), keystore.list_keys(keys)) == before
+
+
+def test_an_old_key_store_keeps_working(tmp_path):
+    """A store made before keys could expire (no `expires` column) still lets its keys in."""
+    path = str(tmp_path / "api_keys.db")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE api_keys (key_hash TEXT PRIMARY KEY, username TEXT NOT NULL, created REAL NOT NULL, "
+                   "revoked REAL)")
+        db.execute("INSERT INTO api_keys VALUES (?, 'olduser', 0, NULL)", (hashlib.sha256(b"old-key").hexdigest(),))
+    assert keystore.user_of(path, "old-key") == "olduser"
+    assert [row[0] for row in keystore.list_keys(path)] == ["olduser"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--db", "/no/such/dir/x.db", "issue", "alice"], "no key store at /no/such/dir/x.db; shared_server.py creates "
+                                                      "it (<root>/api_keys.db, or $MNISTFLOW_API_KEYS_DB)"),
+    (["--db", "{tmp}/missing.db", "list"], "no key store at {tmp}/missing.db; shared_server.py creates "
+                                           "it (<root>/api_keys.db, or $MNISTFLOW_API_KEYS_DB)"),
+    (["--db", "{tmp}/missing.db", "revoke", "alice"], "no key store at {tmp}/missing.db; shared_server.py creates "
+                                                      "it (<root>/api_keys.db, or $MNISTFLOW_API_KEYS_DB)"),
+])
+def test_api_keys_with_a_mistyped_store_says_so_and_writes_nothing(tmp_path, args, message):
+    result = run_step("python", "serverFolder/api_keys.py", *(a.format(tmp=tmp_path) for a in args))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"api_keys: error: {message.format(tmp=tmp_path)}\n"
+    assert os.listdir(tmp_path) == [] and not os.path.exists("/no/such")
+
+
 def admin_env(server) -> dict:
     """The admin's login to the server over HTTPS (what users.py expects)."""
     return {"MLFLOW_TRACKING_URI": server["url"], "MLFLOW_TRACKING_SERVER_CERT_PATH": server["ca"],
@@ -247,3 +445,28 @@ def users_main(capsys, server, *args: str, stdin: str = "") -> str:
         env.setattr(sys, "stdin", io.StringIO(stdin))
         users.main(list(args))
     return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, ca, message", [
+    (None, "server", "the tracking server {url} refused this client (HTTP 401): set AM_SC_API_KEY to your API key"),
+    ("not-a-key", "server", "the tracking server {url} refused this client (HTTP 401): the key in AM_SC_API_KEY "
+                            "is unknown, revoked or lacks permission; ask the server's admin"),
+    ("valid", None, "the TLS certificate of {url} could not be verified with this machine's CAs: set "
+                    "MLFLOW_TRACKING_SERVER_CERT_PATH to the CA certificate the server's admin gives you"),
+])
+def test_mlflow_run_stops_before_its_first_request_with_the_steps_line(server, tiny_data, key, ca, message):
+    """`mlflow run`, as the README has users start steps, runs the access check in its own process
+    (mnistflow/auth.py's header plugin), so MLflow's CLI neither fails with a traceback nor retries
+    for minutes, and creates nothing."""
+    if server["backend"].startswith("postgresql"):
+        pytest.skip("the client's checks do not depend on the server's backend store")
+    env = {**user_env(server), "MLFLOW_EXPERIMENT_NAME": "refused-mlflow-run",
+           "AM_SC_API_KEY": server["key"] if key == "valid" else key or ""}
+    if ca is None:
+        del env["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    result = subprocess.run(["mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", "epochs=1",
+                             "-P", f"data_dir={tiny_data}"], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == "mlflow run: error: " + message.format(url=server["url"])
+    assert "refused-mlflow-run" not in experiment_names(server)
