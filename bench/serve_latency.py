@@ -2,7 +2,9 @@
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python bench/serve_latency.py [--model models:/MNIST_CNN@production]
 
-Starts `mlflow models serve` on a free port of 127.0.0.1, then sends requests one after another,
+Downloads the model once and checks that it is one mnistflow logs (see mnistflow/inference.py;
+--allow_pickled_models true loads others), then serves that checked copy with
+`mlflow models serve` on a free port of 127.0.0.1 and sends requests one after another,
 alternating the three cases in blocks of 50 so that a noisy moment hits all of them alike:
   1. pyfunc `predict` of one image in this process (what the register gate measures),
   2. POST /invocations with one image (JSON, as in the README's curl example),
@@ -19,10 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
+import tempfile
 import urllib.request
 
-import mlflow
 import numpy as np
+
+from mnistflow import inference
+from mnistflow.config import ConfigError, OneLineParser, parse_bool
 
 BLOCK, SETTLE = 50, 10
 
@@ -33,11 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
+def start_server(model: str, port: int, allow_pickled: bool) -> subprocess.Popen:
     mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with inference.mlflow_pickle_switch(allow_pickled):  # the server loads the model as this process did
+        server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local",
+                                   "-h", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -65,19 +71,38 @@ def timed_post(url: str, body: bytes) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineParser(prog="serve_latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/MNIST_CNN@production")
     parser.add_argument("--requests", type=int, default=500, help="timed requests per case")
     parser.add_argument("--batch", type=int, default=100, help="images in a batch request")
-    args = parser.parse_args()
+    parser.add_argument(f"--{inference.PICKLED_FLAG}", type=parse_bool, default=False,
+                        help="load models mnistflow did not log (they may run code on load)")
+    args = parser.parse_args(argv)
+    for name in ("requests", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} is not allowed; it must be >= 1")
+    return args
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            local = inference.download(args.model, folder, args.allow_pickled_models)
+            model = inference.load_local(local, args.model, args.allow_pickled_models)
+        except ConfigError as exc:
+            print(f"serve_latency: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        port = free_port()
+        time_cases(args, model, start_server(local, port, args.allow_pickled_models), port)
+
+
+def time_cases(args: argparse.Namespace, model, server: subprocess.Popen, port: int) -> None:
+    """Time the three cases against the served and the loaded model; print the table."""
     pixels = np.random.default_rng(0).random((args.batch, 1, 28, 28)).astype(np.float32)
     one = json.dumps({"inputs": pixels[:1].tolist()}).encode()
     batch = json.dumps({"inputs": pixels.tolist()}).encode()
-    model = mlflow.pyfunc.load_model(args.model)
-    port = free_port()
-    server = start_server(args.model, port)
     url = f"http://127.0.0.1:{port}/invocations"
     try:
         cases = {

@@ -31,6 +31,10 @@ AUTO = {
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 ALIAS = re.compile(r"[A-Za-z0-9_-]+")
+# Registered model and metric names as MLflow allows them, less the quotes and backticks that
+# would end the filter strings they are put into.
+MODEL_NAME = re.compile(r"\w[\w.\- ]*")
+METRIC = re.compile(r"[\w./\- :]+")
 
 
 class ConfigError(ValueError):
@@ -88,10 +92,6 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} is not available on this machine; use auto or cpu")
         return self
 
-
-@dataclass
-class TuneConfig:
-    dataset: str = "mnist"
     def resumed(self, logged: dict) -> "TrainConfig":
         """The config of the run to resume, `logged`, with this one's flags checked against it.
 
@@ -113,6 +113,10 @@ class TuneConfig:
                               "start a new run to change it")
         return TrainConfig(**{**logged, "resume": self.resume, "data_dir": self.data_dir or logged.get("data_dir", "")})
 
+
+@dataclass
+class TuneConfig:
+    dataset: str = "mnist"
     n_trials: int = 10          # trials this invocation adds, shared out over the workers
     timeout: int = 0            # seconds each worker may start new trials for; 0 = no limit
     epochs: int = 3             # training budget of one trial
@@ -202,10 +206,17 @@ class RegisterConfig:
     dry_run: bool = False       # check and report, change nothing
     rollback: bool = False      # move the alias back to the version holding the previous alias
     data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
+    allow_pickled_models: bool = False  # load models mnistflow did not log (they may run code on load)
 
     def validate(self) -> "RegisterConfig":
         if self.dataset:
             _choose(self, "dataset", DATASETS)
+        if self.model_name and not MODEL_NAME.fullmatch(self.model_name):
+            raise ConfigError(f"model_name {self.model_name!r} is not allowed; use letters, digits, spaces, "
+                              "_, - and ., starting with a letter or digit")
+        if not METRIC.fullmatch(self.metric):
+            raise ConfigError(f"metric {self.metric!r} is not allowed; a metric name has letters, digits, "
+                              "spaces and _ - . / : only")
         for name in ("min_accuracy", "recall_margin"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be in [0, 1]")
@@ -229,11 +240,13 @@ class RegisterConfig:
 @dataclass
 class EvaluateConfig:
     model_uri: str = "models:/MNIST_CNN@production"  # runs:/<id>/model, models:/<name>/<version>, ...
-    dataset: str = "mnist"
+    dataset: str = ""           # "" = the one the model was trained on
     data_dir: str = ""
+    allow_pickled_models: bool = False  # load models mnistflow did not log (they may run code on load)
 
     def validate(self) -> "EvaluateConfig":
-        _choose(self, "dataset", DATASETS)
+        if self.dataset:
+            _choose(self, "dataset", DATASETS)
         return self
 
 

@@ -6,6 +6,7 @@ center of mass sits at the center. `to_mnist` does the same to a photo or a draw
 colour or polarity.
 """
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -16,7 +17,7 @@ INK = 0.2   # a pixel counts as ink above this fraction of the brightest one
 
 
 class ImageError(ValueError):
-    """The file is missing, empty, not an image, or shows nothing."""
+    """The file is missing, empty, not an image, too large, or shows nothing."""
 
 
 def read(path: str) -> Image.Image:
@@ -25,9 +26,15 @@ def read(path: str) -> Image.Image:
     if os.path.getsize(path) == 0:
         raise ImageError(f"{path}: the file is empty")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        # Pillow only warns between its pixel limit and twice that; a decompression bomb is
+        # refused either way, before its pixels fill the memory.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: refused, {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageError(f"{path}: not an image Pillow can read ({type(exc).__name__})") from None
 

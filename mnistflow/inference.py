@@ -1,27 +1,132 @@
-"""Using a logged model: load it from any MLflow model URI, score images, time it.
+"""Using a logged model: check what it is, load it from any MLflow model URI, score images, time it.
 
 Logged models are servable: [0, 1] pixels (N, 1, 28, 28) in, class probabilities out
 (see tracking.log_model), so these helpers work for every run, version and alias alike.
+
+Loading a model may run code it carries: a pickled model (a python_function model's cloudpickled
+class, a pytorch model saved with pickle) executes whatever its author put in the pickle. So by
+default only models this project logs are loaded: the pytorch flavour in the pt2 format (a traced
+graph and tensors), with the project's metadata. The files are checked before anything is
+loaded, and MLflow is told to refuse any pickle inside the pt2 archive too.
 """
 import os
+import tempfile
 import time
+from contextlib import contextmanager
 
 import mlflow
 import numpy as np
+import yaml
 from mlflow.exceptions import MlflowException
 
 from mnistflow.config import ConfigError
+from mnistflow.data import DATASETS
 
 BATCH_SIZE = 1000
+PICKLED_FLAG = "allow_pickled_models"  # the flag (and MLproject parameter) of every step that loads a model
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's own check of pt2 archives
 
 
-def load(uri: str):
-    """The pyfunc model at a runs:/, models:/ or local URI; ConfigError when there is none."""
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
+    """"" for a model this project logged (pytorch pt2 with its dataset and classes), else what it is.
+
+    Reads the MLmodel file's `description` and, once the model's `files` are downloaded, lists
+    its data folder: MLflow's pytorch loader takes data/model.pth (a pickle) when it is there,
+    model.pt2 otherwise, whatever MLmodel says. Loads nothing.
+    """
+    flavors = description.flavors
+    if "pytorch" not in flavors:
+        pyfunc = flavors.get("python_function", {})
+        return " + ".join(sorted(flavors)) + (f" ({pyfunc['loader_module']})" if pyfunc.get("loader_module") else "")
+    pyfunc, data = flavors.get("python_function", {}), os.path.join(files, "data")
+    if set(flavors) != {"pytorch", "python_function"} or pyfunc.get("loader_module") != "mlflow.pytorch" \
+            or pyfunc.get("data") != "data" or pyfunc.get("code") or flavors["pytorch"].get("code"):
+        return "pytorch with extra code or flavours"
+    metadata = description.metadata or {}
+    dataset = metadata.get("dataset")
+    if dataset not in DATASETS or metadata.get("classes") != list(DATASETS[dataset][0].classes):
+        return "pytorch without mnistflow's dataset and classes"
+    if files and (os.path.exists(os.path.join(data, "model.pth")) or not os.path.isfile(os.path.join(data, "model.pt2"))):
+        return "pytorch (pickle)"
+    return ""
+
+
+def _refuse(uri: str, kind: str) -> None:
+    if kind:
+        raise ConfigError(f"model {uri!r} is a {kind} model, not one mnistflow logs (pytorch pt2 with its "
+                          f"dataset and classes); loading it could run code it carries. To load it anyway: "
+                          f"{PICKLED_FLAG}=true (--{PICKLED_FLAG} true)")
+
+
+def download(uri: str, folder: str, allow_pickled: bool = False) -> str:
+    """The model at a runs:/, models:/ or local URI, copied into `folder` and checked; its local path.
+
+    Its MLmodel file comes first, alone: a model without one (files deleted, not a model) stops
+    here, and one this project did not log is refused before its other files are fetched. The
+    files as downloaded are checked again, since they are what will be loaded.
+    """
     try:
-        return mlflow.pyfunc.load_model(uri)
+        description = mlflow.models.Model.load(uri)  # fetches the MLmodel file only
+        if not allow_pickled:
+            _refuse(uri, foreign_kind(description))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        description = mlflow.models.Model.load(os.path.join(local, "MLmodel"))
+    except (MlflowException, OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot load model {uri!r}: {_first_line(exc)}") from None
+    if not allow_pickled:
+        _refuse(uri, foreign_kind(description, local))
+    return local
+
+
+@contextmanager
+def mlflow_pickle_switch(allowed: bool):
+    """MLflow's switch for pickles inside a pt2 archive, off unless the user allowed pickled models."""
+    before = os.environ.get(PICKLE_SWITCH)
+    if not allowed:
+        os.environ[PICKLE_SWITCH] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PICKLE_SWITCH, None)
+        else:
+            os.environ[PICKLE_SWITCH] = before
+
+
+def load_local(local: str, uri: str, allow_pickled: bool = False):
+    """The pyfunc model that `download` fetched from `uri` to `local` and checked."""
+    try:
+        with mlflow_pickle_switch(allow_pickled):
+            return mlflow.pyfunc.load_model(local)
     except (MlflowException, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load model {uri!r}: {first_line}") from None
+        raise ConfigError(f"cannot load model {uri!r}: {_first_line(exc)}") from None
+
+
+def load(uri: str, allow_pickled: bool = False):
+    """The pyfunc model at a runs:/, models:/ or local URI; ConfigError when there is none, or when
+    it is not a model this project logs and pickled models are not allowed."""
+    with tempfile.TemporaryDirectory() as folder:
+        return load_local(download(uri, folder, allow_pickled), uri, allow_pickled)
+
+
+def dataset_for(model, uri: str, wanted: str = "") -> str:
+    """The dataset to score a model on: the one it was trained on (mnistflow's models say which).
+
+    ConfigError when `wanted` is another one (its scores there would mean nothing), or when
+    neither is known.
+    """
+    trained_on = (model.metadata.metadata or {}).get("dataset")
+    if wanted and trained_on and wanted != trained_on:
+        raise ConfigError(f"model {uri!r} was trained on {trained_on}, not on {wanted}; "
+                          f"its scores on {wanted} would mean nothing")
+    if not (wanted or trained_on):
+        raise ConfigError(f"model {uri!r} does not say which dataset it was trained on; "
+                          f"give dataset= ({', '.join(DATASETS)})")
+    return wanted or trained_on
 
 
 def probabilities(model, pixels: np.ndarray) -> np.ndarray:

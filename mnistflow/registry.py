@@ -7,6 +7,7 @@ stages, mark what is in production; the version an alias leaves keeps a `previou
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlflow
@@ -149,14 +150,39 @@ def gate(model, size_mb: float, figures: dict, cfg: RegisterConfig, data: Data) 
     ]
 
 
-def champion(name: str, alias: str):
-    """The version holding the alias, or None (no such model yet, or the alias is unset)."""
-    client = mlflow.MlflowClient()
+@contextmanager
+def registry_calls(name: str):
+    """Turns a registry call on model `name` that failed into one line (a ConfigError)."""
     try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        return None
-    return client.get_model_version(name, model.aliases[alias]) if alias in model.aliases else None
+        yield
+    except MlflowException as exc:
+        where = mlflow.get_tracking_uri()
+        if exc.error_code == "PERMISSION_DENIED":
+            raise ConfigError(f"the registered model name {name!r} belongs to another user on {where} (HTTP 403); "
+                              "choose another name with model_name=<name> (--model_name <name>)") from None
+        first_line = (str(exc).strip().splitlines() or [exc.error_code])[0]
+        raise ConfigError(f"registered model {name!r} on {where}: {first_line}") from None
+
+
+def does_not_exist(exc: MlflowException) -> bool:
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def champion(name: str, alias: str):
+    """The version holding the alias, or None when there is no such model or the alias is unset.
+
+    Any other failure (refused, a server error) is a ConfigError: a champion that cannot be read
+    is not an absent one, and treating it so would promote past it.
+    """
+    client = mlflow.MlflowClient()
+    with registry_calls(name):
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as exc:
+            if does_not_exist(exc):
+                return None
+            raise
+        return client.get_model_version(name, model.aliases[alias]) if alias in model.aliases else None
 
 
 def check_table(checks: list[Check]) -> str:
@@ -194,21 +220,19 @@ def register(candidate: Candidate) -> Outcome:
     cfg, data, run_id = candidate.cfg, candidate.data, candidate.run.info.run_id
     print(f"candidate: run {run_id} ({candidate.run.data.tags.get('mlflow.runName', '')}), "
           f"model {candidate.model_uri}, {cfg.dataset}", flush=True)
+    holder = champion(cfg.model_name, cfg.alias)  # first: a champion that cannot be read stops here
+    holds = holder is not None and holder.run_id == run_id and holder.source == candidate.model_uri
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=candidate.model_uri, dst_path=tmp)
+        local = inference.download(candidate.model_uri, tmp, cfg.allow_pickled_models)
         size_mb = inference.size_mb(local)
-        model = inference.load(local)
+        model = inference.load_local(local, candidate.model_uri, cfg.allow_pickled_models)
+    inference.dataset_for(model, candidate.model_uri, cfg.dataset)
     figures = test_figures(model, data)
     checks = gate(model, size_mb, figures, cfg, data)
-
-    holder = champion(cfg.model_name, cfg.alias)
-    if holder is not None and holder.run_id == run_id and holder.source == candidate.model_uri:
-        print(check_table(checks))
-        print(f"{cfg.model_name} version {holder.version} (this run's model) already holds @{cfg.alias}; "
-              "nothing to do", flush=True)
-        return Outcome(run_id, cfg.model_name, cfg.alias, checks, figures, version=holder.version)
-    if holder is not None:
-        holder_model = inference.load(f"models:/{cfg.model_name}/{holder.version}")
+    if holder is not None and not holds:
+        holder_uri = f"models:/{cfg.model_name}/{holder.version}"
+        holder_model = inference.load(holder_uri, cfg.allow_pickled_models)
+        inference.dataset_for(holder_model, holder_uri, cfg.dataset)
         holder_accuracy = test_figures(holder_model, data)["test_accuracy"]
         checks.append(Check("vs_champion", figures["test_accuracy"], f">= {holder_accuracy:.4f}",
                             figures["test_accuracy"] >= holder_accuracy,
@@ -218,22 +242,31 @@ def register(candidate: Candidate) -> Outcome:
     failed = [c.name for c in checks if not c.passed]
     outcome = Outcome(run_id, cfg.model_name, cfg.alias, checks, figures)
     if failed and not cfg.force:
-        outcome.refused = f"{', '.join(failed)} failed (see the table above); pass force=true to promote anyway"
+        stays = f"@{cfg.alias} stays unset" if holder is None else \
+            f"@{cfg.alias} stays on version {holder.version}" + (" (this run's model)" if holds else "")
+        outcome.refused = f"{', '.join(failed)} failed (see the table above); {stays}" \
+                          + ("" if holds else "; pass force=true to promote anyway")
+    if holds and not outcome.refused:
+        print(f"{cfg.model_name} version {holder.version} (this run's model) already holds @{cfg.alias}; "
+              "nothing to do", flush=True)
+        outcome.version = holder.version
+        return outcome
     if cfg.dry_run:
         print("dry run: nothing registered, no alias moved"
               + (f"; it would be refused: {outcome.refused}" if outcome.refused else ""), flush=True)
     if cfg.dry_run or outcome.refused:
         return outcome
 
-    version = register_version(candidate, outcome, forced=bool(failed))
-    outcome.version = version.version
-    before = mlflow.MlflowClient().get_registered_model(cfg.model_name).aliases
-    move_alias(cfg.model_name, cfg.alias, version.version, holder.version if holder else None)
-    try:
-        sanity_check(cfg.model_name, cfg.alias, data)
-    except BaseException:
-        restore_aliases(cfg.model_name, before, [cfg.alias, previous_alias(cfg.alias)])
-        raise
+    with registry_calls(cfg.model_name):
+        version = register_version(candidate, outcome, forced=bool(failed))
+        outcome.version = version.version
+        before = mlflow.MlflowClient().get_registered_model(cfg.model_name).aliases
+        try:
+            move_alias(cfg.model_name, cfg.alias, version.version, holder.version if holder else None)
+            sanity_check(cfg.model_name, cfg.alias, data, cfg.allow_pickled_models)
+        except BaseException:
+            restore_aliases(cfg.model_name, before, [cfg.alias, previous_alias(cfg.alias)])
+            raise
     outcome.promoted = True
     return outcome
 
@@ -243,7 +276,9 @@ def register_version(candidate: Candidate, outcome: Outcome, forced: bool):
     client, cfg, run = mlflow.MlflowClient(), candidate.cfg, candidate.run
     try:
         client.get_registered_model(cfg.model_name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not does_not_exist(exc):
+            raise
         client.create_registered_model(
             cfg.model_name, description=f"CNN classifier for {cfg.dataset}, trained and registered by mnistflow. "
                                         "Input: (N, 1, 28, 28) float32 pixels in [0, 1]; output: class probabilities.")
@@ -301,14 +336,16 @@ def rollback(cfg: RegisterConfig) -> tuple[str, str]:
         raise ConfigError(f"{cfg.model_name} has no @{previous_alias(cfg.alias)} version to roll back to "
                           f"in {mlflow.get_tracking_uri()}")
     current = champion(cfg.model_name, cfg.alias)
-    move_alias(cfg.model_name, cfg.alias, previous.version, current.version if current else None)
+    with registry_calls(cfg.model_name):
+        move_alias(cfg.model_name, cfg.alias, previous.version, current.version if current else None)
     return previous.version, current.version if current else None
 
 
-def sanity_check(name: str, alias: str, data: Data) -> np.ndarray:
+def sanity_check(name: str, alias: str, data: Data, allow_pickled: bool) -> np.ndarray:
     """Load the promoted model by its alias, as users will, and predict a few test images."""
     uri = f"models:/{name}@{alias}"
-    probs = inference.probabilities(inference.load(uri), data.pixels(data.test)[:SANITY_IMAGES].numpy())
+    model = inference.load(uri, allow_pickled)
+    probs = inference.probabilities(model, data.pixels(data.test)[:SANITY_IMAGES].numpy())
     predicted, labels = probs.argmax(1), data.test.labels[:SANITY_IMAGES].numpy()
     print(f"sanity check, {uri} on the first {SANITY_IMAGES} test images: predicted {predicted.tolist()}, "
           f"true {labels.tolist()} ({int((predicted == labels).sum())}/{SANITY_IMAGES} right)", flush=True)

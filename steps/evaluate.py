@@ -4,6 +4,10 @@
     python -m steps.evaluate --model_uri runs:/<run_id>/model --dataset mnist
     mlflow run . -e evaluate -P model_uri=models:/MNIST_CNN/3 --env-manager local
 
+The model is scored on the dataset it was trained on (its metadata says which); a dataset
+given that is another one is refused. Only models mnistflow logs are loaded unless
+allow_pickled_models=true (see mnistflow/inference.py).
+
 The run holds test_loss, test_accuracy, per-class precision/recall/F1, the classification
 report and the confusion matrix, exactly as a train run does, so the two compare side by side.
 """
@@ -21,18 +25,21 @@ from mnistflow.data import DataError
 def main(argv=None) -> None:
     cfg = parse(EvaluateConfig, "evaluate", __doc__, argv)
     try:
-        data = datasets.load(cfg.dataset, cfg.data_dir)
-        model = inference.load(cfg.model_uri)
+        model = inference.load(cfg.model_uri, cfg.allow_pickled_models)
+        dataset = inference.dataset_for(model, cfg.model_uri, cfg.dataset)
+        data = datasets.load(dataset, cfg.data_dir)
     except (ConfigError, DataError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    with tracking.tracked_run(run_name=f"evaluate-{cfg.dataset}") as (run, _):
-        mlflow.log_params({"model_uri": cfg.model_uri, "dataset": cfg.dataset, "test_size": len(data.test)})
-        mlflow.set_tags({**tracking.run_tags("development", cfg.dataset), "model_uri": cfg.model_uri})
+    with tracking.tracked_run(run_name=f"evaluate-{dataset}") as (run, _):
+        # `mlflow run` has logged the given dataset ("" = the model's) as a param; MLflow params cannot change.
+        mlflow.log_params({"model_uri": cfg.model_uri, "dataset": cfg.dataset, "resolved_dataset": dataset,
+                           "test_size": len(data.test)})
+        mlflow.set_tags({**tracking.run_tags("development", dataset), "model_uri": cfg.model_uri})
         tracking.log_datasets(data, contexts=("test",))
         results = tracking.log_test_scores(inference.log_probabilities(model, data.pixels(data.test).numpy()), data)
-    print(f"evaluated {cfg.model_uri} on the {cfg.dataset} test set ({len(data.test)} images): "
+    print(f"evaluated {cfg.model_uri} on the {dataset} test set ({len(data.test)} images): "
           f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f}; run {run.info.run_id}",
           flush=True)
     gc.freeze()  # skip the slow final garbage collection at exit (see steps/train.py)

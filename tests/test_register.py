@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import urllib.request
 
@@ -12,10 +13,14 @@ import pytest
 import torch
 
 from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
+from mnistflow import data as datasets
+from mnistflow import models, tracking
 from steps import evaluate, register, tune
 
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
 LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1"]
+# An untrained model scores ~0.1, and the machine may be busy: this gate lets any model through.
+ANY_MODEL = ["--min_accuracy", "0.01", "--recall_margin", "1", "--max_latency_ms", "10000"]
 
 
 def call(capsys, *args: str) -> tuple[int, str, str]:
@@ -134,11 +139,83 @@ def test_run_without_model_and_other_bad_input(registry_store, tiny_data, capsys
         ("--min_accuracy", "1.5"): "min_accuracy=1.5 is not allowed",
         ("--dataset", "cifar"): "unknown dataset 'cifar'",
         ("--run_id", registry_store.good, "--dataset", "fashion_mnist"): "trained on mnist",
+        # Both would end the filter strings they are put into.
+        ("--metric", "test`accuracy"): "metric 'test`accuracy' is not allowed",
+        ("--model_name", "it's", "--run_id", registry_store.good): "model_name \"it's\" is not allowed",
     }
     for args, message in cases.items():
         code, _, err = call(capsys, *args, "--data_dir", tiny_data)
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
     assert versions("Nothing") == [] and len(register_runs("RUNNING")) == running_before
+    assert "it's" not in {model.name for model in mlflow.MlflowClient().search_registered_models()}
+    result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local",
+                      "-P", f"run_id={registry_store.good}", "-P", "model_name=it's", "-P", f"data_dir={tiny_data}")
+    assert result.returncode != 0 and "register: error: model_name \"it's\" is not allowed" in result.stderr
+    assert "it's" not in {model.name for model in mlflow.MlflowClient().search_registered_models()}
+
+
+def test_a_failed_check_is_a_refusal_even_for_the_model_in_production(registry_store, tiny_data, capsys):
+    name = "Holder"
+    assert call(capsys, "--model_name", name, "--run_id", registry_store.poor, "--data_dir", tiny_data, *ANY_MODEL)[0] == 0
+    assert aliases(name) == {"production": "1"}
+    stricter = ["--model_name", name, "--run_id", registry_store.poor, "--data_dir", tiny_data, *ANY_MODEL,
+                "--min_accuracy", "0.99999"]
+
+    code, out, err = call(capsys, *stricter)
+    assert code == 1 and "already holds" not in out and [line for line in out.splitlines() if "FAIL" in line]
+    assert err == ("register: refused: test_accuracy failed (see the table above); @production stays on version 1 "
+                   "(this run's model); the registry is unchanged\n")
+    code, out, err = call(capsys, *stricter, "--dry_run", "true")
+    assert code == 1 and "dry run: nothing registered, no alias moved; it would be refused: test_accuracy failed" in out
+    assert aliases(name) == {"production": "1"} and len(versions(name)) == 1
+
+    result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local", "-P", f"run_id={registry_store.poor}",
+                      "-P", f"model_name={name}", "-P", "min_accuracy=0.99999", "-P", "recall_margin=1",
+                      "-P", "max_latency_ms=10000", "-P", f"data_dir={tiny_data}")
+    assert result.returncode == 1 and "already holds" not in result.stdout
+    assert "register: refused: test_accuracy failed (see the table above); @production stays on version 1" in result.stderr
+    assert aliases(name) == {"production": "1"} and len(versions(name)) == 1
+
+
+@pytest.fixture
+def untrained(store, tiny_data) -> list[str]:
+    """Two runs of a fresh store, each with an untrained model logged as the train step logs one."""
+    data = datasets.load("mnist", tiny_data)
+    ids = []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            mlflow.set_tag("dataset", "mnist")
+            tracking.log_model(models.build("fast", "off"), data)
+        ids.append(run.info.run_id)
+    return ids
+
+
+def test_a_champion_that_cannot_be_read_stops_the_step(untrained, tiny_data, tmp_path, capsys):
+    champion_run, challenger_run = untrained
+    assert call(capsys, "--model_name", "Unread", "--run_id", champion_run, "--data_dir", tiny_data, *ANY_MODEL)[0] == 0
+    db = tmp_path / "mlflow.db"
+
+    # The registry's tables cannot be read: a store error, not "no champion yet".
+    sqlite3.connect(db).execute("ALTER TABLE registered_model_aliases RENAME TO aliases_away").connection.commit()
+    try:
+        code, out, err = call(capsys, "--model_name", "Unread", "--run_id", challenger_run, "--data_dir", tiny_data,
+                              *ANY_MODEL)
+    finally:
+        sqlite3.connect(db).execute("ALTER TABLE aliases_away RENAME TO registered_model_aliases").connection.commit()
+    assert code == 2 and "registered" not in out
+    # MLflow's own SQLAlchemy store logs the database error before raising it; the step's line is last.
+    assert err.splitlines()[-1] == (f"register: error: registered model 'Unread' on sqlite:///{db}: "
+                                    "(sqlite3.OperationalError) no such table: registered_model_aliases")
+    assert aliases("Unread") == {"production": "1"} and len(versions("Unread")) == 1
+
+    # The champion's files are gone: its model cannot be compared with, so nothing is promoted past it.
+    [version] = versions("Unread")
+    shutil.rmtree(mlflow.get_logged_model(version.source.removeprefix("models:/")).artifact_location)
+    code, out, err = call(capsys, "--model_name", "Unread", "--run_id", challenger_run, "--data_dir", tiny_data,
+                          *ANY_MODEL)
+    assert code == 2 and err.startswith("register: error: cannot load model 'models:/Unread/1': "), err
+    assert err.count("\n") == 1 and "registered" not in out
+    assert aliases("Unread") == {"production": "1"} and len(versions("Unread")) == 1
 
 
 def test_tune_parent_run_registers_its_best_trial(store, tiny_data, tmp_path):
