@@ -1,0 +1,77 @@
+"""An Optuna storage URL that holds a password is refused at every entry point before anything is
+logged (`mlflow run` logs its -P values itself, before a step starts), and the whole URL given in
+$MNISTFLOW_OPTUNA_STORAGE is used but never logged, stored or printed."""
+import glob
+import os
+
+import mlflow
+import optuna
+import pytest
+
+from conftest import EXPERIMENT, python_step, run_step
+from mnistflow import cli_guard
+
+SECRET = "S3cret-pw-9f2c"
+REFUSAL = ("carries a password, and parameters are logged and printed: put the password in PGPASSWORD or "
+           "~/.pgpass, or the whole URL in the environment variable MNISTFLOW_OPTUNA_STORAGE, which no step "
+           "logs or prints")
+IN_USER_PART = f"postgresql://optuna:{SECRET}@127.0.0.1:1/optuna"
+IN_QUERY = f"postgresql://optuna@127.0.0.1:1/optuna?password={SECRET}"
+
+
+@pytest.mark.parametrize("command, storage, shown", [
+    (["python", "-m", "steps.tune", "--storage"], IN_USER_PART, "tune: error: storage 'postgresql://optuna:***@127.0.0.1:1/optuna'"),
+    (["python", "-m", "steps.main", "--storage"], IN_QUERY, "main: error: storage 'postgresql://optuna@127.0.0.1:1/optuna?password=hidden'"),
+    (["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P"], IN_USER_PART,
+     "mlflow run: error: storage 'postgresql://optuna:***@127.0.0.1:1/optuna'"),
+    (["mlflow", "run", ".", "--env-manager", "local", "-P"], IN_QUERY,
+     "mlflow run: error: storage 'postgresql://optuna@127.0.0.1:1/optuna?password=hidden'"),
+])
+def test_a_storage_with_a_password_is_refused_before_anything_is_logged(store, command, storage, shown):
+    value = f"storage={storage}" if command[-1] == "-P" else storage
+    result = run_step(*command, value, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{shown} {REFUSAL}"] and result.stdout == ""
+    assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []  # not even a RUNNING run
+
+
+@pytest.mark.parametrize("args", [
+    ["-e", "tune", "-P", "storage=x", "-P", "a=1"], ["-Pstorage=x", "-Pa=1"], ["--param-list", "storage=x", "-Pa=1"],
+    ["--param-list=storage=x", "--param-list=a=1", "--env-manager", "local"],
+])
+def test_the_mlflow_run_check_reads_every_spelling_of_a_parameter(args):
+    assert cli_guard.run_parameters(args) == {"storage": "x", "a": "1"}
+    assert cli_guard.is_mlflow_run_command(["/venv/bin/mlflow", "run", *args])
+    assert not cli_guard.is_mlflow_run_command(["/venv/bin/mlflow", "server", *args])
+
+
+def test_the_storage_in_the_environment_is_used_and_never_recorded(store, tiny_data, tmp_path, monkeypatch):
+    # An SQLite storage under a directory named after the secret stands in for a URL with a
+    # password: any copy of the URL anywhere would carry it.
+    storage = f"sqlite:///{tmp_path}/{SECRET}/optuna.db"
+    os.makedirs(tmp_path / SECRET)
+    monkeypatch.setenv("MNISTFLOW_OPTUNA_STORAGE", storage)
+    tune = {"n_trials": "1", "epochs": "1", "data_dir": tiny_data}
+    main = {"n_trials": "1", "tune_epochs": "1", "epochs": "2", "data_dir": tiny_data, "min_accuracy": "0.5",
+            "model_name": "Secrets"}
+    outputs = []
+    for command in (["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", *mlflow_run_parameters(tune)],
+                    ["python", "-m", "steps.tune", *[arg for k, v in tune.items() for arg in (f"--{k}", v)]],
+                    ["mlflow", "run", ".", "--env-manager", "local", *mlflow_run_parameters(main)]):
+        result = run_step(*command)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    assert "study mnist-cnn (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in outputs[0]
+    assert len(optuna.load_study(study_name="mnist-cnn", storage=storage).trials) == 2
+    assert len(optuna.load_study(study_name="mnist-pipeline-1ep-all", storage=storage).trials) == 1
+
+    # Everything MLflow stored (params, tags, metrics: the SQLite file; artifacts: their files) and
+    # everything printed.
+    stored = [tmp_path / "mlflow.db", *glob.glob(str(tmp_path / "artifacts" / "**" / "*"), recursive=True)]
+    leaks = [str(path) for path in stored if os.path.isfile(path) and SECRET.encode() in open(path, "rb").read()]
+    assert leaks == [] and not any(SECRET in output for output in outputs)
+    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")) > 5  # it did log
+
+
+def mlflow_run_parameters(parameters: dict) -> list[str]:
+    return [arg for name, value in parameters.items() for arg in ("-P", f"{name}={value}")]
