@@ -88,8 +88,12 @@ def main():
                         help="comma-separated nets to compare the two pipelines on")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train_samples", type=int, default=20000,
-                        help="images per measured epoch (a slice of the training set keeps the bench short)")
+                        help="images per measured epoch (a slice of the training set keeps the bench short; 0 = all)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} is not allowed; it must be >= 1")
+    if args.train_samples < 0:
+        parser.error(f"--train_samples {args.train_samples} is not allowed; it must be >= 0 (0 = all)")
 
     pipeline_models = args.pipeline_models.split(",")
     unknown = [name for name in pipeline_models if name not in models.MODELS]

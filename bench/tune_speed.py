@@ -18,11 +18,12 @@ import mlflow
 import optuna
 
 from mnistflow import tuning
-from mnistflow.config import TuneConfig
+from mnistflow.config import ConfigError, OneLineParser, TuneConfig
+from mnistflow.data import DataError
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="tune_speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="")
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--pruner", default="hyperband", choices=["median", "hyperband"])
@@ -31,16 +32,24 @@ def main() -> None:
     parser.add_argument("--train_samples", type=int, default=12000, help="real images per trial (0 = all)")
     parser.add_argument("--search_space", default="search_space.yaml")
     args = parser.parse_args()
+    if not args.minutes > 0:
+        parser.error(f"--minutes {args.minutes:g} is not allowed; it must be > 0")
+    if args.train_samples < 0:
+        parser.error(f"--train_samples {args.train_samples} is not allowed; it must be >= 0 (0 = all)")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:  # the settings, search space and data checked before anything is written
+        configs = {pruner: TuneConfig(dataset=args.dataset, epochs=args.epochs, pruner=pruner, study_name=pruner,
+                                      max_train_samples=args.train_samples, data_dir=args.data_dir).validate()
+                   for pruner in ("none", args.pruner)}
+        space = tuning.load_search_space(args.search_space)
+        data = tuning.load_data(configs["none"])
+    except (ConfigError, DataError) as exc:
+        parser.error(str(exc))
     tmp = tempfile.mkdtemp(prefix="tune-bench-")
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-    configs = {pruner: TuneConfig(dataset=args.dataset, epochs=args.epochs, pruner=pruner, study_name=pruner,
-                                  storage=f"sqlite:///{tmp}/optuna.db", max_train_samples=args.train_samples,
-                                  data_dir=args.data_dir).validate()
-               for pruner in ("none", args.pruner)}
-    space = tuning.load_search_space(args.search_space)
-    data = tuning.load_data(configs["none"])
+    for cfg in configs.values():
+        cfg.storage = f"sqlite:///{tmp}/optuna.db"
     studies = {pruner: tuning.open_study(cfg, tuning.open_storage(cfg)) for pruner, cfg in configs.items()}
     spent = dict.fromkeys(configs, 0.0)
     budget = 60 * args.minutes

@@ -11,17 +11,20 @@ import mlflow
 import helpers
 from mnistflow import data as datasets
 from mnistflow import models, tracking
-from mnistflow.config import TrainConfig
+from mnistflow.config import ConfigError, TrainConfig
+from mnistflow.data import DataError
 from mnistflow.train import evaluate, fit, seed_everything, select_device
 
 config = helpers.load_config("ex1.yaml")
+try:  # every setting checked and the data read before MLflow gets anything
+    train_cfg = TrainConfig(dataset=config["dataset"], model=config["model"], epochs=config["epochs"],
+                            batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"],
+                            data_dir=config["data_dir"], max_train_samples=config["max_train_samples"]).validate()
+    data = datasets.load(train_cfg.dataset, train_cfg.data_dir, train_cfg.val_fraction, train_cfg.seed,
+                         train_cfg.max_train_samples)
+except (ConfigError, DataError) as exc:
+    helpers.error(str(exc))
 helpers.use_tracking(config)  # mlflow.set_tracking_uri + mlflow.set_experiment
-
-train_cfg = TrainConfig(dataset=config["dataset"], model=config["model"], epochs=config["epochs"],
-                        batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"],
-                        data_dir=config["data_dir"], max_train_samples=config["max_train_samples"]).validate()
-data = datasets.load(train_cfg.dataset, train_cfg.data_dir, train_cfg.val_fraction, train_cfg.seed,
-                     train_cfg.max_train_samples)
 seed_everything(train_cfg.seed, train_cfg.deterministic)
 device = select_device(train_cfg.device)
 net = models.build(train_cfg.model, train_cfg.mirror)

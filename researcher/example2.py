@@ -13,15 +13,27 @@ import optuna
 import helpers
 from mnistflow import data as datasets
 from mnistflow import models, tracking
-from mnistflow.config import TrainConfig
+from mnistflow.config import ConfigError, TrainConfig
+from mnistflow.data import DataError
 from mnistflow.train import fit, seed_everything, select_device
 
 config = helpers.load_config("ex2.yaml")
+try:  # every setting checked and the data read before MLflow gets anything
+    if config["trials"] < 1:
+        raise ConfigError(f"trials={config['trials']} is not allowed; it must be >= 1")
+    if not 0 < config["lr_low"] < config["lr_high"]:
+        raise ConfigError(f"lr_low={config['lr_low']}, lr_high={config['lr_high']} are not allowed; "
+                          "they must be 0 < lr_low < lr_high")
+    if not config["batch_sizes"] or not all(type(size) is int and size >= 1 for size in config["batch_sizes"]):
+        raise ConfigError(f"batch_sizes={config['batch_sizes']} is not allowed; give a list of whole numbers >= 1")
+    TrainConfig(dataset=config["dataset"], model=config["model"], epochs=config["epochs"],
+                max_train_samples=config["max_train_samples"]).validate()  # the train step's own rules
+    data = datasets.load(config["dataset"], config["data_dir"], seed=config["seed"],
+                         max_train_samples=config["max_train_samples"])
+except (ConfigError, DataError) as exc:
+    helpers.error(str(exc))
 helpers.use_tracking(config)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-data = datasets.load(config["dataset"], config["data_dir"], seed=config["seed"],
-                     max_train_samples=config["max_train_samples"])
 device = select_device("auto")
 
 

@@ -7,8 +7,6 @@ A train run (or example 1) gets its step-level loss and per-epoch train/validati
 epoch boundaries marked; a parent run (a tune study, example 2) its trials' validation losses
 overlaid. The same code runs as the project's `plot_loss` step: mnistflow/lossplot.py.
 """
-import sys
-
 import helpers
 from mnistflow import lossplot
 from mnistflow.config import ConfigError
@@ -16,10 +14,12 @@ from mnistflow.config import ConfigError
 config = helpers.load_config("log_plot.yaml")
 helpers.use_tracking(config)
 if not config["run_id"]:
-    sys.exit("log_plot: error: give a run id: --run-id <id>")
+    helpers.error("give a run id: --run-id <id>")
 out = config["out"] or f"loss_{config['run_id']}.png"
 try:
-    artifact = lossplot.plot_loss(config["run_id"], out)
+    artifact = lossplot.plot_loss(config["run_id"], out)  # saved first: logged only once written
 except ConfigError as exc:
-    sys.exit(f"log_plot: error: {exc}")
+    helpers.error(str(exc))
+except OSError as exc:
+    helpers.error(f"cannot write {out}: {exc.strerror or exc}")
 print(f"wrote {out} and logged it to run {config['run_id']} as {artifact}")

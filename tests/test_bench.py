@@ -1,8 +1,14 @@
-"""bench/train_speed.py on tiny files: it runs its real comparisons and prints the table of ratios."""
+"""bench/train_speed.py on tiny files: it runs its real comparisons and prints the table of ratios;
+both bench scripts refuse bad input in one line before writing anything."""
+import os
 import re
+import runpy
 import sys
+import tempfile
 
-from conftest import run_step
+import pytest
+
+from conftest import ROOT, run_step
 
 
 def test_train_speed_prints_medians_and_ratios(tiny_data):
@@ -24,3 +30,35 @@ def test_train_speed_rejects_an_unknown_model_in_one_line(tiny_data):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("unknown model 'resnet' in --pipeline_models; "
                                                             "choose from fast, wide, baseline, enhanced, cnn_bn, simple")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train_speed", ["--repeats", "0"], "--repeats 0 is not allowed; it must be >= 1"),
+    ("train_speed", ["--repeats", "-3"], "--repeats -3 is not allowed; it must be >= 1"),
+    ("train_speed", ["--train_samples", "-5"], "--train_samples -5 is not allowed; it must be >= 0 (0 = all)"),
+    ("tune_speed", ["--minutes", "0"], "--minutes 0 is not allowed; it must be > 0"),
+    ("tune_speed", ["--epochs", "-1"], "epochs=-1 is not allowed; it must be >= 1"),
+    ("tune_speed", ["--train_samples", "-1"], "--train_samples -1 is not allowed; it must be >= 0 (0 = all)"),
+    ("tune_speed", ["--search_space", "resnet.yaml"], "model: unknown model 'resnet'; choose from auto, fast"),
+    ("tune_speed", ["--dataset", "cifar10"], "unknown dataset 'cifar10'; choose from mnist, fashion_mnist"),
+])
+def test_bad_bench_input_is_one_line_and_writes_nothing(tiny_data, tmp_path, monkeypatch, capsys, script, args, message):
+    """In this process (the CLI itself is run by the test below), with the scratch space the
+    bench would put its stores in watched."""
+    (tmp_path / "resnet.yaml").write_text("model: resnet\n")
+    args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.setattr(sys, "argv", [f"bench/{script}.py", "--data_dir", tiny_data, *args])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(os.path.join(ROOT, "bench", f"{script}.py"), run_name="__main__")
+    assert exit.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"{script}: error: ") and message in line
+    assert os.listdir(tmp_path / "scratch") == []
+
+
+def test_tune_speed_refuses_a_bad_count_through_its_command_line(tiny_data, tmp_path):
+    result = run_step(sys.executable, "bench/tune_speed.py", "--data_dir", tiny_data, "--minutes", "-2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["tune_speed: error: --minutes -2 is not allowed; it must be > 0"]

@@ -1,8 +1,14 @@
-"""The researcher examples end to end on tiny Fashion-MNIST files, as a reader would run them."""
+"""The researcher examples end to end on tiny Fashion-MNIST files, as a reader would run them,
+and their one-line refusals of bad input."""
+import os
+import runpy
+import sys
+
 import mlflow
 import numpy as np
+import pytest
 
-from conftest import EXPERIMENT, run_step
+from conftest import EXPERIMENT, ROOT, run_step
 
 
 def runs(filter_string: str = "") -> list:
@@ -50,3 +56,47 @@ def test_a_bad_override_is_refused(store, tiny_data):
     result = example("example1.py", "--no_such_setting", "1")
     assert result.returncode == 2 and "unrecognized arguments: --no_such_setting" in result.stderr
     assert runs() == []
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("example1.py", ["--epochs", "five"], "argument --epochs: invalid int value: 'five'"),
+    ("example1.py", ["--epochs", "-1"], "epochs=-1 is not allowed; it must be >= 1"),
+    ("example1.py", ["--max_train_samples", "-5"], "max_train_samples=-5 is not allowed; it must be >= 0"),
+    ("example1.py", ["--model", "resnet"], "unknown model 'resnet'; choose from auto, fast"),
+    ("example2.py", ["--trials", "-2"], "trials=-2 is not allowed; it must be >= 1"),
+    ("example2.py", ["--batch_sizes", "[0, 64]"], "batch_sizes=[0, 64] is not allowed; give a list of whole numbers >= 1"),
+    ("example2.py", ["--batch_sizes", "64"], "argument --batch-sizes/--batch_sizes: '64' is not a list"),
+    ("example2.py", ["--lr_low", "0.1"], "lr_low=0.1, lr_high=0.03 are not allowed; they must be 0 < lr_low < lr_high"),
+    ("log_plot.py", [], "give a run id: --run-id <id>"),
+    ("log_plot.py", ["--run-id", "nope"], "unknown run_id 'nope'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(store, tiny_data, monkeypatch, capsys, script, args, message):
+    """In this process; the command line itself is run by the tests around this one."""
+    if script.startswith("example"):  # an experiment of its own, which must not be created
+        args = ["--experiment", "not-created", "--data_dir", tiny_data, *args]
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "researcher"))
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(os.path.join(ROOT, "researcher", script), run_name="__main__")
+    assert exit.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"{script}: error: ") and message in line
+    assert mlflow.get_experiment_by_name("not-created") is None and runs() == []
+
+
+def test_a_bad_value_on_the_command_line_is_one_line(store, tiny_data):
+    result = example("example1.py", "--data_dir", tiny_data, "--epochs", "five")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["example1.py: error: argument --epochs: invalid int value: 'five'"]
+    assert runs() == []
+
+
+def test_log_plot_to_an_unwritable_out_is_one_line_and_logs_nothing(store, tmp_path):
+    with mlflow.start_run() as run:
+        for epoch in (1, 2):
+            mlflow.log_metrics({"train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch}, step=epoch)
+    out = tmp_path / "no-such-dir" / "loss.png"
+    result = run_step("python", "researcher/log_plot.py", "--run-id", run.info.run_id, "--out", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"log_plot.py: error: cannot write {out}: No such file or directory"]
+    assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == [] and not out.parent.exists()
