@@ -1,5 +1,6 @@
 """Shared fixtures: tiny MNIST-format IDX files, a throw-away MLflow store per test, a PostgreSQL server."""
 import os
+import runpy
 import secrets
 import shutil
 import socket
@@ -89,6 +90,18 @@ def run_step(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run_step(sys.executable, "-m", module, *args, **kwargs)
+
+
+def refused_script(monkeypatch, capsys, path: str, *args: str) -> str:
+    """Run a script file in this process, as `python path args` would, on input it must refuse:
+    exit code 2 and one line on stderr, which is returned. (Faster than a new interpreter, for
+    tables of bad input whose command line is run once elsewhere.)"""
+    monkeypatch.setattr(sys, "argv", [path, *args])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(path, run_name="__main__")
+    assert exit.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    return line
 
 
 def free_port() -> int:

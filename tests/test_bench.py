@@ -2,13 +2,12 @@
 both bench scripts refuse bad input in one line before writing anything."""
 import os
 import re
-import runpy
 import sys
 import tempfile
 
 import pytest
 
-from conftest import ROOT, run_step
+from conftest import ROOT, refused_script, run_step
 
 
 def test_train_speed_prints_medians_and_ratios(tiny_data):
@@ -49,11 +48,7 @@ def test_bad_bench_input_is_one_line_and_writes_nothing(tiny_data, tmp_path, mon
     args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
     (tmp_path / "scratch").mkdir()
-    monkeypatch.setattr(sys, "argv", [f"bench/{script}.py", "--data_dir", tiny_data, *args])
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_path(os.path.join(ROOT, "bench", f"{script}.py"), run_name="__main__")
-    assert exit.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
+    line = refused_script(monkeypatch, capsys, os.path.join(ROOT, "bench", f"{script}.py"), "--data_dir", tiny_data, *args)
     assert line.startswith(f"{script}: error: ") and message in line
     assert os.listdir(tmp_path / "scratch") == []
 

@@ -1,14 +1,12 @@
 """The researcher examples end to end on tiny Fashion-MNIST files, as a reader would run them,
 and their one-line refusals of bad input."""
 import os
-import runpy
-import sys
 
 import mlflow
 import numpy as np
 import pytest
 
-from conftest import EXPERIMENT, ROOT, run_step
+from conftest import EXPERIMENT, ROOT, refused_script, run_step
 
 
 def runs(filter_string: str = "") -> list:
@@ -75,11 +73,7 @@ def test_bad_input_is_one_line_and_writes_nothing(store, tiny_data, monkeypatch,
     if script.startswith("example"):  # an experiment of its own, which must not be created
         args = ["--experiment", "not-created", "--data_dir", tiny_data, *args]
     monkeypatch.syspath_prepend(os.path.join(ROOT, "researcher"))
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_path(os.path.join(ROOT, "researcher", script), run_name="__main__")
-    assert exit.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
+    line = refused_script(monkeypatch, capsys, os.path.join(ROOT, "researcher", script), *args)
     assert line.startswith(f"{script}: error: ") and message in line
     assert mlflow.get_experiment_by_name("not-created") is None and runs() == []
 
