@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 
 from local_server import port_number
 from mnistflow.config import OneLineParser
@@ -79,7 +80,7 @@ def create_database(port: int, name: str, password: str) -> str:
     createdb quotes the name itself: no SQL is built here."""
     _run([binary("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, "--", name],
          env={**os.environ, "PGPASSWORD": password})
-    return f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/{name}"
+    return f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/{urllib.parse.quote(name, safe='')}"
 
 
 def write_pgpass(root: str, port: int, password: str) -> str:

@@ -87,3 +87,30 @@ def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
     finally:
         training.kill()
         run_step("python", "serverFolder/local_server.py", "--root", str(root), "--stop")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("tls_proxy", ["--listen", "8443"], "argument --listen: '8443' is not allowed; give HOST:PORT, e.g. 127.0.0.1:8443"),
+    ("tls_proxy", ["--listen", "127.0.0.1:99999"],
+     "argument --listen: port '99999' is not allowed; give a number from 1 to 65535"),
+    ("tls_proxy", ["--upstream", "localhost"],
+     "argument --upstream: 'localhost' is not allowed; give HOST:PORT, e.g. 127.0.0.1:8443"),
+    ("tls_proxy", ["--max-body-size", "0"], "argument --max-body-size: '0' is not allowed; give a size above 0 in "
+                                            "bytes, or with k, m or g (nginx's client_max_body_size), e.g. 2g"),
+    ("local_server", ["--port", "70000"], "argument --port: port '70000' is not allowed; give a number from 1 to 65535"),
+    ("local_server", ["--workers", "0"], "argument --workers: '0' is not allowed; give a whole number above 0"),
+    ("local_server", ["--timeout", "-5"], "argument --timeout: '-5' is not allowed; give a number of seconds above 0"),
+    ("shared_server", ["--port", "http"], "argument --port: port 'http' is not allowed; give a number from 1 to 65535"),
+    ("shared_server", ["--allowed-hosts", "localhost", "--backend-store-uri", "postgresql://mlflow:s3cret@db/mlflow"],
+     "--backend-store-uri carries a password, which every user of this machine can read on a command line; leave "
+     "it out (PGPASSWORD, ~/.pgpass) or pass the whole URI in MLFLOW_BACKEND_STORE_URI"),
+    ("shared_server", ["--allowed-hosts", "localhost", "--auth-db-uri", "postgresql://mlflow:s3cret@db/auth"],
+     "--auth-db-uri carries a password, which every user of this machine can read on a command line; leave "
+     "it out (PGPASSWORD, ~/.pgpass) or pass the whole URI in MNISTFLOW_AUTH_DB_URI"),
+])
+def test_a_bad_server_option_is_one_line_and_writes_nothing(tmp_path, script, args, message):
+    root = tmp_path / "root"
+    result = run_step("python", f"serverFolder/{script}.py", "--root", str(root), *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"{script}.py: error: {message}\n"
+    assert not root.exists()
