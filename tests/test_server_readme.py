@@ -44,6 +44,7 @@ def run_script(script: str, cwd: str, env: dict, stdin: str = "") -> subprocess.
 
 
 def test_the_backup_commands_work_as_written(tmp_path):
+    require(bool(shutil.which("sqlite3")), "the sqlite3 command", "sqlite3")
     work = scratch_copy(tmp_path)
     [start_block, backup_block] = fenced_blocks("A server on your own machine")
     port = str(free_port())  # instead of the default 5000, which another server may hold

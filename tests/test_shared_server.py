@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import sqlite3
@@ -313,6 +314,9 @@ def test_the_tls_proxy_is_hardened(server, tmp_path):
     master = (proxy / "nginx.pid").read_text().strip()
     workers = subprocess.run(["ps", "-o", "user=", "--ppid", master], capture_output=True, text=True).stdout.split()
     assert workers and "root" not in workers
+    # ... and can write where nginx spools large bodies and responses.
+    temp_dirs = re.findall(r"(?:client_body|proxy)_temp_path (\S+);", dumped)
+    assert len(temp_dirs) == 2 and {pwd.getpwuid(os.stat(d).st_uid).pw_name for d in temp_dirs} == set(workers)
     # Password guessing is slowed, then refused (429), per address; API-key traffic is not.
     search = "/api/2.0/mlflow/experiments/search?max_results=1"
     with concurrent.futures.ThreadPoolExecutor(40) as pool:
