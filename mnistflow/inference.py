@@ -75,6 +75,8 @@ def download(uri: str, folder: str, allow_pickled: bool = False) -> str:
             _refuse(uri, foreign_kind(description))
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
         description = mlflow.models.Model.load(os.path.join(local, "MLmodel"))
+    except ConfigError:
+        raise
     except (MlflowException, OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot load model {uri!r}: {_first_line(exc)}") from None
     if not allow_pickled:

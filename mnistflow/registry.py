@@ -48,6 +48,8 @@ class Candidate:
     model_id: str
     cfg: RegisterConfig  # with the run's dataset and that dataset's defaults filled in
     data: Data
+    model: mlflow.pyfunc.PyFuncModel  # loaded, once checked (see inference.download)
+    size_mb: float
 
 
 def logged_models(experiment: str) -> dict:
@@ -75,9 +77,10 @@ def best_run(cfg: RegisterConfig, experiment: str, models: dict) -> mlflow.entit
 
 
 def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
-    """Resolve the run to register (given, or the best one) and load its dataset's test split.
+    """Resolve the run to register (given, or the best one), load its model and its dataset's test split.
 
-    Raises ConfigError, before anything is written, for a run that does not exist or logged no model.
+    Raises ConfigError, before anything is written, for a run that does not exist or logged no
+    model, and for a model that cannot be loaded or may not be (see inference.download).
     """
     experiment = experiment_id()
     if cfg.run_id:
@@ -92,10 +95,15 @@ def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     if cfg.dataset and cfg.dataset != dataset:
         raise ConfigError(f"run {run.info.run_id} was trained on {dataset}, not on dataset={cfg.dataset}")
     cfg = cfg.with_dataset(dataset)
+    logged = models[run.info.run_id]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = inference.download(logged.model_uri, tmp, cfg.allow_pickled_models)
+        size_mb = inference.size_mb(local)
+        model = inference.load_local(local, logged.model_uri, cfg.allow_pickled_models)
+    inference.dataset_for(model, logged.model_uri, dataset)
     if data is None:
         data = datasets.load(dataset, cfg.data_dir)
-    model = models[run.info.run_id]
-    return Candidate(run, model.model_uri, model.model_id, cfg, data)
+    return Candidate(run, logged.model_uri, logged.model_id, cfg, data, model, size_mb)
 
 
 # --- the checks -------------------------------------------------------------------------------
@@ -222,13 +230,8 @@ def register(candidate: Candidate) -> Outcome:
           f"model {candidate.model_uri}, {cfg.dataset}", flush=True)
     holder = champion(cfg.model_name, cfg.alias)  # first: a champion that cannot be read stops here
     holds = holder is not None and holder.run_id == run_id and holder.source == candidate.model_uri
-    with tempfile.TemporaryDirectory() as tmp:
-        local = inference.download(candidate.model_uri, tmp, cfg.allow_pickled_models)
-        size_mb = inference.size_mb(local)
-        model = inference.load_local(local, candidate.model_uri, cfg.allow_pickled_models)
-    inference.dataset_for(model, candidate.model_uri, cfg.dataset)
-    figures = test_figures(model, data)
-    checks = gate(model, size_mb, figures, cfg, data)
+    figures = test_figures(candidate.model, data)
+    checks = gate(candidate.model, candidate.size_mb, figures, cfg, data)
     if holder is not None and not holds:
         holder_uri = f"models:/{cfg.model_name}/{holder.version}"
         holder_model = inference.load(holder_uri, cfg.allow_pickled_models)

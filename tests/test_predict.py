@@ -1,6 +1,9 @@
 """Images brought to the MNIST convention, and the predict step on PNGs written here."""
 import json
+import os
 import re
+import struct
+import zlib
 
 import mlflow
 import numpy as np
@@ -85,6 +88,16 @@ def test_a_blank_image_has_no_digit():
         images.to_mnist(Image.new("L", (40, 40), 255), "blank.png")
 
 
+def png_of_size(width: int, height: int) -> bytes:
+    """A valid black 1-bit PNG of width x height pixels in a few kB: what a decompression bomb looks like."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    compressor, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)  # filter byte, then the bits
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
 def write_pngs(folder) -> list[str]:
     paths = []
     for i, (size, at, dark, rgb) in enumerate([((100, 73), (5, 30), False, False), ((45, 57), (2, 9), True, True)]):
@@ -121,6 +134,9 @@ def test_mlflow_run_predict_takes_several_images_in_one_parameter(registry_store
 
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"), (b"", "the file is empty"), (b"GIF89a broken", "not an image"),
+    # Over Pillow's limit (where it only warns) and over twice that (where it refuses).
+    (png_of_size(10_000, 10_000), "refused, Image size (100000000 pixels) exceeds limit of 89478485 pixels"),
+    (png_of_size(20_000, 20_000), "refused, Image size (400000000 pixels) exceeds limit of 178956970 pixels"),
 ])
 def test_predict_bad_image_is_one_line_and_exit_2(registry_store, tmp_path, capsys, content, message):
     bad = tmp_path / "bad.png"
@@ -141,3 +157,28 @@ def test_predict_unknown_model_is_one_line_and_exit_2(registry_store, tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                               filter_string="attributes.status = 'RUNNING'") == []
+
+
+@pytest.mark.parametrize("flag, path, reason", [
+    ("--plot", "/no/such/folder/p.png", "no folder /no/such/folder"),
+    ("--payload", "{tmp}", "it is a folder"),
+    ("--plot", "/sys/p.png", "/sys: "),  # sysfs takes no new files, not even from root
+])
+def test_predict_output_that_cannot_be_written_is_refused_before_any_work(registry_store, tmp_path, capsys,
+                                                                          flag, path, reason):
+    image, path = write_pngs(tmp_path)[0], path.format(tmp=tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        predict.main(["--model", f"runs:/{registry_store.good}/model", "--image", image, flag, path])
+    out = capsys.readouterr()
+    assert exited.value.code == 2 and out.out == ""  # no model loaded, nothing predicted
+    assert out.err.startswith(f"predict: error: {flag} {path}: cannot write this file ({reason}")
+    assert out.err.count("\n") == 1 and sorted(os.listdir(tmp_path)) == before
+
+
+def test_mlflow_run_predict_refuses_an_unwritable_payload(registry_store, tmp_path):
+    result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local", "-P", f"model=runs:/{registry_store.good}/model",
+                      "-P", f"images={write_pngs(tmp_path)[0]}", "-P", "payload=/no/such/folder/payload.json")
+    assert result.returncode != 0 and "digit0.png: " not in result.stdout
+    assert "predict: error: --payload /no/such/folder/payload.json: cannot write this file (no folder /no/such/folder)" \
+        in result.stderr
