@@ -72,7 +72,8 @@ def timed_post(url: str, body: bytes) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(prog="serve_latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="serve_latency", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/MNIST_CNN@production")
     parser.add_argument("--requests", type=int, default=500, help="timed requests per case")
     parser.add_argument("--batch", type=int, default=100, help="images in a batch request")

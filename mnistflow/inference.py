@@ -39,10 +39,9 @@ def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
     model.pt2 otherwise, whatever MLmodel says. Loads nothing.
     """
     flavors = description.flavors
+    pyfunc = flavors.get("python_function", {})
     if "pytorch" not in flavors:
-        pyfunc = flavors.get("python_function", {})
         return " + ".join(sorted(flavors)) + (f" ({pyfunc['loader_module']})" if pyfunc.get("loader_module") else "")
-    pyfunc, data = flavors.get("python_function", {}), os.path.join(files, "data")
     if set(flavors) != {"pytorch", "python_function"} or pyfunc.get("loader_module") != "mlflow.pytorch" \
             or pyfunc.get("data") != "data" or pyfunc.get("code") or flavors["pytorch"].get("code"):
         return "pytorch with extra code or flavours"
@@ -50,7 +49,8 @@ def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
     dataset = metadata.get("dataset")
     if dataset not in DATASETS or metadata.get("classes") != list(DATASETS[dataset][0].classes):
         return "pytorch without mnistflow's dataset and classes"
-    if files and (os.path.exists(os.path.join(data, "model.pth")) or not os.path.isfile(os.path.join(data, "model.pt2"))):
+    pickled, exported = (os.path.join(files, "data", name) for name in ("model.pth", "model.pt2"))
+    if files and (os.path.exists(pickled) or not os.path.isfile(exported)):
         return "pytorch (pickle)"
     return ""
 

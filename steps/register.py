@@ -8,7 +8,9 @@
 
 The gate (test accuracy, p95 single-image latency, size, the worst class's recall) and the
 champion comparison are measured on the loaded model; only when all pass (or force=true) is a
-version registered and the alias moved. Exit code 1: refused, registry unchanged; 2: bad input.
+version registered and the alias moved. Exit code 1: refused (also when the version already
+holding the alias fails a check), registry unchanged; 2: bad input, a model that may not be
+loaded (see mnistflow/inference.py), a champion or model name that cannot be read or used.
 """
 import gc
 import sys

@@ -177,8 +177,8 @@ def test_predict_output_that_cannot_be_written_is_refused_before_any_work(regist
 
 
 def test_mlflow_run_predict_refuses_an_unwritable_payload(registry_store, tmp_path):
-    result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local", "-P", f"model=runs:/{registry_store.good}/model",
-                      "-P", f"images={write_pngs(tmp_path)[0]}", "-P", "payload=/no/such/folder/payload.json")
+    result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
+                      "-P", f"model=runs:/{registry_store.good}/model", "-P", f"images={write_pngs(tmp_path)[0]}", "-P", "payload=/no/such/folder/payload.json")
     assert result.returncode != 0 and "digit0.png: " not in result.stdout
     assert "predict: error: --payload /no/such/folder/payload.json: cannot write this file (no folder /no/such/folder)" \
         in result.stderr

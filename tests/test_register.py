@@ -156,10 +156,10 @@ def test_run_without_model_and_other_bad_input(registry_store, tiny_data, capsys
 
 def test_a_failed_check_is_a_refusal_even_for_the_model_in_production(registry_store, tiny_data, capsys):
     name = "Holder"
-    assert call(capsys, "--model_name", name, "--run_id", registry_store.poor, "--data_dir", tiny_data, *ANY_MODEL)[0] == 0
+    holder = ["--model_name", name, "--run_id", registry_store.poor, "--data_dir", tiny_data, *ANY_MODEL]
+    assert call(capsys, *holder)[0] == 0
     assert aliases(name) == {"production": "1"}
-    stricter = ["--model_name", name, "--run_id", registry_store.poor, "--data_dir", tiny_data, *ANY_MODEL,
-                "--min_accuracy", "0.99999"]
+    stricter = [*holder, "--min_accuracy", "0.99999"]
 
     code, out, err = call(capsys, *stricter)
     assert code == 1 and "already holds" not in out and [line for line in out.splitlines() if "FAIL" in line]
@@ -169,11 +169,12 @@ def test_a_failed_check_is_a_refusal_even_for_the_model_in_production(registry_s
     assert code == 1 and "dry run: nothing registered, no alias moved; it would be refused: test_accuracy failed" in out
     assert aliases(name) == {"production": "1"} and len(versions(name)) == 1
 
-    result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local", "-P", f"run_id={registry_store.poor}",
-                      "-P", f"model_name={name}", "-P", "min_accuracy=0.99999", "-P", "recall_margin=1",
+    result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local",
+                      "-P", f"run_id={registry_store.poor}", "-P", f"model_name={name}", "-P", "min_accuracy=0.99999", "-P", "recall_margin=1",
                       "-P", "max_latency_ms=10000", "-P", f"data_dir={tiny_data}")
     assert result.returncode == 1 and "already holds" not in result.stdout
-    assert "register: refused: test_accuracy failed (see the table above); @production stays on version 1" in result.stderr
+    assert "register: refused: test_accuracy failed (see the table above); @production stays on version 1" \
+        in result.stderr
     assert aliases(name) == {"production": "1"} and len(versions(name)) == 1
 
 

@@ -474,3 +474,46 @@ def test_mlflow_run_stops_before_its_first_request_with_the_steps_line(server, t
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1] == "mlflow run: error: " + message.format(url=server["url"])
     assert "refused-mlflow-run" not in experiment_names(server)
+
+
+def test_a_model_name_another_user_owns_is_one_line_and_changes_nothing(server, tiny_data, monkeypatch):
+    """Alice created a registered model name; bob, another user of the server, registering under it
+    is told in one line that the name is hers and how to choose another (whether he may read it,
+    as by default, or not), and the registry stays as it was."""
+    if server["backend"].startswith("postgresql"):
+        pytest.skip("the client's handling of a refusal does not depend on the server's backend store")
+    from mnistflow import data, models, tracking  # noqa: E402  (only this test logs a model itself)
+    url, ca, name = server["url"], server["ca"], "alice-owned"
+    assert call(url, ca, "/api/2.0/mlflow/registered-models/create", {"name": name}, key=server["key"])[0] == 200
+    assert call(url, ca, "/api/2.0/mlflow/users/create", {"username": "bob-registers", "password": "bob-Pw-12345678"},
+                basic=ADMIN)[0] == 200
+    issued = run_step("python", "serverFolder/api_keys.py", "issue", "bob-registers", "--db", server["keys"])
+    assert issued.returncode == 0, issued.stderr
+    bob = {**user_env(server), "AM_SC_API_KEY": issued.stdout.strip(), "MLFLOW_EXPERIMENT_NAME": "bob-models"}
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_SERVER_CERT_PATH", "AM_SC_API_KEY", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(variable, bob[variable])
+    mlflow.set_tracking_uri(url)
+    try:
+        mlflow.create_experiment("bob-models")
+        with mlflow.start_run() as run:  # bob's model, logged as the train step logs one
+            mlflow.set_tag("dataset", "mnist")
+            tracking.log_model(models.build("fast", "off"), data.load("mnist", tiny_data))
+    finally:
+        mlflow.set_tracking_uri(None)
+    store = mlflow.MlflowClient(server["backend"])
+    expected = (f"register: error: the registered model name '{name}' belongs to another user on {url} (HTTP 403); "
+                "choose another name with model_name=<name> (--model_name <name>)")
+    register = ["python", "-m", "steps.register", "--model_name", name, "--run_id", run.info.run_id,
+                "--data_dir", tiny_data, "--min_accuracy", "0.01", "--recall_margin", "1", "--max_latency_ms", "10000"]
+
+    # Bob may read the name (the server's default): creating a version under it is refused.
+    result = subprocess.run(register, cwd=ROOT, capture_output=True, text=True, env=bob, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == expected
+    # Bob may not even read it: its champion cannot be read, which is not "no champion yet".
+    assert call(url, ca, "/api/3.0/mlflow/users/permissions/grant", {"username": "bob-registers", "permission": "DENY",
+                "resource_type": "registered_model", "resource_id": name}, basic=ADMIN)[0] == 200
+    result = subprocess.run(register, cwd=ROOT, capture_output=True, text=True, env=bob, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == expected
+    assert store.search_model_versions(f"name = '{name}'") == [] and store.get_registered_model(name).aliases == {}
