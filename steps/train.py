@@ -59,6 +59,8 @@ def main(argv=None) -> None:
             # `mlflow run` opened a run of its own before this step started; point it here.
             mlflow.MlflowClient().set_tag(launcher_run, "mlflow.note.content", f"resumed run {run_id}")
         mlflow.set_tags(tracking.process_tags())
+        if cfg.resume:  # a resumed run may have logged more than its checkpoint holds
+            log_metrics = tracking.metrics_once(run_id, state["history"] if state else [], log_metrics)
         if state is None:
             tracking.log_config(cfg)
             mlflow.log_params({
@@ -73,7 +75,6 @@ def main(argv=None) -> None:
                   f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
         else:
             print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
-            log_metrics = tracking.metrics_once(run_id, state["history"], log_metrics)
 
         state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
                     save_checkpoint=tracking.checkpoint_saver(checkpoint_dir))

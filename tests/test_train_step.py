@@ -249,15 +249,17 @@ def test_resume_refuses_a_live_run_and_continues_a_killed_one_from_its_newest_re
 
 
 def test_resume_of_a_run_the_train_step_did_not_start_is_refused_in_one_line(store, tiny_data):
-    # A tune study's parent run: params and a config.yaml, but the tune step's.
-    with tracking.tracked_run(run_name="study-s") as (study, _):
+    # A tune study's parent run that a failed invocation ended FAILED: params and a config.yaml,
+    # but the tune step's.
+    with pytest.raises(SystemExit), tracking.tracked_run(run_name="study-s") as (study, _):
         tracking.log_config(TuneConfig().validate())
+        sys.exit(1)
     result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local",
                       "-P", f"resume={study.info.run_id}", "-P", f"data_dir={tiny_data}")
     assert result.returncode != 0
     one_line_error(result.stderr, f"run {study.info.run_id} (study-s) was not started by the train step, "
                                   "so it has no checkpoints to resume")
-    assert sorted(r.info.status for r in runs()) == ["FAILED", "FINISHED"]  # `mlflow run`'s own run FAILED
+    assert [r.info.status for r in runs()] == ["FAILED", "FAILED"]  # `mlflow run`'s own run is not left RUNNING
 
     with mlflow.start_run(run_name="register") as register_run:  # a run of another step, still RUNNING
         mlflow.log_param("model_name", "MNIST_CNN")
