@@ -8,7 +8,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import EXPERIMENT, python_step, run_step
+from conftest import EXPERIMENT, run_step
 from mnistflow import cli_guard
 
 SECRET = "S3cret-pw-9f2c"
