@@ -81,5 +81,5 @@ def test_bad_run_ids_are_one_line_and_log_nothing(registry_store, tmp_path, caps
     assert logged(bare.info.run_id) == set()
 
     result = run_step("python", "researcher/log_plot.py", "--run-id", bare.info.run_id)
-    assert result.returncode == 1 and "has no loss metrics" in result.stderr
+    assert result.returncode == 2 and "has no loss metrics" in result.stderr
     assert logged(bare.info.run_id) == set()
