@@ -222,7 +222,8 @@ def test_tune_exits_1_when_a_worker_process_died(store, tiny_data, tmp_path):
     os.kill(worker, signal.SIGKILL)
     _, stderr = step.communicate(timeout=300)
     assert step.returncode == 1
-    assert stderr.strip().splitlines()[-1].startswith("tune: error: worker 1 died (exit code -9); "
-                                                      "a trial it left RUNNING is failed and rerun")
+    # multiprocessing's resource tracker may warn after it about a semaphore the dead worker held
+    [line] = [line for line in stderr.splitlines() if line.startswith("tune: error: ")]
+    assert line.startswith("tune: error: worker 1 died (exit code -9); a trial it left RUNNING is failed and rerun")
     parent = mlflow.get_run(load(storage).user_attrs[tuning.PARENT_RUN_ATTR])
     assert parent.info.status == "FAILED"
