@@ -32,7 +32,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
-    """"" for a model this project logged (pytorch pt2 with its dataset and classes), else what it is.
+    """"" for a model this project logged (pytorch pt2 with its dataset and classes), else what it is
+    ("a python_function model (loader mlflow.pyfunc.model)").
 
     Reads the MLmodel file's `description` and, once the model's `files` are downloaded, lists
     its data folder: MLflow's pytorch loader takes data/model.pth (a pickle) when it is there,
@@ -41,25 +42,26 @@ def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
     flavors = description.flavors
     pyfunc = flavors.get("python_function", {})
     if "pytorch" not in flavors:
-        return " + ".join(sorted(flavors)) + (f" ({pyfunc['loader_module']})" if pyfunc.get("loader_module") else "")
+        loader = f" (loader {pyfunc['loader_module']})" if pyfunc.get("loader_module") else ""
+        return f"a {' + '.join(sorted(flavors))} model{loader}"
     if set(flavors) != {"pytorch", "python_function"} or pyfunc.get("loader_module") != "mlflow.pytorch" \
             or pyfunc.get("data") != "data" or pyfunc.get("code") or flavors["pytorch"].get("code"):
-        return "pytorch with extra code or flavours"
+        return "a pytorch model with extra code or flavours"
     metadata = description.metadata or {}
     dataset = metadata.get("dataset")
     if dataset not in DATASETS or metadata.get("classes") != list(DATASETS[dataset][0].classes):
-        return "pytorch without mnistflow's dataset and classes"
+        return "a pytorch model without mnistflow's dataset and classes"
     pickled, exported = (os.path.join(files, "data", name) for name in ("model.pth", "model.pt2"))
     if files and (os.path.exists(pickled) or not os.path.isfile(exported)):
-        return "pytorch (pickle)"
+        return "a pytorch model saved with pickle"
     return ""
 
 
 def _refuse(uri: str, kind: str) -> None:
     if kind:
-        raise ConfigError(f"model {uri!r} is a {kind} model, not one mnistflow logs (pytorch pt2 with its "
-                          f"dataset and classes); loading it could run code it carries. To load it anyway: "
-                          f"{PICKLED_FLAG}=true (--{PICKLED_FLAG} true)")
+        raise ConfigError(f"model {uri!r} is {kind}, not one mnistflow logs (pytorch pt2 with its dataset and "
+                          f"classes); loading it could run code it carries. To load it anyway: {PICKLED_FLAG}=true "
+                          f"(--{PICKLED_FLAG} true)")
 
 
 def download(uri: str, folder: str, allow_pickled: bool = False) -> str:

@@ -33,9 +33,8 @@ def main(argv=None) -> None:
         sys.exit(2)
 
     with tracking.tracked_run(run_name=f"evaluate-{dataset}") as (run, _):
-        # `mlflow run` has logged the given dataset ("" = the model's) as a param; MLflow params cannot change.
-        mlflow.log_params({"model_uri": cfg.model_uri, "dataset": cfg.dataset, "resolved_dataset": dataset,
-                           "test_size": len(data.test)})
+        tracking.log_config(cfg)  # dataset as given ("" = the model's); the one scored is resolved_dataset
+        mlflow.log_params({"resolved_dataset": dataset, "test_size": len(data.test)})
         mlflow.set_tags({**tracking.run_tags("development", dataset), "model_uri": cfg.model_uri})
         tracking.log_datasets(data, contexts=("test",))
         results = tracking.log_test_scores(inference.log_probabilities(model, data.pixels(data.test).numpy()), data)

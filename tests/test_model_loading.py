@@ -68,7 +68,7 @@ def runs() -> int:
     return len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list"))
 
 
-REFUSAL = ("is a {kind} model, not one mnistflow logs (pytorch pt2 with its dataset and classes); loading it "
+REFUSAL = ("is {kind}, not one mnistflow logs (pytorch pt2 with its dataset and classes); loading it "
            "could run code it carries. To load it anyway: allow_pickled_models=true (--allow_pickled_models true)\n")
 
 
@@ -85,7 +85,7 @@ def test_a_pickled_model_is_refused_by_every_step_until_allowed(pickled, tiny_da
     for name, (main, args, named) in steps.items():
         assert exit_code(main, args) == 2, name
         assert capsys.readouterr().err == f"{name}: error: model {named!r} " + REFUSAL.format(
-            kind="python_function (mlflow.pyfunc.model)")
+            kind="a python_function model (loader mlflow.pyfunc.model)")
         assert not marker.exists(), name
     assert runs() == runs_before  # no run left behind, RUNNING or otherwise
     assert mlflow.MlflowClient().search_registered_models() == []
@@ -93,7 +93,7 @@ def test_a_pickled_model_is_refused_by_every_step_until_allowed(pickled, tiny_da
     # A pickled pytorch model carries code just the same.
     assert exit_code(predict.main, ["--model", pickled["torch_uri"], "--image", image]) == 2
     assert capsys.readouterr().err == f"predict: error: model {pickled['torch_uri']!r} " + REFUSAL.format(
-        kind="pytorch without mnistflow's dataset and classes")
+        kind="a pytorch model without mnistflow's dataset and classes")
 
     # The user's explicit choice: then it loads, and its code runs.
     assert exit_code(predict.main, ["--model", uri, "--image", image, "--allow_pickled_models", "true"]) == 0
@@ -105,12 +105,12 @@ def test_mlflow_run_and_the_bench_refuse_it_too(pickled, tmp_path):
     uri, marker = pickled["uri"], pickled["marker"]
     result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
                       "-P", f"model={uri}", "-P", f"images={image}")
-    assert result.returncode != 0 and "predict: error: model " + repr(uri) + " is a python_function" in result.stderr
+    assert result.returncode != 0 and "predict: error: model " + repr(uri) + " is a python_function model" in result.stderr
     assert "allow_pickled_models=true" in result.stderr and not marker.exists()
     result = run_step(sys.executable, "bench/serve_latency.py", "--model", uri)
     assert result.returncode == 2 and not marker.exists()
     assert result.stderr == f"serve_latency: error: model {uri!r} " + REFUSAL.format(
-        kind="python_function (mlflow.pyfunc.model)")
+        kind="a python_function model (loader mlflow.pyfunc.model)")
     result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
                       "-P", f"model={uri}", "-P", f"images={image}", "-P", "allow_pickled_models=true")
     assert result.returncode == 0, result.stderr[-2000:]
