@@ -33,6 +33,9 @@ EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")
 LEGACY_CHECKPOINT = "last.pt"  # the one checkpoint of runs from before epoch-numbered checkpoints
 UNREADABLE = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError)  # torch.load of a torn file
 TRAIN_RUN_PARAM = "steps_per_epoch"  # logged by the train step only, from its first version on
+# The epoch of the newest stored checkpoint, set right after it: unlike the metrics, which are
+# written asynchronously and lost by a SIGKILL, it says that checkpoints must be there.
+CHECKPOINT_TAG = "checkpoint_epoch"
 # A RUNNING run is taken for alive while its newest metric is younger than twice its longest
 # epoch, and never less than this: the final test and model logging write no metric for a while.
 SILENCE_FLOOR_S = 60
@@ -243,6 +246,7 @@ def checkpoint_saver(directory: str):
         path = os.path.join(directory, checkpoint_name(state["epoch"]))
         torch.save(state, path)
         mlflow.log_artifact(path, CHECKPOINTS)
+        mlflow.set_tag(CHECKPOINT_TAG, str(state["epoch"]))
         os.remove(path)
         if state["epoch"] > 2:
             _delete_artifact(f"{CHECKPOINTS}/{checkpoint_name(state['epoch'] - 2)}")
@@ -269,11 +273,13 @@ def resume_state(run_id: str) -> dict | None:
     stopped before its first one.
 
     An unreadable checkpoint (a crash while it was written) is skipped, and said so. StoreError
-    when the store cannot list or fetch the checkpoints, or when the run logged epochs but none
-    of its checkpoints can be read: training again from epoch 1 would log those epochs twice.
+    when the store cannot list or fetch the checkpoints, or when the run stored checkpoints
+    (CHECKPOINT_TAG) or logged epochs but none of its checkpoints can be read: training again
+    from epoch 1 would log those epochs twice.
     """
     client = mlflow.MlflowClient()
-    where = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINTS}"
+    run = client.get_run(run_id)
+    where = f"{run.info.artifact_uri}/{CHECKPOINTS}"
     try:
         names = {os.path.basename(f.path) for f in client.list_artifacts(run_id, CHECKPOINTS)}
     except (MlflowException, OSError) as exc:
@@ -294,9 +300,10 @@ def resume_state(run_id: str) -> dict | None:
             except UNREADABLE as exc:
                 print(f"checkpoint {name} of run {run_id} is unreadable ({_first_line(exc)}); "
                       "trying the one before it", flush=True)
-    epochs = max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+    epochs = max([int(run.data.tags.get(CHECKPOINT_TAG, 0))] +
+                 [m.step for m in client.get_metric_history(run_id, "val_loss")])
     if epochs or newest_first:
-        raise StoreError(f"run {run_id} logged {epochs} epochs but has no readable checkpoint in {where}; "
+        raise StoreError(f"run {run_id} trained {epochs} epochs but has no readable checkpoint in {where}; "
                          "it cannot continue without training those epochs twice")
     return None
 
