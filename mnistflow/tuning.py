@@ -62,8 +62,9 @@ def _check_entry(path: str, name, entry):
     if name not in SEARCHABLE:
         raise ConfigError(f"{where}: unknown setting; allowed: {', '.join(SEARCHABLE)}")
     if not isinstance(entry, dict):
-        _check_values(where, name, [entry])
-        return _as_type(where, name, entry)
+        value = _as_type(where, name, entry)
+        _check_values(where, name, [value])
+        return value
     kind = entry.get("type")
     if kind in ("float", "int"):
         allowed_keys = {"type", "low", "high", "log", "step"}

@@ -9,6 +9,7 @@ from mnistflow.config import ConfigError, TuneConfig
 
 SPACE = """
 model: fast
+weight_decay: 1e-4
 lr: {type: float, low: 1e-3, high: 3.0e-2, log: true}
 batch_size: {type: categorical, choices: [64, 128]}
 patience: {type: int, low: 0, high: 3}
@@ -25,7 +26,7 @@ def test_search_space_samples_ranges_and_keeps_fixed_values(tmp_path):
     space = tuning.load_search_space(write(tmp_path, SPACE))
     assert space["lr"]["low"] == 0.001  # YAML reads 1e-3 as a string; it is made a float
     params = tuning.suggest(optuna.trial.FixedTrial({"lr": 0.01, "batch_size": 64, "patience": 2}), space)
-    assert params == {"model": "fast", "lr": 0.01, "batch_size": 64, "patience": 2}
+    assert params == {"model": "fast", "weight_decay": 0.0001, "lr": 0.01, "batch_size": 64, "patience": 2}
 
 
 def test_the_shipped_search_space_loads():
@@ -46,6 +47,7 @@ def test_the_shipped_search_space_loads():
     ("optimizer: {type: categorical, choices: [adamw, lion]}", "unknown optimizer 'lion'; choose from adamw"),
     ("batch_size: {type: categorical, choices: [64, big]}", "'big' is not a int"),
     ("model: resnet", "unknown model 'resnet'"),
+    ("lr: -1e-3", "lr: lr=-0.001 is not allowed; it must be > 0"),
 ])
 def test_a_bad_search_space_is_refused_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
