@@ -6,6 +6,7 @@ in whatever process or machine, log their trials under the same parent run.
 """
 import dataclasses
 import os
+import socket
 import tempfile
 import warnings
 
@@ -27,6 +28,7 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"   # study attribute
 STUDY_PARENT_TAG = "study_parent_run_id"   # on a run `mlflow run` opened for trials added to an older study
 RUN_ID_ATTR = "mlflow_run_id"              # trial attribute: the trial's child run
+WORKER_ATTR = "worker"                      # trial attribute: <host>:<pid> of the process training it
 WEIGHTS = "model_state.pt"                 # a complete trial's best weights, on its child run
 MAX_RETRY = 2                              # reruns of a trial whose worker died
 # Settings a trial may vary; the rest describe the study and are the same for every trial.
@@ -188,6 +190,19 @@ def _fail_run_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) ->
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
 
+def worker_name(pid: int) -> str:
+    return f"{socket.gethostname()}:{pid}"
+
+
+def fail_trials_of(study: optuna.Study, pid: int) -> None:
+    """A worker process of this machine died: fail the trials it left RUNNING now (their runs
+    FAILED, each queued again), instead of when the next tune of the study finds them silent."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) == worker_name(pid):
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            _fail_run_and_retry(study, trial)
+
+
 def existing_parent_run(cfg: TuneConfig, storage) -> str | None:
     """The parent run id of an existing study (checked to be in this tracking store), else None."""
     if cfg.study_name not in optuna.get_all_study_names(storage):
@@ -251,6 +266,7 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
     with tracking.tracked_run(experiment_id=parent.info.experiment_id, run_name=f"trial-{trial.number}",
                               tags=tags, nested=True) as (run, log_metrics):
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        trial.set_user_attr(WORKER_ATTR, worker_name(os.getpid()))
         tracking.log_config(train_cfg)
         mlflow.log_params(tracking.model_params(train_cfg, net, device))
         try:
@@ -301,8 +317,7 @@ def invocation_failure(study: optuna.Study, first_trial: int, worker_exit_codes:
     exit codes of workers 1, 2, ...), or every trial it added (numbers from `first_trial` on) failed."""
     dead = [f"worker {i} died (exit code {code})" for i, code in enumerate(worker_exit_codes, start=1) if code]
     if dead:
-        return (", ".join(dead) + "; a trial it left RUNNING is failed and rerun by the next tune of "
-                "this study once its heartbeat is stale")
+        return ", ".join(dead) + "; its trial was marked failed and is queued again for the next tune of this study"
     added = [t for t in study.get_trials(deepcopy=False) if t.number >= first_trial and t.state.is_finished()]
     if added and all(t.state == optuna.trial.TrialState.FAIL for t in added):
         return f"all {len(added)} trials of this invocation failed; Optuna's warnings above say why"

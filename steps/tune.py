@@ -63,6 +63,8 @@ def main(argv=None) -> None:
         tuning.work(cfg, space, parent.info.run_id, 0, counts[0], data)
         for process in others:
             process.join()
+            if process.exitcode:
+                tuning.fail_trials_of(study, process.pid)
 
         best = tuning.log_study(study, cfg, data)
         print(tuning.summary_table(study))

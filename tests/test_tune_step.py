@@ -224,6 +224,13 @@ def test_tune_exits_1_when_a_worker_process_died(store, tiny_data, tmp_path):
     assert step.returncode == 1
     # multiprocessing's resource tracker may warn after it about a semaphore the dead worker held
     [line] = [line for line in stderr.splitlines() if line.startswith("tune: error: ")]
-    assert line.startswith("tune: error: worker 1 died (exit code -9); a trial it left RUNNING is failed and rerun")
-    parent = mlflow.get_run(load(storage).user_attrs[tuning.PARENT_RUN_ATTR])
+    assert line.startswith("tune: error: worker 1 died (exit code -9); its trial was marked failed and is queued again")
+    study = load(storage)
+    parent = mlflow.get_run(study.user_attrs[tuning.PARENT_RUN_ATTR])
     assert parent.info.status == "FAILED"
+    # Nothing is left RUNNING: the dead worker's trial and its run are failed, and a rerun is queued.
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL", "WAITING"]
+    [dead] = [t for t in study.trials if t.state.name == "FAIL"]
+    assert mlflow.get_run(dead.user_attrs[tuning.RUN_ID_ATTR]).info.status == "FAILED"
+    assert not mlflow.search_runs(filter_string="attributes.status = 'RUNNING'", search_all_experiments=True,
+                                  output_format="list")
