@@ -4,11 +4,11 @@ MLflow calls `ApiKeyHeaderProvider` before every request to a tracking server (i
 as an `mlflow.request_header_provider` entry point in pyproject.toml), so exporting AM_SC_API_KEY
 is all a user does. The server's side, which maps a key to its user, is mnistflow/keystore.py.
 
-The key only goes where no one on the way can read it: over HTTPS, or plain HTTP to this machine
-(localhost, 127.0.0.0/8 or ::1, addresses whose traffic never leaves it), unless
-MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true says the network in between is trusted.
+The key only goes where no one on the way can read it: over HTTPS, or plain HTTP to the addresses
+a tracking server on this machine listens on (localhost, 127.0.0.1, ::1), unless
+MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true says the network in between is trusted. Other loopback
+addresses (127.0.0.2, ...) need that opt-in too: nothing of this project listens there.
 """
-import ipaddress
 import os
 import urllib.parse
 
@@ -23,6 +23,7 @@ from mnistflow.config import ConfigError
 KEY_ENV = "AM_SC_API_KEY"
 HEADER = "X-Api-Key"
 PLAIN_HTTP_ENV = "MNISTFLOW_ALLOW_PLAIN_HTTP_KEY"
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # where the key may go over plain HTTP
 
 
 class ApiKeyHeaderProvider(RequestHeaderProvider):
@@ -54,13 +55,7 @@ def plain_http_destinations() -> list[str]:
 
 
 def on_this_machine(uri: str) -> bool:
-    host = urllib.parse.urlsplit(uri).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: what it resolves to may change, so it does not count
+    return (urllib.parse.urlsplit(uri).hostname or "") in LOCAL_HOSTS
 
 
 def check_access() -> None:
@@ -70,8 +65,9 @@ def check_access() -> None:
     need no check."""
     blocked = plain_http_destinations() if os.environ.get(KEY_ENV) else []
     if blocked:
-        raise ConfigError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not this "
-                          f"machine: use an https:// URI, or set {PLAIN_HTTP_ENV}=true if the network is trusted")
+        raise ConfigError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not "
+                          f"localhost, 127.0.0.1 or ::1: use an https:// URI, or set {PLAIN_HTTP_ENV}=true "
+                          "if the network is trusted")
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return

@@ -88,9 +88,12 @@ def test_the_key_goes_over_plain_http_only_to_this_machine(recorders, monkeypatc
     monkeypatch.setenv("AM_SC_API_KEY", KEY)
     monkeypatch.delenv("MNISTFLOW_ALLOW_PLAIN_HTTP_KEY", raising=False)
     remote, local = recorders(non_loopback_address()), recorders("127.0.0.1")
+    other_loopback = recorders("127.0.0.2")  # on this machine, but not where a local server listens
 
     search_experiments_at(remote.uri, monkeypatch)
     assert remote.requests and remote.keys_received() == []  # the plugin itself leaves the key out
+    search_experiments_at(other_loopback.uri, monkeypatch)
+    assert other_loopback.requests and other_loopback.keys_received() == []
     search_experiments_at(local.uri, monkeypatch)
     assert set(local.keys_received()) == {KEY}
     monkeypatch.setenv("MNISTFLOW_ALLOW_PLAIN_HTTP_KEY", "true")  # the user says that network is trusted
@@ -103,8 +106,8 @@ def test_steps_refuse_a_plain_http_server_elsewhere_before_any_request(recorders
     monkeypatch.setenv("MLFLOW_TRACKING_URI", remote.uri)
     monkeypatch.setenv("AM_SC_API_KEY", KEY)
     monkeypatch.delenv("MNISTFLOW_ALLOW_PLAIN_HTTP_KEY", raising=False)
-    message = (f"error: the API key in AM_SC_API_KEY would travel unencrypted to {remote.uri}, which is not this "
-               "machine: use an https:// URI, or set MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true if the network is trusted\n")
+    message = (f"error: the API key in AM_SC_API_KEY would travel unencrypted to {remote.uri}, which is not "
+               "localhost, 127.0.0.1 or ::1: use an https:// URI, or set MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true if the network is trusted\n")
     step = python_step("steps.train", "--epochs", "1", "--data_dir", tiny_data)
     assert (step.returncode, step.stderr) == (2, "train: " + message)
     launched = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", "epochs=1",
