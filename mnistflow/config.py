@@ -41,6 +41,11 @@ class ConfigError(ValueError):
     """A bad setting; the message names the value and what is allowed."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message cut to its first line, for the one-line errors the steps print."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 @dataclass
 class TrainConfig:
     dataset: str = "mnist"

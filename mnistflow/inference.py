@@ -19,16 +19,12 @@ import numpy as np
 import yaml
 from mlflow.exceptions import MlflowException
 
-from mnistflow.config import ConfigError
+from mnistflow.config import ConfigError, first_line
 from mnistflow.data import DATASETS
 
 BATCH_SIZE = 1000
 PICKLED_FLAG = "allow_pickled_models"  # the flag (and MLproject parameter) of every step that loads a model
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's own check of pt2 archives
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
@@ -80,7 +76,7 @@ def download(uri: str, folder: str, allow_pickled: bool = False) -> str:
     except ConfigError:
         raise
     except (MlflowException, OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot load model {uri!r}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot load model {uri!r}: {first_line(exc)}") from None
     if not allow_pickled:
         _refuse(uri, foreign_kind(description, local))
     return local
@@ -107,7 +103,7 @@ def load_local(local: str, uri: str, allow_pickled: bool = False):
         with mlflow_pickle_switch(allow_pickled):
             return mlflow.pyfunc.load_model(local)
     except (MlflowException, OSError) as exc:
-        raise ConfigError(f"cannot load model {uri!r}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot load model {uri!r}: {first_line(exc)}") from None
 
 
 def load(uri: str, allow_pickled: bool = False):

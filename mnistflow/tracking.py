@@ -23,7 +23,7 @@ from mlflow.models import infer_signature
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from mnistflow import metrics, plots
-from mnistflow.config import AUTO, ConfigError
+from mnistflow.config import AUTO, ConfigError, first_line
 from mnistflow.data import Data
 from mnistflow.models import count_params, servable
 from mnistflow.train import evaluate
@@ -132,7 +132,7 @@ def resumable_config(run_id: str) -> dict:
     try:
         return logged_config(run_id)
     except (MlflowException, OSError) as exc:
-        raise StoreError(f"cannot read config.yaml of run {run_id} from {run.info.artifact_uri}: {_first_line(exc)}")
+        raise StoreError(f"cannot read config.yaml of run {run_id} from {run.info.artifact_uri}: {_first_sentence(exc)}")
 
 
 def process_tags() -> dict:
@@ -234,7 +234,7 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def checkpoint_saver(directory: str):
-    """A `save_checkpoint(state, is_best)` for `fit` that logs checkpoints/epoch_NNN.pt to the run.
+    """A `save_checkpoint(state)` for `fit` that logs checkpoints/epoch_NNN.pt to the run.
 
     Every epoch's checkpoint is a new file, so a crash while one is written leaves the ones before
     it whole. The two newest are kept: the previous one also covers a newest one that the store
@@ -242,7 +242,7 @@ def checkpoint_saver(directory: str):
     artifact store can delete; elsewhere they stay. The best epoch's weights are in every
     checkpoint (`best`), and they are what the run's model holds at the end.
     """
-    def save(state: dict, is_best: bool) -> None:
+    def save(state: dict) -> None:
         path = os.path.join(directory, checkpoint_name(state["epoch"]))
         torch.save(state, path)
         mlflow.log_artifact(path, CHECKPOINTS)
@@ -260,12 +260,12 @@ def _delete_artifact(path: str) -> None:
     except NotImplementedError:
         pass  # this kind of store cannot delete: the old checkpoint stays
     except (MlflowException, OSError) as exc:
-        print(f"warning: old checkpoint {path} not deleted, it stays: {_first_line(exc)}", flush=True)
+        print(f"warning: old checkpoint {path} not deleted, it stays: {_first_sentence(exc)}", flush=True)
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_sentence(exc: BaseException) -> str:
     """The first sentence of an error's message (torch's explain themselves at length)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+    return first_line(exc).split(". ")[0]
 
 
 def resume_state(run_id: str) -> dict | None:
@@ -283,7 +283,7 @@ def resume_state(run_id: str) -> dict | None:
     try:
         names = {os.path.basename(f.path) for f in client.list_artifacts(run_id, CHECKPOINTS)}
     except (MlflowException, OSError) as exc:
-        raise StoreError(f"cannot list the checkpoints of run {run_id} in {where}: {_first_line(exc)}")
+        raise StoreError(f"cannot list the checkpoints of run {run_id} in {where}: {_first_sentence(exc)}")
     numbered = sorted((name for name in names if EPOCH_CHECKPOINT.fullmatch(name)),
                       key=lambda name: int(EPOCH_CHECKPOINT.fullmatch(name)[1]), reverse=True)
     newest_first = numbered + ([LEGACY_CHECKPOINT] if LEGACY_CHECKPOINT in names else [])
@@ -293,12 +293,12 @@ def resume_state(run_id: str) -> dict | None:
                 path = mlflow.artifacts.download_artifacts(
                     run_id=run_id, artifact_path=f"{CHECKPOINTS}/{name}", dst_path=tmp)
             except (MlflowException, OSError) as exc:
-                raise StoreError(f"cannot fetch checkpoint {name} of run {run_id} from {where}: {_first_line(exc)}")
+                raise StoreError(f"cannot fetch checkpoint {name} of run {run_id} from {where}: {_first_sentence(exc)}")
             try:
                 # weights_only: a checkpoint is data; never let it run code while loading.
                 return torch.load(path, weights_only=True)
             except UNREADABLE as exc:
-                print(f"checkpoint {name} of run {run_id} is unreadable ({_first_line(exc)}); "
+                print(f"checkpoint {name} of run {run_id} is unreadable ({_first_sentence(exc)}); "
                       "trying the one before it", flush=True)
     epochs = max([int(run.data.tags.get(CHECKPOINT_TAG, 0))] +
                  [m.step for m in client.get_metric_history(run_id, "val_loss")])

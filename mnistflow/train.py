@@ -103,12 +103,12 @@ def new_state(cfg: TrainConfig, model, optimizer, scheduler) -> dict:
 
 def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         log_metrics: Callable[[dict, int], None],
-        save_checkpoint: Callable[[dict, bool], None] | None = None,
+        save_checkpoint: Callable[[dict], None] | None = None,
         state: dict | None = None,
         on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None) -> dict:
     """Train `model` for cfg.epochs, or continue from a checkpoint `state`.
 
-    After each epoch: log its metrics, save a checkpoint if asked (is_best when val_loss improved), and
+    After each epoch: log its metrics, save a checkpoint if asked, and
     call `on_epoch_end` (tuning uses it to prune). Returns the final state, with the weights of
     the best epoch loaded into `model`.
     """
@@ -174,8 +174,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(
             f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
-        is_best = state["best"] is None or val_loss < state["best"]["val_loss"]
-        if is_best:
+        if state["best"] is None or val_loss < state["best"]["val_loss"]:
             state["best"] = {"epoch": epoch, "val_loss": val_loss,
                              "model": copy.deepcopy(model.state_dict())}
         bad_epochs = epoch - state["best"]["epoch"]
@@ -190,7 +189,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         )
         # Checkpoint first, then log: a crash in between is repaired on resume from the history.
         if save_checkpoint:
-            save_checkpoint(state, is_best)
+            save_checkpoint(state)
         log_metrics(metrics, epoch)
         on_epoch_end(epoch, metrics)
         if state["stopped_early"]:

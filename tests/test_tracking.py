@@ -76,7 +76,7 @@ def saved_checkpoints(epochs: int) -> str:
     with tracking.tracked_run() as (run, log_metrics), tempfile.TemporaryDirectory() as tmp:
         save = tracking.checkpoint_saver(tmp)
         for epoch in range(1, epochs + 1):
-            save({"epoch": epoch, "history": [{"val_loss": 1.0 / e} for e in range(1, epoch + 1)]}, True)
+            save({"epoch": epoch, "history": [{"val_loss": 1.0 / e} for e in range(1, epoch + 1)]})
             log_metrics({"val_loss": 1.0 / epoch}, epoch)
     return run.info.run_id
 
@@ -135,7 +135,7 @@ def test_no_checkpoint_means_a_fresh_start_only_when_no_epoch_was_logged(store):
     # A SIGKILL can lose every metric still queued for asynchronous writing; the checkpoint's
     # tag, written with it, still says that checkpoints must be there.
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
-        tracking.checkpoint_saver(tmp)({"epoch": 1, "history": [{}]}, True)
+        tracking.checkpoint_saver(tmp)({"epoch": 1, "history": [{}]})
     shutil.rmtree(local_artifact_dir(run.info.run_id))
     with pytest.raises(tracking.StoreError, match="trained 1 epochs but has no readable checkpoint"):
         tracking.resume_state(run.info.run_id)

@@ -15,7 +15,7 @@ def train(cfg, dataset, state=None, checkpoints=None, logged=None):
     cfg.validate()  # resolves model=auto
     seed_everything(cfg.seed, cfg.deterministic)
     net = models.build(cfg.model, cfg.mirror)
-    save = (lambda s, best: checkpoints.append(copy.deepcopy(s))) if checkpoints is not None else None
+    save = (lambda s: checkpoints.append(copy.deepcopy(s))) if checkpoints is not None else None
     log = (lambda metrics, step: logged.append((step, metrics))) if logged is not None else (lambda m, s: None)
     state = fit(cfg, net, dataset, CPU, log_metrics=log, state=state, save_checkpoint=save)
     return net, state
