@@ -66,6 +66,25 @@ def _interrupt(signum, frame):
 
 
 @contextmanager
+def interrupts_held():
+    """Hold Ctrl-C and SIGTERM until the block is done, then act on them as usual.
+
+    For store writes: one interrupted while SQLAlchemy commits leaves its SQLite transaction
+    open, and the database locked to this process, which then cannot even end its run KILLED.
+    """
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in received:
+            signal.raise_signal(sig)
+
+
+@contextmanager
 def tracked_run(**start_run_args):
     """Start or continue a run; yield (run, log_metrics).
 
@@ -87,7 +106,12 @@ def tracked_run(**start_run_args):
                 log_metrics.flush()  # keep what was measured before the failure
             except MlflowException as flush_error:
                 print(f"warning: some metrics were not written: {flush_error}", flush=True)
-            mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            try:
+                mlflow.end_run(status)
+            except MlflowException as end_error:  # keep the error that stopped the run in sight
+                print(f"warning: run {run.info.run_id} could not be ended {status} and stays RUNNING: "
+                      f"{first_line(end_error)}", flush=True)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -245,11 +269,12 @@ def checkpoint_saver(directory: str):
     def save(state: dict) -> None:
         path = os.path.join(directory, checkpoint_name(state["epoch"]))
         torch.save(state, path)
-        mlflow.log_artifact(path, CHECKPOINTS)
-        mlflow.set_tag(CHECKPOINT_TAG, str(state["epoch"]))
-        os.remove(path)
-        if state["epoch"] > 2:
-            _delete_artifact(f"{CHECKPOINTS}/{checkpoint_name(state['epoch'] - 2)}")
+        with interrupts_held():  # the store writes made while training
+            mlflow.log_artifact(path, CHECKPOINTS)
+            mlflow.set_tag(CHECKPOINT_TAG, str(state["epoch"]))
+            os.remove(path)
+            if state["epoch"] > 2:
+                _delete_artifact(f"{CHECKPOINTS}/{checkpoint_name(state['epoch'] - 2)}")
     return save
 
 
