@@ -3,7 +3,7 @@
 #   make test     install into .venv (first time only), then run the test suite
 # make train runs the train step alone.
 VENV ?= .venv
-# Pinned: these builds are known to import together (see README, Install).
+# Pinned: these builds are known to import together (see docs/development.md).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 EPOCHS ?= 5
 

@@ -1,13 +1,13 @@
 """How fast does a served model answer? `mlflow models serve` over HTTP vs. the same model in process.
 
-    MLFLOW_TRACKING_URI=sqlite:///mlflow.db python bench/serve_latency.py [--model models:/MNIST_CNN@production]
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db python bench/serve_latency.py [--model_uri models:/MNIST_CNN@production]
 
-Downloads the model once and checks that it is one mnistflow logs (see mnistflow/inference.py;
+Downloads the model once and checks that it is one mnistflow logs (see mnistflow/logged_model.py;
 --allow_pickled_models true loads others), then serves that checked copy with
 `mlflow models serve` on a free port of 127.0.0.1 and sends requests one after another,
 alternating the three cases in blocks of 50 so that a noisy moment hits all of them alike:
   1. pyfunc `predict` of one image in this process (what the register gate measures),
-  2. POST /invocations with one image (JSON, as in the README's curl example),
+  2. POST /invocations with one image (JSON, as in the README's curl command),
   3. POST /invocations with a batch of images.
 Prints one table of p50 / p95 latency and images per second, and the HTTP overhead as a ratio.
 The pixels are random: a CNN's compute does not depend on what the image shows.
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,22 +24,18 @@ import tempfile
 import urllib.request
 
 import numpy as np
+from mlflow.utils import find_free_port
 
-from mnistflow import inference
-from mnistflow.config import ConfigError, OneLineParser, parse_bool
+from mnistflow import logged_model
+from mnistflow.config import OneLineParser, parse_bool
+from mnistflow.errors import ModelError
 
 BLOCK, SETTLE = 50, 10
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str, port: int, allow_pickled: bool) -> subprocess.Popen:
     mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    with inference.mlflow_pickle_switch(allow_pickled):  # the server loads the model as this process did
+    with logged_model.mlflow_pickle_switch(allow_pickled):  # the server loads the model as this process did
         server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local",
                                    "-h", "127.0.0.1", "-p", str(port)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -74,10 +69,10 @@ def timed_post(url: str, body: bytes) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(prog="serve_latency", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models:/MNIST_CNN@production")
+    parser.add_argument("--model_uri", default="models:/MNIST_CNN@production")
     parser.add_argument("--requests", type=int, default=500, help="timed requests per case")
     parser.add_argument("--batch", type=int, default=100, help="images in a batch request")
-    parser.add_argument(f"--{inference.PICKLED_FLAG}", type=parse_bool, default=False,
+    parser.add_argument(f"--{logged_model.PICKLED_FLAG}", type=parse_bool, default=False,
                         help="load models mnistflow did not log (they may run code on load)")
     args = parser.parse_args(argv)
     for name in ("requests", "batch"):
@@ -90,12 +85,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         try:
-            local = inference.download(args.model, folder, args.allow_pickled_models)
-            model = inference.load_local(local, args.model, args.allow_pickled_models)
-        except ConfigError as exc:
+            local = logged_model.download(args.model_uri, folder, args.allow_pickled_models)
+            model = logged_model.load_local(local, args.model_uri, args.allow_pickled_models)
+        except ModelError as exc:
             print(f"serve_latency: error: {exc}", file=sys.stderr)
             sys.exit(2)
-        port = free_port()
+        port = find_free_port()
         time_cases(args, model, start_server(local, port, args.allow_pickled_models), port)
 
 
@@ -125,7 +120,7 @@ def time_cases(args: argparse.Namespace, model, server: subprocess.Popen, port: 
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
-    print(f"{args.model}: {rounds * BLOCK} requests per case, in alternating blocks of {BLOCK}\n")
+    print(f"{args.model_uri}: {rounds * BLOCK} requests per case, in alternating blocks of {BLOCK}\n")
     print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'images/s':>10}")
     for name, (images, _) in cases.items():
         t = sorted(times[name])

@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,18 +27,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_FOLDER = os.path.join(os.path.dirname(HERE), "serverFolder")
 sys.path.insert(0, SERVER_FOLDER)
 import local_postgres  # noqa: E402  (a script, not a package)
+from mlflow.utils import find_free_port  # noqa: E402
 
 BATCH = 50  # metric values per request: an epoch's worth of step-level metrics
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(root: str, backend: str, workers: int) -> str:
-    port = free_port()
+    port = find_free_port()
     started = subprocess.run([sys.executable, os.path.join(SERVER_FOLDER, "local_server.py"), "--root", root,
                               "--port", str(port), "--workers", str(workers), "--backend-store-uri", backend],
                              capture_output=True, text=True)
@@ -97,7 +91,7 @@ def main() -> None:
 
     root = tempfile.mkdtemp(prefix="server-load-")
     # A directory of its own: the postgres account (when run as root) cannot enter `root`.
-    pg_root, pg_port = tempfile.mkdtemp(prefix="server-load-pg-"), free_port()
+    pg_root, pg_port = tempfile.mkdtemp(prefix="server-load-pg-"), find_free_port()
     # The servers this script starts find the password where libpq looks: PGPASSWORD.
     os.environ["PGPASSWORD"] = secrets.token_urlsafe(24)
     [pg_url] = local_postgres.start(pg_root, pg_port, ["mlflow"], os.environ["PGPASSWORD"])

@@ -5,7 +5,7 @@
 Prints one table of medians, measured side by side (interleaved) in one run:
   1. epoch time (its training passes) of mnistflow's in-memory tensor pipeline vs. a torchvision
      DataLoader with ToTensor/Normalize on the same model and loop (goal: ratio <= 0.5), for the
-     pipeline doc's `baseline` net, whose epoch is mostly data handling, and for the default
+     `baseline` net, whose epoch is mostly data handling, and for the default
      net, whose epoch is mostly convolutions. A third source, one ready batch reused for every
      step, costs no data handling at all: its epoch is the model's own work, the floor under any
      pipeline, so floor / DataLoader is the best ratio that any data pipeline could reach;
@@ -25,17 +25,18 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from mnistflow import data as mnist_data
-from mnistflow import models, tracking
+from mnistflow import checkpoints, models, tracking
+from mnistflow import data as datasets
 from mnistflow.config import AUTO, OneLineParser, TrainConfig
+from mnistflow.errors import DataError
 from mnistflow.train import fit, seed_everything
 
 
 class DataLoaderSplit:
     """The same training images, served the classic way: PIL image -> ToTensor -> Normalize per sample."""
 
-    def __init__(self, cfg: TrainConfig, data: mnist_data.Data, indices: torch.Tensor):
-        cls, mean, std = mnist_data.DATASETS[cfg.dataset]
+    def __init__(self, cfg: TrainConfig, data: datasets.Data, indices: torch.Tensor):
+        cls, mean, std = datasets.DATASETS[cfg.dataset]
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
         dataset = cls(data.root, train=True, download=False, transform=transform)
         self.subset = Subset(dataset, indices.tolist())
@@ -50,7 +51,7 @@ class DataLoaderSplit:
 class ReusedBatchSplit:
     """No data handling: the split's first batch, ready in memory, served again for every step."""
 
-    def __init__(self, split: mnist_data.Split):
+    def __init__(self, split: datasets.Split):
         self.split = split
 
     def __len__(self):
@@ -77,7 +78,7 @@ def tracked_once(cfg, data) -> float:
     """Wall time of the same training inside an MLflow run: async metrics and checkpoints."""
     start = time.perf_counter()
     with tracking.tracked_run() as (_, log_metrics), tempfile.TemporaryDirectory() as tmp:
-        train_once(cfg, data, log_metrics, tracking.checkpoint_saver(tmp))
+        train_once(cfg, data, log_metrics, checkpoints.saver(tmp))
     return time.perf_counter() - start
 
 
@@ -104,8 +105,8 @@ def main():
     cfg = TrainConfig(epochs=1, data_dir=args.data_dir, max_train_samples=args.train_samples, log_every=50,
                       shift="off").validate()
     try:
-        data = mnist_data.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
-    except mnist_data.DataError as exc:
+        data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
+    except DataError as exc:
         parser.error(str(exc))
     sources = {
         "in-memory tensors": data,

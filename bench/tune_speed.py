@@ -18,8 +18,8 @@ import mlflow
 import optuna
 
 from mnistflow import tuning
-from mnistflow.config import ConfigError, OneLineParser, TuneConfig
-from mnistflow.data import DataError
+from mnistflow.config import OneLineParser, TuneConfig
+from mnistflow.errors import StepError
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
                    for pruner in ("none", args.pruner)}
         space = tuning.load_search_space(args.search_space)
         data = tuning.load_data(configs["none"])
-    except (ConfigError, DataError) as exc:
+    except StepError as exc:
         parser.error(str(exc))
     tmp = tempfile.mkdtemp(prefix="tune-bench-")
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")

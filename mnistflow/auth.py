@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
 
 from mnistflow import cli_guard
-from mnistflow.config import ConfigError
+from mnistflow.errors import AccessError
 
 KEY_ENV = "AM_SC_API_KEY"
 HEADER = "X-Api-Key"
@@ -37,7 +37,7 @@ class ApiKeyHeaderProvider(RequestHeaderProvider):
             self._access_checked = True
             try:
                 check_access()
-            except ConfigError as exc:
+            except AccessError as exc:
                 cli_guard.exit_with(exc)
         return bool(os.environ.get(KEY_ENV)) and not plain_http_destinations()
 
@@ -65,7 +65,7 @@ def check_access() -> None:
     need no check."""
     blocked = plain_http_destinations() if os.environ.get(KEY_ENV) else []
     if blocked:
-        raise ConfigError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not "
+        raise AccessError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not "
                           f"localhost, 127.0.0.1 or ::1: use an https:// URI, or set {PLAIN_HTTP_ENV}=true "
                           "if the network is trusted")
     uri = mlflow.get_tracking_uri()
@@ -80,7 +80,7 @@ def check_access() -> None:
             raise server_error(uri, status) from None
         fix = (f"the key in {KEY_ENV} is unknown, revoked or lacks permission; ask the server's admin"
                if os.environ.get(KEY_ENV) else f"set {KEY_ENV} to your API key")
-        raise ConfigError(f"the tracking server {uri} refused this client (HTTP {status}): {fix}") from None
+        raise AccessError(f"the tracking server {uri} refused this client (HTTP {status}): {fix}") from None
 
 
 def check_reachable(uri: str) -> None:
@@ -92,15 +92,15 @@ def check_reachable(uri: str) -> None:
         health = requests.get(f"{uri}/health", timeout=30, verify=False if insecure else ca or True)
     except requests.exceptions.SSLError:
         trusted = f"the CA in MLFLOW_TRACKING_SERVER_CERT_PATH ({ca})" if ca else "this machine's CAs"
-        raise ConfigError(f"the TLS certificate of {uri} could not be verified with {trusted}: set "
+        raise AccessError(f"the TLS certificate of {uri} could not be verified with {trusted}: set "
                           "MLFLOW_TRACKING_SERVER_CERT_PATH to the CA certificate the server's admin gives you") from None
     except requests.exceptions.RequestException as exc:
-        raise ConfigError(f"cannot reach the tracking server {uri}: {type(exc).__name__}; is it running, "
+        raise AccessError(f"cannot reach the tracking server {uri}: {type(exc).__name__}; is it running, "
                           "and is MLFLOW_TRACKING_URI right?") from None
     if health.status_code >= 500:  # a proxy without its server, or a server in trouble
         raise server_error(uri, health.status_code)
 
 
-def server_error(uri: str, status: int) -> ConfigError:
-    return ConfigError(f"the tracking server {uri} failed to answer (HTTP {status}); try again later, "
+def server_error(uri: str, status: int) -> AccessError:
+    return AccessError(f"the tracking server {uri} failed to answer (HTTP {status}); try again later, "
                        "or tell the server's admin")

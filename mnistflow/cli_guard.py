@@ -15,6 +15,9 @@ import sys
 
 from mlflow.tracking.context.abstract_context import RunContextProvider
 
+from mnistflow.config import refuse_storage_password
+from mnistflow.errors import ConfigError
+
 PROG = "mlflow run"
 
 
@@ -47,13 +50,11 @@ def exit_with(error: Exception) -> None:
 
 class StorageParameterCheck(RunContextProvider):
     """Adds no tags; being built is the hook (see the module docstring). MLflow builds it in every
-    process that imports mlflow, so it imports nothing heavy unless it has something to check."""
+    process that imports mlflow, which is why config.py imports nothing heavy."""
 
     def __init__(self):
         storage = run_parameters(sys.argv[2:]).get("storage") if is_mlflow_run_command() else None
         if storage:
-            from mnistflow.config import ConfigError, refuse_storage_password
-
             try:
                 refuse_storage_password(storage)
             except ConfigError as exc:

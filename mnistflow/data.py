@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from torchvision import datasets
 
+from mnistflow.errors import DataError
+
 DATA_DIR_ENV = "MNISTFLOW_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/mnistflow"
 
@@ -19,10 +21,6 @@ DATASETS = {
     "mnist": (datasets.MNIST, 0.1307, 0.3081),
     "fashion_mnist": (datasets.FashionMNIST, 0.2860, 0.3530),
 }
-
-
-class DataError(Exception):
-    """The dataset files are missing or unreadable; the message says where and what to do."""
 
 
 @dataclass

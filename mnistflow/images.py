@@ -11,13 +11,11 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mnistflow.errors import ImageError
+
 BOX = 20    # the ink's longer side, in pixels
 FIELD = 28  # the image side
 INK = 0.2   # a pixel counts as ink above this fraction of the brightest one
-
-
-class ImageError(ValueError):
-    """The file is missing, empty, not an image, too large, or shows nothing."""
 
 
 def read(path: str) -> Image.Image:
@@ -77,8 +75,3 @@ def to_mnist(image: Image.Image, name: str = "image") -> np.ndarray:
     field = np.zeros((FIELD, FIELD), dtype=np.float32)
     field[top:top + height, left:left + width] = fitted
     return field
-
-
-def load(path: str) -> np.ndarray:
-    """The file at `path` as a (1, 28, 28) model input; ImageError names the file when it cannot."""
-    return to_mnist(read(path), path)[None]

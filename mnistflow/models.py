@@ -4,14 +4,14 @@ Every network takes a normalised (N, 1, 28, 28) batch and returns (N, 10) logits
 
 Each net max-pools before its ReLU, not after: the two commute (both keep the largest value),
 so the function and its gradients are exactly those of the usual conv -> ReLU -> pool, but the
-ReLU and its backward pass touch 4x fewer values (on a CPU a `baseline` epoch is 1.5x faster).
+ReLU and its backward pass touch a quarter of the values (docs/results.md, Pooling before the ReLU).
 """
 import torch
 from torch import nn
 
 
 def baseline() -> nn.Module:
-    """Pipeline doc, Run 1: Conv32 -> max pool -> dense 10."""
+    """The progressive runs' Run 1: Conv32 -> max pool -> dense 10."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(), nn.Linear(32 * 13 * 13, 10),
@@ -19,7 +19,7 @@ def baseline() -> nn.Module:
 
 
 def enhanced() -> nn.Module:
-    """Pipeline doc, Run 2: Conv64 -> pool -> dropout .25 -> dense 128 -> dropout .5 -> dense 10."""
+    """The progressive runs' Runs 2 and 3: Conv64 -> pool -> dropout .25 -> dense 128 -> dropout .5 -> dense 10."""
     return nn.Sequential(
         nn.Conv2d(1, 64, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(0.25),
         nn.Flatten(), nn.Linear(64 * 13 * 13, 128), nn.ReLU(), nn.Dropout(0.5),
@@ -28,7 +28,7 @@ def enhanced() -> nn.Module:
 
 
 def cnn_bn() -> nn.Module:
-    """The Optuna classifier's net: two conv layers with batch norm, max pool, dropout, two dense layers."""
+    """Two conv layers with batch norm, max pool, dropout, two dense layers."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.MaxPool2d(2), nn.ReLU(),
@@ -38,7 +38,7 @@ def cnn_bn() -> nn.Module:
 
 
 def simple() -> nn.Module:
-    """The MLOps sample's net (as in pytorch/examples mnist): conv32, conv64, dense 128, dropout .25."""
+    """The net of pytorch/examples mnist: conv32, conv64, dense 128, dropout .25."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
         nn.Dropout(0.25), nn.Flatten(),
@@ -63,7 +63,7 @@ def _strided_cnn(c1: int, c2: int, c3: int, c4: int) -> nn.Module:
 
 
 def fast() -> nn.Module:
-    """The default for MNIST: chosen for test accuracy per second of CPU training (see README, Models).
+    """The default for MNIST: chosen for test accuracy per second of CPU training (docs/train.md, Models).
 
     Full-resolution layers are what cost time on a CPU, so a stride-2 stem halves the image at
     once and width grows only as the image shrinks; batch norm lets the one-cycle schedule use a
@@ -76,7 +76,7 @@ def wide() -> nn.Module:
     """The default for Fashion-MNIST: `fast` with more channels, at about half its speed.
 
     Fashion-MNIST's classes differ in texture and small detail, and `fast` has too few
-    channels to learn them in 5 epochs (92.4 %); this net reaches 93 % there (see README, Models).
+    channels to reach 93 % in 5 epochs; this net does (docs/results.md, Fashion-MNIST).
     """
     return _strided_cnn(32, 64, 128, 192)
 

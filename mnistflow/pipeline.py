@@ -12,6 +12,7 @@ import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_PROJECT_ENV
 
 from mnistflow import tracking
+from mnistflow.plot_loss import ARTIFACT as PLOT_LOSS_ARTIFACT
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKTREE_TAG = "git_worktree_sha256"  # on a step run: worktree_digest() when it was launched
@@ -92,3 +93,25 @@ def get_or_run(entry_point: str, parameters: dict, env: str, force: bool = False
         # Set once the step FINISHED (mlflow.projects.run returns no earlier): a run without it is never reused.
         mlflow.MlflowClient().set_tag(submitted.run_id, WORKTREE_TAG, digest)
     return StepRun(entry_point, mlflow.get_run(submitted.run_id), reused=False, why=why)
+
+
+def key_figures(step: StepRun) -> str:
+    metrics, tags = step.run.data.metrics, step.run.data.tags
+    if step.entry_point == "train":
+        return f"test_accuracy {metrics['test_accuracy']:.4f}"
+    if step.entry_point == "tune":
+        return (f"best_val_accuracy {metrics.get('best_val_accuracy', float('nan')):.4f}, "
+                f"test_accuracy {metrics.get('test_accuracy', float('nan')):.4f}, "
+                f"{metrics.get('trials_complete', 0):.0f} complete / {metrics.get('trials_pruned', 0):.0f} pruned")
+    if step.entry_point == "register":
+        return (f"{tags.get('model_name')} version {tags.get('model_version')} @{tags.get('alias')} "
+                f"(source run {tags.get('source_run_id', '')[:8]}, gate accuracy {metrics.get('gate_test_accuracy', 0):.4f})")
+    return f"{PLOT_LOSS_ARTIFACT} on run {step.run.data.params.get('run_id', '')[:8]}"
+
+
+def summary_table(steps: list[StepRun]) -> str:
+    """One row per step: its run, whether it ran or was reused, its key figures, and why."""
+    rows = [f"{'step':<10} {'run id':<32}  {'ran':<6}  key figures; why"]
+    rows += [f"{s.entry_point:<10} {s.run.info.run_id:<32}  {'reused' if s.reused else 'new':<6}  "
+             f"{key_figures(s)}; {s.why}" for s in steps]
+    return "\n".join(rows)

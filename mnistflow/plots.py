@@ -85,7 +85,7 @@ def predictions(originals, inputs: np.ndarray, probs: np.ndarray, classes: list[
     return figure
 
 
-def loss_history(step_loss: tuple[list, list], epochs: dict, steps_per_epoch: int, title: str):
+def run_losses(step_loss: tuple[list, list], epochs: dict, steps_per_epoch: int, title: str):
     """Step-level loss and per-epoch train/val loss on one axis, with the epoch boundaries marked.
 
     `epochs` maps train_loss / val_loss to (epochs, values); with steps_per_epoch they are drawn at

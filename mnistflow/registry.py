@@ -15,9 +15,10 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from mnistflow import data as datasets
-from mnistflow import inference, metrics, tracking
-from mnistflow.config import ConfigError, RegisterConfig
+from mnistflow import logged_model, metrics, tracking
+from mnistflow.config import RegisterConfig
 from mnistflow.data import Data
+from mnistflow.errors import AccessError, ConfigError, NotFound, Refused, StoreError, first_line
 
 SANITY_IMAGES = 10
 LATENCY_ROUNDS = 3      # how often a p95 over the limit is measured before the gate says no
@@ -35,7 +36,7 @@ def experiment_id() -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
     experiment = mlflow.get_experiment_by_name(name) if name else None
     if name and experiment is None:
-        raise ConfigError(f"experiment {name!r} (MLFLOW_EXPERIMENT_NAME) does not exist in {mlflow.get_tracking_uri()}")
+        raise NotFound(f"experiment {name!r} (MLFLOW_EXPERIMENT_NAME) does not exist in {mlflow.get_tracking_uri()}")
     return experiment.experiment_id if experiment else "0"
 
 
@@ -48,7 +49,7 @@ class Candidate:
     model_id: str
     cfg: RegisterConfig  # with the run's dataset and that dataset's defaults filled in
     data: Data
-    model: mlflow.pyfunc.PyFuncModel  # loaded, once checked (see inference.download)
+    model: mlflow.pyfunc.PyFuncModel  # loaded, once checked (see logged_model.download)
     size_mb: float
 
 
@@ -72,22 +73,23 @@ def best_run(cfg: RegisterConfig, experiment: str, models: dict) -> mlflow.entit
     for run in runs:
         if cfg.metric in run.data.metrics and run.info.run_id in models:
             return run
-    raise ConfigError(f"no FINISHED {dataset} run with a logged model and a {cfg.metric!r} metric "
+    raise NotFound(f"no FINISHED {dataset} run with a logged model and a {cfg.metric!r} metric "
                       f"in experiment {experiment} of {mlflow.get_tracking_uri()}; train one first")
 
 
 def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     """Resolve the run to register (given, or the best one), load its model and its dataset's test split.
 
-    Raises ConfigError, before anything is written, for a run that does not exist or logged no
-    model, and for a model that cannot be loaded or may not be (see inference.download).
+    Raises, before anything is written, NotFound for a run that does not exist or logged no
+    model, ConfigError for a run of another dataset, ModelError for a model that cannot be loaded
+    or may not be (see logged_model.download).
     """
     experiment = experiment_id()
     if cfg.run_id:
         run = tracking.existing_run(cfg.run_id)
         models = logged_models(run.info.experiment_id)
         if cfg.run_id not in models:
-            raise ConfigError(f"run {cfg.run_id} logged no model; give the id of a finished train or tune run")
+            raise NotFound(f"run {cfg.run_id} logged no model; give the id of a finished train or tune run")
     else:
         models = logged_models(experiment)
         run = best_run(cfg, experiment, models)
@@ -97,10 +99,10 @@ def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     cfg = cfg.with_dataset(dataset)
     logged = models[run.info.run_id]
     with tempfile.TemporaryDirectory() as tmp:
-        local = inference.download(logged.model_uri, tmp, cfg.allow_pickled_models)
-        size_mb = inference.size_mb(local)
-        model = inference.load_local(local, logged.model_uri, cfg.allow_pickled_models)
-    inference.dataset_for(model, logged.model_uri, dataset)
+        local = logged_model.download(logged.model_uri, tmp, cfg.allow_pickled_models)
+        size_mb = logged_model.size_mb(local)
+        model = logged_model.load_local(local, logged.model_uri, cfg.allow_pickled_models)
+    logged_model.dataset_for(model, logged.model_uri, dataset)
     if data is None:
         data = datasets.load(dataset, cfg.data_dir)
     return Candidate(run, logged.model_uri, logged.model_id, cfg, data, model, size_mb)
@@ -119,7 +121,7 @@ class Check:
 
 def test_figures(model, data: Data) -> dict:
     """test_loss, test_accuracy and per-class metrics of a loaded model on the test split."""
-    log_probs = inference.log_probabilities(model, data.pixels(data.test).numpy())
+    log_probs = logged_model.log_probabilities(model, data.pixels(data.test).numpy())
     results, _, _ = metrics.test_metrics(log_probs, data.test.labels.numpy(), data.classes)
     return results
 
@@ -135,14 +137,15 @@ def latency_p95_ms(model, image: np.ndarray, limit_ms: float) -> tuple[float, in
     for round_number in range(1, LATENCY_ROUNDS + 1):
         if round_number > 1:
             time.sleep(LATENCY_PAUSE_S)
-        best = min(best, float(np.percentile(inference.latencies_ms(model, image), 95)))
+        best = min(best, float(np.percentile(logged_model.latencies_ms(model, image), 95)))
         if best < limit_ms:
             break
     return best, round_number
 
 
 def gate(model, size_mb: float, figures: dict, cfg: RegisterConfig, data: Data) -> list[Check]:
-    """The pipeline doc's production criteria, measured on the loaded model."""
+    """The production criteria, measured on the loaded model: test accuracy, single-image latency,
+    model size, and no class whose recall falls far below the others'."""
     recalls = np.array([figures[f"test_recall_class_{i}"] for i in range(len(data.classes))])
     worst = int(recalls.argmin())
     gap = float(recalls.mean() - recalls[worst])
@@ -160,16 +163,15 @@ def gate(model, size_mb: float, figures: dict, cfg: RegisterConfig, data: Data) 
 
 @contextmanager
 def registry_calls(name: str):
-    """Turns a registry call on model `name` that failed into one line (a ConfigError)."""
+    """Turns a registry call on model `name` that failed into one line: AccessError or StoreError."""
     try:
         yield
     except MlflowException as exc:
         where = mlflow.get_tracking_uri()
         if exc.error_code == "PERMISSION_DENIED":
-            raise ConfigError(f"the registered model name {name!r} belongs to another user on {where} (HTTP 403); "
+            raise AccessError(f"the registered model name {name!r} belongs to another user on {where} (HTTP 403); "
                               "choose another name with model_name=<name> (--model_name <name>)") from None
-        first_line = (str(exc).strip().splitlines() or [exc.error_code])[0]
-        raise ConfigError(f"registered model {name!r} on {where}: {first_line}") from None
+        raise StoreError(f"registered model {name!r} on {where}: {first_line(exc)}") from None
 
 
 def does_not_exist(exc: MlflowException) -> bool:
@@ -179,7 +181,7 @@ def does_not_exist(exc: MlflowException) -> bool:
 def champion(name: str, alias: str):
     """The version holding the alias, or None when there is no such model or the alias is unset.
 
-    Any other failure (refused, a server error) is a ConfigError: a champion that cannot be read
+    Any other failure (refused, a server error) is an error: a champion that cannot be read
     is not an absent one, and treating it so would promote past it.
     """
     client = mlflow.MlflowClient()
@@ -234,8 +236,8 @@ def register(candidate: Candidate) -> Outcome:
     checks = gate(candidate.model, candidate.size_mb, figures, cfg, data)
     if holder is not None and not holds:
         holder_uri = f"models:/{cfg.model_name}/{holder.version}"
-        holder_model = inference.load(holder_uri, cfg.allow_pickled_models)
-        inference.dataset_for(holder_model, holder_uri, cfg.dataset)
+        holder_model = logged_model.load(holder_uri, cfg.allow_pickled_models)
+        logged_model.dataset_for(holder_model, holder_uri, cfg.dataset)
         holder_accuracy = test_figures(holder_model, data)["test_accuracy"]
         checks.append(Check("vs_champion", figures["test_accuracy"], f">= {holder_accuracy:.4f}",
                             figures["test_accuracy"] >= holder_accuracy,
@@ -330,29 +332,26 @@ def restore_aliases(name: str, before: dict, aliases: list[str]) -> None:
     print(f"aliases of {name} restored", flush=True)
 
 
-def rollback(cfg: RegisterConfig) -> tuple[str, str]:
-    """Swap the alias and its previous alias; returns (the version now holding the alias, the one
-    now holding previous). Rolling back twice undoes the rollback."""
+def rollback(cfg: RegisterConfig) -> None:
+    """Swap the alias and its previous alias. Rolling back twice undoes the rollback."""
     cfg = cfg.with_dataset(cfg.dataset or "mnist")
     previous = champion(cfg.model_name, previous_alias(cfg.alias))
     if previous is None:
-        raise ConfigError(f"{cfg.model_name} has no @{previous_alias(cfg.alias)} version to roll back to "
+        raise NotFound(f"{cfg.model_name} has no @{previous_alias(cfg.alias)} version to roll back to "
                           f"in {mlflow.get_tracking_uri()}")
     current = champion(cfg.model_name, cfg.alias)
     with registry_calls(cfg.model_name):
         move_alias(cfg.model_name, cfg.alias, previous.version, current.version if current else None)
-    return previous.version, current.version if current else None
 
 
-def sanity_check(name: str, alias: str, data: Data, allow_pickled: bool) -> np.ndarray:
+def sanity_check(name: str, alias: str, data: Data, allow_pickled: bool) -> None:
     """Load the promoted model by its alias, as users will, and predict a few test images."""
     uri = f"models:/{name}@{alias}"
-    model = inference.load(uri, allow_pickled)
-    probs = inference.probabilities(model, data.pixels(data.test)[:SANITY_IMAGES].numpy())
+    model = logged_model.load(uri, allow_pickled)
+    probs = logged_model.probabilities(model, data.pixels(data.test)[:SANITY_IMAGES].numpy())
     predicted, labels = probs.argmax(1), data.test.labels[:SANITY_IMAGES].numpy()
     print(f"sanity check, {uri} on the first {SANITY_IMAGES} test images: predicted {predicted.tolist()}, "
           f"true {labels.tolist()} ({int((predicted == labels).sum())}/{SANITY_IMAGES} right)", flush=True)
-    return probs
 
 
 def log_outcome(outcome: Outcome) -> None:
@@ -361,3 +360,20 @@ def log_outcome(outcome: Outcome) -> None:
     mlflow.set_tags({"source_run_id": outcome.run_id, "model_name": outcome.model_name, "alias": outcome.alias,
                      "promoted": str(outcome.promoted).lower(), "model_version": outcome.version or "",
                      **outcome.as_tags(), **({"refused": outcome.refused} if outcome.refused else {})})
+
+
+def gate_and_promote(cfg: RegisterConfig, data: Data | None = None) -> Outcome:
+    """The register step's work, as a run of its own: prepare, gate, promote, and record the outcome.
+
+    A refusal raises Refused, which ends the run FAILED; a dry run returns what it would do.
+    """
+    candidate = prepare(cfg, data)
+    cfg = candidate.cfg
+    with tracking.tracked_run(run_name=f"register-{cfg.model_name}"):
+        tracking.log_config(cfg)
+        mlflow.set_tags(tracking.run_tags("production", cfg.dataset))
+        outcome = register(candidate)
+        log_outcome(outcome)
+        if outcome.refused and not cfg.dry_run:
+            raise Refused(f"{outcome.refused}; the registry is unchanged")
+    return outcome

@@ -1,48 +1,31 @@
-"""MLflow helpers: the run's life cycle, what makes it reproducible, checkpoints, results and the model."""
+"""A run's life cycle and what makes it reproducible: start and end it (FINISHED, FAILED or
+KILLED), log metrics without blocking, and record who ran what, with which config, data and code.
+"""
 import dataclasses
 import getpass
 import os
-import pickle
 import platform
-import re
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
 
 import mlflow
-import numpy as np
 import torch
 import torchvision
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from mnistflow import metrics, plots
-from mnistflow.config import AUTO, ConfigError, first_line
+from mnistflow.config import AUTO
 from mnistflow.data import Data
-from mnistflow.models import count_params, servable
-from mnistflow.train import evaluate
+from mnistflow.errors import NotFound, first_line
+from mnistflow.models import count_params
 
-CHECKPOINTS = "checkpoints"
-EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")
-LEGACY_CHECKPOINT = "last.pt"  # the one checkpoint of runs from before epoch-numbered checkpoints
-UNREADABLE = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError)  # torch.load of a torn file
-TRAIN_RUN_PARAM = "steps_per_epoch"  # logged by the train step only, from its first version on
-# The epoch of the newest stored checkpoint, set right after it: unlike the metrics, which are
-# written asynchronously and lost by a SIGKILL, it says that checkpoints must be there.
-CHECKPOINT_TAG = "checkpoint_epoch"
 # A RUNNING run is taken for alive while its newest metric is younger than twice its longest
 # epoch, and never less than this: the final test and model logging write no metric for a while.
 SILENCE_FLOOR_S = 60
-
-
-class StoreError(Exception):
-    """The tracking or artifact store could not be read; the message says what and why."""
 
 
 class AsyncMetrics:
@@ -131,32 +114,11 @@ def _git(*args: str) -> str:
 
 
 def existing_run(run_id: str, what: str = "run_id") -> mlflow.entities.Run:
-    """The run with this id; ConfigError naming the id and the tracking store when there is none."""
+    """The run with this id; NotFound naming the id and the tracking store when there is none."""
     try:
         return mlflow.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"unknown {what} {run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
-
-
-def resumable_config(run_id: str) -> dict:
-    """The config.yaml of a train run that `--resume` may continue; ConfigError saying why not.
-
-    Only a run the train step started has checkpoints; a FINISHED run is done; a RUNNING run
-    whose process may still be writing to it would be trained twice at once (`still_alive`).
-    """
-    run = existing_run(run_id, "resume run id")
-    if TRAIN_RUN_PARAM not in run.data.params:
-        raise ConfigError(f"run {run_id} ({run.info.run_name}) was not started by the train step, so it has "
-                          "no checkpoints to resume; give the id of a train run")
-    if run.info.status == "FINISHED":
-        raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
-    alive = still_alive(run) if run.info.status == "RUNNING" else None
-    if alive:
-        raise ConfigError(f"run {run_id} is still RUNNING ({alive}); resume it once its process has stopped")
-    try:
-        return logged_config(run_id)
-    except (MlflowException, OSError) as exc:
-        raise StoreError(f"cannot read config.yaml of run {run_id} from {run.info.artifact_uri}: {_first_sentence(exc)}")
+        raise NotFound(f"unknown {what} {run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
 
 
 def process_tags() -> dict:
@@ -251,160 +213,6 @@ def log_datasets(data: Data, contexts=("training", "validation", "test")) -> Non
                                              source=data.root, name=f"{data.name}-{context}",
                                              digest=split.digest)
         mlflow.log_input(dataset, context=context)
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"epoch_{epoch:03d}.pt"
-
-
-def checkpoint_saver(directory: str):
-    """A `save_checkpoint(state)` for `fit` that logs checkpoints/epoch_NNN.pt to the run.
-
-    Every epoch's checkpoint is a new file, so a crash while one is written leaves the ones before
-    it whole. The two newest are kept: the previous one also covers a newest one that the store
-    acknowledged but lost (a local copy is not synced to disk). Older ones are deleted where the
-    artifact store can delete; elsewhere they stay. The best epoch's weights are in every
-    checkpoint (`best`), and they are what the run's model holds at the end.
-    """
-    def save(state: dict) -> None:
-        path = os.path.join(directory, checkpoint_name(state["epoch"]))
-        torch.save(state, path)
-        with interrupts_held():  # the store writes made while training
-            mlflow.log_artifact(path, CHECKPOINTS)
-            mlflow.set_tag(CHECKPOINT_TAG, str(state["epoch"]))
-            os.remove(path)
-            if state["epoch"] > 2:
-                _delete_artifact(f"{CHECKPOINTS}/{checkpoint_name(state['epoch'] - 2)}")
-    return save
-
-
-def _delete_artifact(path: str) -> None:
-    repository = get_artifact_repository(mlflow.get_artifact_uri())
-    try:
-        repository.delete_artifacts(path)
-    except NotImplementedError:
-        pass  # this kind of store cannot delete: the old checkpoint stays
-    except (MlflowException, OSError) as exc:
-        print(f"warning: old checkpoint {path} not deleted, it stays: {_first_sentence(exc)}", flush=True)
-
-
-def _first_sentence(exc: BaseException) -> str:
-    """The first sentence of an error's message (torch's explain themselves at length)."""
-    return first_line(exc).split(". ")[0]
-
-
-def resume_state(run_id: str) -> dict | None:
-    """The state a train run continues from: its newest readable checkpoint, or None when it
-    stopped before its first one.
-
-    An unreadable checkpoint (a crash while it was written) is skipped, and said so. StoreError
-    when the store cannot list or fetch the checkpoints, or when the run stored checkpoints
-    (CHECKPOINT_TAG) or logged epochs but none of its checkpoints can be read: training again
-    from epoch 1 would log those epochs twice.
-    """
-    client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
-    where = f"{run.info.artifact_uri}/{CHECKPOINTS}"
-    try:
-        names = {os.path.basename(f.path) for f in client.list_artifacts(run_id, CHECKPOINTS)}
-    except (MlflowException, OSError) as exc:
-        raise StoreError(f"cannot list the checkpoints of run {run_id} in {where}: {_first_sentence(exc)}")
-    numbered = sorted((name for name in names if EPOCH_CHECKPOINT.fullmatch(name)),
-                      key=lambda name: int(EPOCH_CHECKPOINT.fullmatch(name)[1]), reverse=True)
-    newest_first = numbered + ([LEGACY_CHECKPOINT] if LEGACY_CHECKPOINT in names else [])
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in newest_first:
-            try:
-                path = mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=f"{CHECKPOINTS}/{name}", dst_path=tmp)
-            except (MlflowException, OSError) as exc:
-                raise StoreError(f"cannot fetch checkpoint {name} of run {run_id} from {where}: {_first_sentence(exc)}")
-            try:
-                # weights_only: a checkpoint is data; never let it run code while loading.
-                return torch.load(path, weights_only=True)
-            except UNREADABLE as exc:
-                print(f"checkpoint {name} of run {run_id} is unreadable ({_first_sentence(exc)}); "
-                      "trying the one before it", flush=True)
-    epochs = max([int(run.data.tags.get(CHECKPOINT_TAG, 0))] +
-                 [m.step for m in client.get_metric_history(run_id, "val_loss")])
-    if epochs or newest_first:
-        raise StoreError(f"run {run_id} trained {epochs} epochs but has no readable checkpoint in {where}; "
-                         "it cannot continue without training those epochs twice")
-    return None
-
-
-def metrics_once(run_id: str, history: list[dict], log_metrics):
-    """A `log_metrics` for a resumed run that writes each metric at each step at most once.
-
-    It first logs the epochs the checkpoint holds but the run lacks (a crash between the
-    checkpoint and the metrics), then leaves out the steps the run already has (a resume from an
-    older checkpoint, when the newest was unreadable, trains epochs that were logged).
-    """
-    client = mlflow.MlflowClient()
-    logged = {key: max(m.step for m in client.get_metric_history(run_id, key))
-              for key in client.get_run(run_id).data.metrics}
-
-    def log_new(metrics: dict, step: int) -> None:
-        new = {key: value for key, value in metrics.items() if step > logged.get(key, 0)}
-        if new:
-            log_metrics(new, step)
-            logged.update(dict.fromkeys(new, step))
-
-    for epoch, epoch_metrics in enumerate(history, start=1):
-        log_new(epoch_metrics, epoch)
-    return log_new
-
-
-def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> dict:
-    """Final metrics of a trained net on the test split (see log_test_scores)."""
-    _, _, logits = evaluate(net, data.test, device)
-    return log_test_scores(torch.log_softmax(logits, 1).numpy(), data)
-
-
-def log_test_scores(log_probs: np.ndarray, data: Data) -> dict:
-    """Log test loss, accuracy and per-class precision/recall/F1 as metrics, the classification
-    report (text and JSON), the confusion matrix and misclassified images; return the metrics."""
-    labels = data.test.labels.numpy()
-    results, report, cm = metrics.test_metrics(log_probs, labels, data.classes)
-    mlflow.log_metrics(results)
-    mlflow.log_dict(report, "test/classification_report.json")
-    mlflow.log_text(metrics.report_text(report), "test/classification_report.txt")
-    log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
-    preds = log_probs.argmax(1)
-    wrong = np.flatnonzero(preds != labels)
-    log_figure(plots.misclassified(data.pixels(data.test)[wrong], labels[wrong], preds[wrong], data.classes),
-               "plots/test_misclassified.png")
-    return results
-
-
-def log_figure(figure, path: str) -> None:
-    """Log a matplotlib figure as a PNG artifact and free it."""
-    mlflow.log_figure(figure, path)
-    plots.close(figure)
-
-
-def log_curves(history: list[dict]) -> None:
-    log_figure(plots.curves(history), "plots/loss_accuracy_curves.png")
-
-
-def log_model(net: torch.nn.Module, data: Data) -> mlflow.models.model.ModelInfo:
-    """Log the net as a servable model: [0, 1] pixels (N, 1, 28, 28) in, class probabilities out."""
-    model = servable(net.cpu(), data.mean, data.std)
-    example = data.pixels(data.test)[:5].numpy()
-    with torch.no_grad():
-        probabilities = model(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        model, name="model",
-        signature=infer_signature(example, probabilities),
-        input_example=example,
-        # Listed, not inferred: inference imports the model in a subprocess and costs ~15 s.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                          f"numpy=={np.__version__}"],
-        # pt2 (torch.export) stores a traced graph: loading runs no pickled code and needs no
-        # mnistflow import, unlike the pickle format.
-        serialization_format="pt2",
-        metadata={"dataset": data.name, "classes": data.classes},  # so predictions can be named
-    )
 
 
 def model_params(cfg, net: torch.nn.Module, device: torch.device) -> dict:

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistflow.config import TrainConfig
+from mnistflow.errors import ConfigError
 from mnistflow.data import Data, Split, shift_randomly
 
 EVAL_BATCH_SIZE = 1000
@@ -22,6 +23,9 @@ SHIFT_PIXELS = 2  # shift=on: how far a training image may move (2 of 28 keeps e
 
 
 def select_device(name: str) -> torch.device:
+    """The device a validated TrainConfig.device names; ConfigError for one this machine lacks."""
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} is not available on this machine; use auto or cpu")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -84,21 +88,65 @@ def evaluate(model: nn.Module, split: Split, device: torch.device) -> tuple[floa
     return loss, accuracy, logits
 
 
-def new_state(cfg: TrainConfig, model, optimizer, scheduler) -> dict:
-    """Everything `fit` needs to continue exactly where it stopped; saved as the checkpoint."""
+def snapshot(model, optimizer, scheduler, shuffle: torch.Generator) -> dict:
+    """What each epoch changes: the weights, the optimiser and schedule, and every random generator."""
     return {
-        "epoch": 0,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "shuffle_rng": torch.Generator().manual_seed(cfg.seed).get_state(),
+        "shuffle_rng": shuffle.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),
-        "history": [],          # one dict of epoch metrics per finished epoch
-        "best": None,           # {"epoch", "val_loss", "model"} of the lowest val_loss so far
-        "stopped_early": False,
     }
+
+
+def restore(state: dict, model, optimizer, scheduler, shuffle: torch.Generator) -> None:
+    """Put back what `snapshot` took, so training continues exactly where it stopped."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    shuffle.set_state(state["shuffle_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+
+
+def train_epoch(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, optimizer, scheduler,
+                shuffle: torch.Generator, epoch: int, log_metrics: Callable[[dict, int], None]) -> dict:
+    """One pass over the training split; its train_loss, train_accuracy and images_per_s."""
+    model.train()
+    start = time.perf_counter()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    steps = steps_per_epoch(cfg, data)
+    bar = tqdm(data.train.batches(cfg.batch_size, shuffle), total=steps,
+               desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+    for i, (x, y) in enumerate(bar):
+        if cfg.shift == "on":
+            x = shift_randomly(x, SHIFT_PIXELS, fill=-data.mean / data.std, generator=shuffle)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Report plain cross-entropy, not the label-smoothed objective, so that train and
+        # validation losses compare. Sums stay on the device: .item() every step stalls a GPU.
+        with torch.no_grad():
+            plain_loss = nn.functional.cross_entropy(logits, y)
+        loss_sum += plain_loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        step = (epoch - 1) * steps + i + 1
+        if step % cfg.log_every == 0:
+            log_metrics({"loss": plain_loss.item()}, step)
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+            "images_per_s": seen / (time.perf_counter() - start)}
 
 
 def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
@@ -108,69 +156,31 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None) -> dict:
     """Train `model` for cfg.epochs, or continue from a checkpoint `state`.
 
-    After each epoch: log its metrics, save a checkpoint if asked, and
-    call `on_epoch_end` (tuning uses it to prune). Returns the final state, with the weights of
-    the best epoch loaded into `model`.
+    After each epoch: save a checkpoint if asked, log its metrics, and call `on_epoch_end`
+    (tuning uses it to prune). Returns the final state, with the weights of the best epoch
+    loaded into `model`.
     """
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
-    steps = steps_per_epoch(cfg, data)
-    scheduler = make_scheduler(cfg, optimizer, steps)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, data))
+    shuffle = torch.Generator().manual_seed(cfg.seed)
     if state is None:
-        state = new_state(cfg, model, optimizer, scheduler)
+        state = {"epoch": 0, **snapshot(model, optimizer, scheduler, shuffle),
+                 "history": [],          # one dict of epoch metrics per finished epoch
+                 "best": None,           # {"epoch", "val_loss", "model"} of the lowest val_loss so far
+                 "stopped_early": False}
     else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
-    shuffle = torch.Generator()
-    shuffle.set_state(state["shuffle_rng"])
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        restore(state, model, optimizer, scheduler, shuffle)
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stopped_early"]:
             break
-        model.train()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        bar = tqdm(data.train.batches(cfg.batch_size, shuffle), total=steps,
-                   desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
-        for i, (x, y) in enumerate(bar):
-            if cfg.shift == "on":
-                x = shift_randomly(x, SHIFT_PIXELS, fill=-data.mean / data.std, generator=shuffle)
-            x, y = to_device(x, device), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            # Report plain cross-entropy, not the label-smoothed objective, so that train and
-            # validation losses compare. Sums stay on the device: .item() every step stalls a GPU.
-            with torch.no_grad():
-                plain_loss = nn.functional.cross_entropy(logits, y)
-            loss_sum += plain_loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            step = (epoch - 1) * steps + i + 1
-            if step % cfg.log_every == 0:
-                log_metrics({"loss": plain_loss.item()}, step)
-        train_time = time.perf_counter() - start
+        trained = train_epoch(cfg, model, data, device, optimizer, scheduler, shuffle, epoch, log_metrics)
         val_loss, val_accuracy, _ = evaluate(model, data.val, device)
-        metrics = {
-            "train_loss": loss_sum.item() / seen,
-            "train_accuracy": correct.item() / seen,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": time.perf_counter() - start,
-            "images_per_s": seen / train_time,
-        }
+        metrics = {"train_loss": trained["train_loss"], "train_accuracy": trained["train_accuracy"],
+                   "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": optimizer.param_groups[0]["lr"],
+                   "epoch_time_s": time.perf_counter() - start, "images_per_s": trained["images_per_s"]}
         print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(
             f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
@@ -178,15 +188,9 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
             state["best"] = {"epoch": epoch, "val_loss": val_loss,
                              "model": copy.deepcopy(model.state_dict())}
         bad_epochs = epoch - state["best"]["epoch"]
-        state.update(
-            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), shuffle_rng=shuffle.get_state(),
-            torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            python_rng=random.getstate(),
-            history=state["history"] + [metrics],
-            stopped_early=bool(cfg.patience) and bad_epochs >= cfg.patience,
-        )
+        state.update(epoch=epoch, **snapshot(model, optimizer, scheduler, shuffle),
+                     history=state["history"] + [metrics],
+                     stopped_early=bool(cfg.patience) and bad_epochs >= cfg.patience)
         # Checkpoint first, then log: a crash in between is repaired on resume from the history.
         if save_checkpoint:
             save_checkpoint(state)

@@ -20,8 +20,9 @@ import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnistflow import data as datasets
-from mnistflow import models, tracking
-from mnistflow.config import STORAGE_ENV, ConfigError, TrainConfig, TuneConfig, parse_bool
+from mnistflow import logged_model, models, report, tracking
+from mnistflow.config import STORAGE_ENV, TrainConfig, TuneConfig, parse_bool
+from mnistflow.errors import ConfigError, NotFound, StoreError
 from mnistflow.train import fit, seed_everything, select_device
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -150,7 +151,7 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
             )
     except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"cannot open storage {storage_label(cfg)}: {reason}")
+        raise StoreError(f"cannot open storage {storage_label(cfg)}: {reason}")
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return storage
@@ -212,7 +213,7 @@ def existing_parent_run(cfg: TuneConfig, storage) -> str | None:
         try:
             mlflow.get_run(run_id)
         except mlflow.exceptions.MlflowException:
-            raise ConfigError(f"study {cfg.study_name!r} logs to parent run {run_id}, which is not in the "
+            raise NotFound(f"study {cfg.study_name!r} logs to parent run {run_id}, which is not in the "
                               f"tracking store {mlflow.get_tracking_uri()}; use that store or another study_name")
     return run_id
 
@@ -254,7 +255,7 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
     device = select_device(train_cfg.device)
     net = models.build(train_cfg.model, train_cfg.mirror)
 
-    def report(epoch: int, metrics: dict) -> None:
+    def report_epoch(epoch: int, metrics: dict) -> None:
         trial.report(metrics["val_accuracy"], epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"val_accuracy {metrics['val_accuracy']:.4f} after epoch {epoch}")
@@ -270,7 +271,7 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
         tracking.log_config(train_cfg)
         mlflow.log_params(tracking.model_params(train_cfg, net, device))
         try:
-            state = fit(train_cfg, net, data, device, log_metrics=log_metrics, on_epoch_end=report)
+            state = fit(train_cfg, net, data, device, log_metrics=log_metrics, on_epoch_end=report_epoch)
         except optuna.TrialPruned as exc:
             pruned = exc  # a pruned trial is a normal outcome: its run ends FINISHED
             mlflow.set_tag("trial_state", "PRUNED")
@@ -372,7 +373,7 @@ def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.Frozen
         except (ValueError, RuntimeError) as exc:  # e.g. importances need two complete trials
             print(f"plot {name} skipped: {exc}", flush=True)
             continue
-        tracking.log_figure(np.ravel(axes)[0].figure, f"plots/{name}.png")
+        report.log_figure(np.ravel(axes)[0].figure, f"plots/{name}.png")
 
     best = study.best_trial
     run_id = best.user_attrs[RUN_ID_ATTR]
@@ -387,8 +388,8 @@ def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.Frozen
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
         net.load_state_dict(torch.load(path, weights_only=True))
-    tracking.log_test_results(net, data, select_device("auto"))
-    tracking.log_model(net, data)
+    report.log_test_results(net, data, select_device("auto"))
+    logged_model.log(net, data)
     return best
 
 

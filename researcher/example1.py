@@ -10,9 +10,9 @@ import mlflow
 
 import helpers
 from mnistflow import data as datasets
-from mnistflow import models, tracking
-from mnistflow.config import ConfigError, TrainConfig
-from mnistflow.data import DataError
+from mnistflow import logged_model, models, report, tracking
+from mnistflow.config import TrainConfig
+from mnistflow.errors import StepError
 from mnistflow.train import evaluate, fit, seed_everything, select_device
 
 config = helpers.load_config("ex1.yaml")
@@ -22,7 +22,7 @@ try:  # every setting checked and the data read before MLflow gets anything
                             data_dir=config["data_dir"], max_train_samples=config["max_train_samples"]).validate()
     data = datasets.load(train_cfg.dataset, train_cfg.data_dir, train_cfg.val_fraction, train_cfg.seed,
                          train_cfg.max_train_samples)
-except (ConfigError, DataError) as exc:
+except StepError as exc:
     helpers.error(str(exc))
 helpers.use_tracking(config)  # mlflow.set_tracking_uri + mlflow.set_experiment
 seed_everything(train_cfg.seed, train_cfg.deterministic)
@@ -46,8 +46,8 @@ with mlflow.start_run(run_name=f"example1-{train_cfg.model}") as run:
     test_loss, test_accuracy, _ = evaluate(net, data.test, device)
     mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
     # Artifacts: files. A figure goes in as a PNG; the model with a signature and input example.
-    tracking.log_curves(state["history"])
-    tracking.log_model(net, data)
+    report.log_curves(state["history"])
+    logged_model.log(net, data)
 
 print(f"run {run.info.run_id}: test_accuracy={test_accuracy:.4f} in experiment {config['experiment']!r}")
 print(f"fetched back by its id: lr={helpers.run_params(run.info.run_id)['lr']!r} (MLflow keeps params as text)")

@@ -13,8 +13,8 @@ import optuna
 import helpers
 from mnistflow import data as datasets
 from mnistflow import models, tracking
-from mnistflow.config import ConfigError, TrainConfig
-from mnistflow.data import DataError
+from mnistflow.config import TrainConfig
+from mnistflow.errors import ConfigError, StepError
 from mnistflow.train import fit, seed_everything, select_device
 
 config = helpers.load_config("ex2.yaml")
@@ -30,7 +30,7 @@ try:  # every setting checked and the data read before MLflow gets anything
                 max_train_samples=config["max_train_samples"]).validate()  # the train step's own rules
     data = datasets.load(config["dataset"], config["data_dir"], seed=config["seed"],
                          max_train_samples=config["max_train_samples"])
-except (ConfigError, DataError) as exc:
+except StepError as exc:
     helpers.error(str(exc))
 helpers.use_tracking(config)
 optuna.logging.set_verbosity(optuna.logging.WARNING)

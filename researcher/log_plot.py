@@ -5,21 +5,21 @@
 
 A train run (or example 1) gets its step-level loss and per-epoch train/validation loss with the
 epoch boundaries marked; a parent run (a tune study, example 2) its trials' validation losses
-overlaid. The same code runs as the project's `plot_loss` step: mnistflow/lossplot.py.
+overlaid. The same code runs as the project's `plot_loss` step: mnistflow/plot_loss.py.
 """
 import helpers
-from mnistflow import lossplot
-from mnistflow.config import ConfigError
+from mnistflow.errors import StepError
+from mnistflow.plot_loss import ARTIFACT, save_and_log
 
 config = helpers.load_config("log_plot.yaml")
 helpers.use_tracking(config)
 if not config["run_id"]:
     helpers.error("give a run id: --run-id <id>")
-out = config["out"] or f"loss_{config['run_id']}.png"
+out = config["out"] or f"plot_loss_{config['run_id']}.png"
 try:
-    artifact = lossplot.plot_loss(config["run_id"], out)  # saved first: logged only once written
-except ConfigError as exc:
+    save_and_log(config["run_id"], out)  # saved first: logged only once written
+except StepError as exc:
     helpers.error(str(exc))
 except OSError as exc:
     helpers.error(f"cannot write {out}: {exc.strerror or exc}")
-print(f"wrote {out} and logged it to run {config['run_id']} as {artifact}")
+print(f"wrote {out} and logged it to run {config['run_id']} as {ARTIFACT}")

@@ -1,4 +1,4 @@
-"""Issue, revoke and list the API keys a secured tracking server accepts (see README.md).
+"""Issue, revoke and list the API keys a secured tracking server accepts (see docs/server.md).
 
     python serverFolder/api_keys.py issue alice            # prints alice's new key, once
     python serverFolder/api_keys.py issue alice --days 90  # a key that stops working after 90 days

@@ -1,4 +1,4 @@
-"""Start (or stop) a shared, secured MLflow tracking server (see README.md, "A shared server").
+"""Start (or stop) a shared, secured MLflow tracking server (see docs/server.md, "A shared server").
 
     export MLFLOW_AUTH_ADMIN_PASSWORD=…  MLFLOW_FLASK_SERVER_SECRET_KEY=…
     export PGPASSFILE=/srv/mlflow/.pgpass     # or PGPASSWORD, or the whole URL in MLFLOW_BACKEND_STORE_URI

@@ -11,13 +11,13 @@ with the same parameters, at the same git commit and with the same uncommitted c
 reused instead of rerun; the summary says why each step ran or was reused.
 """
 import dataclasses
-import sys
 
 import mlflow
 from mlflow.exceptions import ExecutionException
 
-from mnistflow import pipeline, tracking, tuning
-from mnistflow.config import PipelineConfig, parse
+from mnistflow import cli, pipeline, tracking, tuning
+from mnistflow.config import PipelineConfig
+from mnistflow.errors import StepFailed
 
 
 def study_name(cfg: PipelineConfig) -> str:
@@ -39,41 +39,22 @@ def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
     return [train, dataclasses.replace(tune, run=study_parent), register, plot]
 
 
-def key_figures(step: pipeline.StepRun) -> str:
-    metrics, tags = step.run.data.metrics, step.run.data.tags
-    if step.entry_point == "train":
-        return f"test_accuracy {metrics['test_accuracy']:.4f}"
-    if step.entry_point == "tune":
-        return (f"best_val_accuracy {metrics.get('best_val_accuracy', float('nan')):.4f}, "
-                f"test_accuracy {metrics.get('test_accuracy', float('nan')):.4f}, "
-                f"{metrics.get('trials_complete', 0):.0f} complete / {metrics.get('trials_pruned', 0):.0f} pruned")
-    if step.entry_point == "register":
-        return (f"{tags.get('model_name')} version {tags.get('model_version')} @{tags.get('alias')} "
-                f"(source run {tags.get('source_run_id', '')[:8]}, gate accuracy {metrics.get('gate_test_accuracy', 0):.4f})")
-    return f"plots/loss_history.png on run {step.run.data.params.get('run_id', '')[:8]}"
-
-
-def summary_table(steps: list[pipeline.StepRun]) -> str:
-    rows = [f"{'step':<10} {'run id':<32}  {'ran':<6}  key figures; why"]
-    rows += [f"{s.entry_point:<10} {s.run.info.run_id:<32}  {'reused' if s.reused else 'new':<6}  "
-             f"{key_figures(s)}; {s.why}" for s in steps]
-    return "\n".join(rows)
-
-
-def main(argv=None) -> None:
-    cfg = parse(PipelineConfig, "main", __doc__, argv)
+def run_pipeline(cfg: PipelineConfig) -> None:
     try:
         with tracking.tracked_run(run_name="pipeline") as (run, _):
             tracking.log_config(cfg)
             mlflow.set_tags(tracking.run_tags("development", cfg.dataset))
             steps = run_steps(cfg, pipeline.env_manager(mlflow.get_run(run.info.run_id)))
-            table = summary_table(steps)
+            table = pipeline.summary_table(steps)
             mlflow.log_text(table + "\n", "pipeline_summary.txt")
             mlflow.set_tags({f"{s.entry_point}_run_id": s.run.info.run_id for s in steps})
     except ExecutionException as exc:
-        print(f"main: error: a step failed ({exc}); its output is above", file=sys.stderr)
-        sys.exit(1)
+        raise StepFailed(f"a step failed ({exc}); its output is above") from None
     print(f"\npipeline run {run.info.run_id}:\n{table}", flush=True)
+
+
+def main(argv=None) -> None:
+    cli.run("main", run_pipeline, PipelineConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

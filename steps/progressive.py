@@ -1,25 +1,25 @@
-"""The `progressive` entry point: the pipeline doc's three runs, side by side.
+"""The `progressive` entry point: three runs that refine a model one change at a time, side by side.
 
     mlflow run . -e progressive --env-manager local -P epochs=5
 
 Run 1 (baseline), Run 2 (enhanced) and Run 3 (enhanced, lr 0.0005, batch 64) go through the train
-step as child runs, with the doc's Adam, constant learning rate and equal epochs. The parent run
+step as child runs, all with plain Adam at a constant rate and equal epochs. The parent run
 then holds a comparison table (progressive_comparison.csv) and chart (plots/progressive.png) of
 test accuracy, test loss, training time and parameter count. A run done before with the same
 settings, git commit and uncommitted changes is reused.
 """
 import csv
 import io
-import sys
 
 import mlflow
 from mlflow.exceptions import ExecutionException
 
-from mnistflow import pipeline, plots, tracking
-from mnistflow.config import ProgressiveConfig, parse
+from mnistflow import cli, pipeline, plots, report, tracking
+from mnistflow.config import ProgressiveConfig
+from mnistflow.errors import StepFailed
 
-# The doc's hyperparameter matrix; what it leaves unsaid is its plain Adam setup.
-DOC_SETTINGS = {"optimizer": "adam", "lr_schedule": "none", "label_smoothing": 0.0, "weight_decay": 0.0}
+# What the three runs share: plain Adam at a constant learning rate, nothing else.
+PLAIN_ADAM = {"optimizer": "adam", "lr_schedule": "none", "label_smoothing": 0.0, "weight_decay": 0.0}
 RUNS = {
     "run_1_baseline": {"model": "baseline", "lr": 0.001, "batch_size": 128},
     "run_2_enhanced": {"model": "enhanced", "lr": 0.001, "batch_size": 128},
@@ -36,11 +36,9 @@ def row(name: str, step: pipeline.StepRun) -> dict:
             "num_params": int(run.data.params["num_params"]), "run_id": run.info.run_id}
 
 
-def main(argv=None) -> None:
-    cfg = parse(ProgressiveConfig, "progressive", __doc__, argv)
-
+def progressive(cfg: ProgressiveConfig) -> None:
     common = {"dataset": cfg.dataset, "epochs": cfg.epochs, "max_train_samples": cfg.max_train_samples,
-              "data_dir": cfg.data_dir, **DOC_SETTINGS}
+              "data_dir": cfg.data_dir, **PLAIN_ADAM}
     try:
         with tracking.tracked_run(run_name="progressive") as (run, _):
             tracking.log_config(cfg)
@@ -53,14 +51,18 @@ def main(argv=None) -> None:
             writer.writeheader()
             writer.writerows(rows)
             mlflow.log_text(table.getvalue(), "progressive_comparison.csv")
-            tracking.log_figure(plots.comparison(rows), "plots/progressive.png")
+            report.log_figure(plots.comparison(rows), "plots/progressive.png")
             mlflow.log_metrics({f"{r['run']}_test_accuracy": r["test_accuracy"] for r in rows})
     except ExecutionException as exc:
-        print(f"progressive: error: a run failed ({exc}); its output is above", file=sys.stderr)
-        sys.exit(1)
+        raise StepFailed(f"a run failed ({exc}); its output is above") from None
     print(f"\nprogressive run {run.info.run_id}:\n" + "\n".join(
         f"{r['run']:<16} {r['model']:<9} lr {r['lr']:<7} batch {r['batch_size']:<4} test_accuracy {r['test_accuracy']:.4f} "
         f"test_loss {r['test_loss']:.4f} {r['train_time_s']:>7.1f} s {r['num_params']:>10,} params" for r in rows))
+
+
+
+def main(argv=None) -> None:
+    cli.run("progressive", progressive, ProgressiveConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

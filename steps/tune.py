@@ -9,38 +9,29 @@ parent run; a trial whose worker died is failed and rerun. The step exits 1, its
 FAILED, when every trial it added failed or one of its worker processes died. Workers on other
 machines join a study by running this step with the same study_name and a shared PostgreSQL storage.
 """
-import gc
 import multiprocessing
-import os
-import sys
 
 import mlflow
 import optuna
 
-from mnistflow import tracking, tuning
-from mnistflow.config import ConfigError, TuneConfig, parse
-from mnistflow.data import DataError
+from mnistflow import cli, tracking, tuning
+from mnistflow.config import TuneConfig
+from mnistflow.errors import StepFailed
 
 
-def main(argv=None) -> None:
-    cfg = parse(TuneConfig, "tune", __doc__, argv)
+def tune(cfg: TuneConfig) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Set by `mlflow run`. Taken out of the environment, or every trial's run would reopen it.
-    launcher_run = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        space = tuning.load_search_space(cfg.search_space)
-        data = tuning.load_data(cfg)
-        storage = tuning.open_storage(cfg)
-        parent_run = tuning.existing_parent_run(cfg, storage)
-    except (ConfigError, DataError) as exc:
-        print(f"tune: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
+    launcher_run = cli.launcher_run()
+    space = tuning.load_search_space(cfg.search_space)
+    data = tuning.load_data(cfg)
+    storage = tuning.open_storage(cfg)
+    parent_run = tuning.existing_parent_run(cfg, storage)
     study = tuning.open_study(cfg, storage)
     if parent_run and launcher_run:
         client = mlflow.MlflowClient()
         client.set_tag(launcher_run, "mlflow.note.content", f"added trials to study {cfg.study_name}, parent run {parent_run}")
         client.set_tag(launcher_run, tuning.STUDY_PARENT_TAG, parent_run)  # where the results are
+
     with tracking.tracked_run(run_id=parent_run or launcher_run,
                               run_name=None if parent_run else f"study-{cfg.study_name}") as (parent, _):
         if not parent_run:
@@ -70,13 +61,15 @@ def main(argv=None) -> None:
         print(tuning.summary_table(study))
         failure = tuning.invocation_failure(study, before, [process.exitcode for process in others])
         if failure:
-            print(f"tune: error: {failure}", file=sys.stderr, flush=True)
-            sys.exit(1)  # inside the parent run, which this ends FAILED
+            raise StepFailed(failure)  # inside the parent run, which this ends FAILED
 
     print(f"study {cfg.study_name}: {len(study.trials) - before} trials added, {len(study.trials)} in all; "
           + (f"best trial {best.number} val_accuracy={best.value:.4f} (run {best.user_attrs[tuning.RUN_ID_ATTR]})"
              if best else "no trial completed") + f"; parent run {parent.info.run_id}", flush=True)
-    gc.freeze()  # skip the slow final garbage collection at exit (see steps/train.py)
+
+
+def main(argv=None) -> None:
+    cli.run("tune", tune, TuneConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Shared fixtures: tiny MNIST-format IDX files, a throw-away MLflow store per test, a PostgreSQL server."""
+import contextlib
 import os
 import runpy
 import secrets
 import shutil
-import socket
+import signal
 import struct
 import subprocess
 import sys
@@ -12,8 +13,10 @@ import time
 import urllib.request
 
 import mlflow
+from mlflow.utils import find_free_port as free_port  # noqa: F401 (the tests import it from here)
 import numpy as np
 import pytest
+import sqlalchemy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "serverFolder"))  # its scripts are not a package
@@ -104,12 +107,6 @@ def refused_script(monkeypatch, capsys, path: str, *args: str) -> str:
     return line
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -197,3 +194,22 @@ def registry_store(trained, monkeypatch) -> Trained:
     mlflow.set_tracking_uri(trained.uri)
     yield trained
     mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def ctrl_c_at_the_next_write_commit():
+    """Send this process a real SIGINT while SQLAlchemy commits the next write; yield the arming call."""
+    armed = []
+
+    def ctrl_c_mid_commit(connection):
+        if armed and connection.connection.dbapi_connection.in_transaction:  # a write, not a read
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "commit", ctrl_c_mid_commit)
+    try:
+        yield lambda: armed.append(True)
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "commit", ctrl_c_mid_commit)
+        signal.signal(signal.SIGINT, previous)

@@ -5,6 +5,7 @@ import torch
 
 from conftest import make_dataset
 from mnistflow import data
+from mnistflow.errors import DataError
 
 
 def test_load_splits_normalises_and_caps(tiny_data):
@@ -68,7 +69,7 @@ def test_data_dir_from_environment(tiny_data, monkeypatch):
 
 
 def test_missing_files_say_where_and_how(tmp_path):
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.load("mnist", str(tmp_path))
     message = str(err.value)
     assert str(tmp_path / "MNIST" / "raw") in message
@@ -80,10 +81,10 @@ def test_corrupt_file_is_reported(tmp_path):
     make_dataset(str(tmp_path))
     images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:1000])  # truncated download
-    with pytest.raises(data.DataError, match="not found or unreadable"):
+    with pytest.raises(DataError, match="not found or unreadable"):
         data.load("mnist", str(tmp_path))
 
 
 def test_unknown_dataset():
-    with pytest.raises(data.DataError, match="unknown dataset 'cifar'; choose from mnist, fashion_mnist"):
+    with pytest.raises(DataError, match="unknown dataset 'cifar'; choose from mnist, fashion_mnist"):
         data.load("cifar")

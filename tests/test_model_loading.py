@@ -11,7 +11,7 @@ import torch
 
 from conftest import EXPERIMENT, ROOT, run_step
 from mnistflow import data as datasets
-from mnistflow import models, tracking
+from mnistflow import logged_model, models
 from steps import evaluate, predict, register
 from test_predict import write_pngs
 
@@ -76,7 +76,7 @@ def test_a_pickled_model_is_refused_by_every_step_until_allowed(pickled, tiny_da
     image = write_pngs(tmp_path)[0]
     uri, marker = pickled["uri"], pickled["marker"]
     steps = {  # step: its main, its arguments, the URI it names (register: the model its run logged)
-        "predict": (predict.main, ["--model", uri, "--image", image], uri),
+        "predict": (predict.main, ["--model_uri", uri, "--images", image], uri),
         "evaluate": (evaluate.main, ["--model_uri", uri, "--data_dir", tiny_data], uri),
         "register": (register.main, ["--run_id", pickled["run_id"], "--model_name", "Pickled", "--data_dir", tiny_data],
                      pickled["logged_uri"]),
@@ -91,12 +91,12 @@ def test_a_pickled_model_is_refused_by_every_step_until_allowed(pickled, tiny_da
     assert mlflow.MlflowClient().search_registered_models() == []
 
     # A pickled pytorch model carries code just the same.
-    assert exit_code(predict.main, ["--model", pickled["torch_uri"], "--image", image]) == 2
+    assert exit_code(predict.main, ["--model_uri", pickled["torch_uri"], "--images", image]) == 2
     assert capsys.readouterr().err == f"predict: error: model {pickled['torch_uri']!r} " + REFUSAL.format(
         kind="a pytorch model without mnistflow's dataset and classes")
 
     # The user's explicit choice: then it loads, and its code runs.
-    assert exit_code(predict.main, ["--model", uri, "--image", image, "--allow_pickled_models", "true"]) == 0
+    assert exit_code(predict.main, ["--model_uri", uri, "--images", image, "--allow_pickled_models", "true"]) == 0
     assert f"{image}: 3  (3 0.5500" in capsys.readouterr().out and marker.read_text() == "this model's code ran"
 
 
@@ -104,15 +104,15 @@ def test_mlflow_run_and_the_bench_refuse_it_too(pickled, tmp_path):
     image = write_pngs(tmp_path)[0]
     uri, marker = pickled["uri"], pickled["marker"]
     result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
-                      "-P", f"model={uri}", "-P", f"images={image}")
+                      "-P", f"model_uri={uri}", "-P", f"images={image}")
     assert result.returncode != 0 and "predict: error: model " + repr(uri) + " is a python_function model" in result.stderr
     assert "allow_pickled_models=true" in result.stderr and not marker.exists()
-    result = run_step(sys.executable, "bench/serve_latency.py", "--model", uri)
+    result = run_step(sys.executable, "bench/serve_latency.py", "--model_uri", uri)
     assert result.returncode == 2 and not marker.exists()
     assert result.stderr == f"serve_latency: error: model {uri!r} " + REFUSAL.format(
         kind="a python_function model (loader mlflow.pyfunc.model)")
     result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
-                      "-P", f"model={uri}", "-P", f"images={image}", "-P", "allow_pickled_models=true")
+                      "-P", f"model_uri={uri}", "-P", f"images={image}", "-P", "allow_pickled_models=true")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{image}: 3  (3 0.5500" in result.stdout and marker.exists()
 
@@ -121,7 +121,7 @@ def test_serve_latency_bad_input_is_one_line(store, capsys):
     for args, message in [
         (["--requests", "0"], "serve_latency: error: --requests 0 is not allowed; it must be >= 1"),
         (["--batch", "-5"], "serve_latency: error: --batch -5 is not allowed; it must be >= 1"),
-        (["--model", "models:/NoSuchModel@production"], "serve_latency: error: cannot load model "
+        (["--model_uri", "models:/NoSuchModel@production"], "serve_latency: error: cannot load model "
                                                         "'models:/NoSuchModel@production': "),
     ]:
         assert exit_code(serve_latency.main, args) == 2, args
@@ -134,7 +134,7 @@ def fashion_model(store, tiny_data) -> str:
     """A Fashion-MNIST model, logged as the train step logs one (its metadata names its dataset)."""
     with mlflow.start_run() as run:
         mlflow.set_tag("dataset", "fashion_mnist")
-        tracking.log_model(models.build("fast", "off"), datasets.load("fashion_mnist", tiny_data))
+        logged_model.log(models.build("fast", "off"), datasets.load("fashion_mnist", tiny_data))
     return f"runs:/{run.info.run_id}/model"
 
 

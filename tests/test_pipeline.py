@@ -67,7 +67,7 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
     registered = steps["register"].data.tags["source_run_id"]
     assert registered in (steps["train"].info.run_id, pipeline_run.data.tags["tune_run_id"])
     assert steps["plot_loss"].data.params["run_id"] == registered
-    assert "plots/loss_history.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(registered, "plots")}
+    assert "plots/plot_loss.png" in {f.path for f in mlflow.MlflowClient().list_artifacts(registered, "plots")}
     version = mlflow.MlflowClient().get_model_version_by_alias("Pipeline", "production")
     assert version.run_id == registered
     rows = summary_rows(first.stdout)

@@ -4,14 +4,12 @@ import pytest
 from PIL import Image
 
 from conftest import EXPERIMENT, python_step, run_step
-from mnistflow import lossplot
+from mnistflow.plot_loss import ARTIFACT, draw
 from steps import plot_loss
-
-ARTIFACT = f"{lossplot.ARTIFACT_DIR}/{lossplot.FILE_NAME}"
 
 
 def logged(run_id: str) -> set[str]:
-    return {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, lossplot.ARTIFACT_DIR)}
+    return {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, "plots")}
 
 
 def labelled_lines(figure) -> dict:
@@ -27,7 +25,7 @@ def test_mlflow_run_plot_loss_on_a_train_run(registry_store, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(out).size[0] >= 800 and ARTIFACT in logged(registry_store.good)
 
-    figure = lossplot.figure_for(registry_store.good)
+    figure = draw(registry_store.good)
     # 2 epochs of 9 steps, `loss` logged every 50 steps by default: no step-level points here.
     assert labelled_lines(figure) == {"train_loss (per epoch)": 2, "val_loss (per epoch)": 2}
     epoch_ends = [line.get_xdata()[0] for line in figure.axes[0].lines if line.get_label().startswith("_")]
@@ -44,7 +42,7 @@ def test_plot_loss_overlays_the_trials_of_a_tune_parent(store, tiny_data, tmp_pa
     trials = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                                 filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
-    lines = labelled_lines(lossplot.figure_for(parent.info.run_id))
+    lines = labelled_lines(draw(parent.info.run_id))
     assert len(lines) == len(trials) == 7
     for trial in trials:
         label = f"trial {trial.data.tags['trial_number']} ({trial.data.tags['trial_state']})"

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import EXPERIMENT, python_step, run_step
 from mnistflow import images
+from mnistflow.errors import ImageError
 from steps import predict
 
 
@@ -79,12 +80,12 @@ def test_unreadable_files_are_named(tmp_path, content, message):
     path = tmp_path / "x.png"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(images.ImageError, match=message):
+    with pytest.raises(ImageError, match=message):
         images.read(str(path))
 
 
 def test_a_blank_image_has_no_digit():
-    with pytest.raises(images.ImageError, match="no digit found"):
+    with pytest.raises(ImageError, match="no digit found"):
         images.to_mnist(Image.new("L", (40, 40), 255), "blank.png")
 
 
@@ -110,7 +111,7 @@ def write_pngs(folder) -> list[str]:
 def test_predict_prints_classes_and_writes_plot_and_payload(registry_store, tmp_path):
     paths = write_pngs(tmp_path)
     plot, payload = tmp_path / "predictions.png", tmp_path / "payload.json"
-    result = python_step("steps.predict", "--model", f"runs:/{registry_store.good}/model", "--image", *paths,
+    result = python_step("steps.predict", "--model_uri", f"runs:/{registry_store.good}/model", "--images", *paths,
                          "--top", "2", "--plot", str(plot), "--payload", str(payload))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(tuple(paths))]
@@ -127,7 +128,7 @@ def test_predict_prints_classes_and_writes_plot_and_payload(registry_store, tmp_
 def test_mlflow_run_predict_takes_several_images_in_one_parameter(registry_store, tmp_path):
     paths = write_pngs(tmp_path)
     result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
-                      "-P", f"model=runs:/{registry_store.good}/model", "-P", f"images={' '.join(paths)}")
+                      "-P", f"model_uri=runs:/{registry_store.good}/model", "-P", f"images={' '.join(paths)}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(f"{path}: " in result.stdout for path in paths)
 
@@ -143,7 +144,7 @@ def test_predict_bad_image_is_one_line_and_exit_2(registry_store, tmp_path, caps
     if content is not None:
         bad.write_bytes(content)
     with pytest.raises(SystemExit) as exited:
-        predict.main(["--model", f"runs:/{registry_store.good}/model", "--image", write_pngs(tmp_path)[0], str(bad)])
+        predict.main(["--model_uri", f"runs:/{registry_store.good}/model", "--images", write_pngs(tmp_path)[0], str(bad)])
     out = capsys.readouterr()
     assert exited.value.code == 2
     assert out.err.startswith(f"predict: error: {bad}: {message}") and out.err.count("\n") == 1
@@ -151,7 +152,7 @@ def test_predict_bad_image_is_one_line_and_exit_2(registry_store, tmp_path, caps
 
 
 def test_predict_unknown_model_is_one_line_and_exit_2(registry_store, tmp_path):
-    result = python_step("steps.predict", "--model", "models:/NoSuchModel@production", "--image", write_pngs(tmp_path)[0])
+    result = python_step("steps.predict", "--model_uri", "models:/NoSuchModel@production", "--images", write_pngs(tmp_path)[0])
     assert result.returncode == 2
     assert "cannot load model 'models:/NoSuchModel@production'" in result.stderr
     assert result.stderr.strip().count("\n") == 0
@@ -169,16 +170,16 @@ def test_predict_output_that_cannot_be_written_is_refused_before_any_work(regist
     image, path = write_pngs(tmp_path)[0], path.format(tmp=tmp_path)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(SystemExit) as exited:
-        predict.main(["--model", f"runs:/{registry_store.good}/model", "--image", image, flag, path])
+        predict.main(["--model_uri", f"runs:/{registry_store.good}/model", "--images", image, flag, path])
     out = capsys.readouterr()
     assert exited.value.code == 2 and out.out == ""  # no model loaded, nothing predicted
-    assert out.err.startswith(f"predict: error: {flag} {path}: cannot write this file ({reason}")
+    assert out.err.startswith(f"predict: error: {flag[2:]}={path}: cannot write this file ({reason}")
     assert out.err.count("\n") == 1 and sorted(os.listdir(tmp_path)) == before
 
 
 def test_mlflow_run_predict_refuses_an_unwritable_payload(registry_store, tmp_path):
     result = run_step("mlflow", "run", ".", "-e", "predict", "--env-manager", "local",
-                      "-P", f"model=runs:/{registry_store.good}/model", "-P", f"images={write_pngs(tmp_path)[0]}", "-P", "payload=/no/such/folder/payload.json")
+                      "-P", f"model_uri=runs:/{registry_store.good}/model", "-P", f"images={write_pngs(tmp_path)[0]}", "-P", "payload=/no/such/folder/payload.json")
     assert result.returncode != 0 and "digit0.png: " not in result.stdout
-    assert "predict: error: --payload /no/such/folder/payload.json: cannot write this file (no folder /no/such/folder)" \
+    assert "predict: error: payload=/no/such/folder/payload.json: cannot write this file (no folder /no/such/folder)" \
         in result.stderr

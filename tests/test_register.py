@@ -14,7 +14,7 @@ import torch
 
 from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
 from mnistflow import data as datasets
-from mnistflow import models, tracking
+from mnistflow import logged_model, models
 from steps import evaluate, register, tune
 
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
@@ -186,7 +186,7 @@ def untrained(store, tiny_data) -> list[str]:
     for _ in range(2):
         with mlflow.start_run() as run:
             mlflow.set_tag("dataset", "mnist")
-            tracking.log_model(models.build("fast", "off"), data)
+            logged_model.log(models.build("fast", "off"), data)
         ids.append(run.info.run_id)
     return ids
 
@@ -287,7 +287,7 @@ def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data, 
                           cwd=tmp_path, env={**step_env(), "MNISTFLOW_DATA_DIR": tiny_data}, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     payload = tmp_path / "payload.json"
-    result = python_step("steps.predict", "--model", "models:/Served@production", "--image",
+    result = python_step("steps.predict", "--model_uri", "models:/Served@production", "--images",
                          str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--payload", str(payload))
     assert result.returncode == 0, result.stderr[-2000:]
     pixels = np.array(json.loads(payload.read_text())["inputs"], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""serverFolder/README.md's commands, run as written: the backup of a local server and the whole
+"""docs/server.md's commands, run as written: the backup of a local server and the whole
 shared-server setup (PostgreSQL, the shared server, TLS, a user and her key), then its take-down.
 
 They run in a scratch directory holding a copy of serverFolder/, so the stores and certificates
@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, free_port, require, step_env
 from test_shared_server import call
 
-README = os.path.join(ROOT, "serverFolder", "README.md")
+README = os.path.join(ROOT, "docs", "server.md")
 
 
 def fenced_blocks(section: str) -> list[str]:

@@ -5,7 +5,8 @@ import optuna
 import pytest
 
 from mnistflow import tuning
-from mnistflow.config import ConfigError, TuneConfig
+from mnistflow.config import TuneConfig
+from mnistflow.errors import ConfigError, StoreError
 
 SPACE = """
 model: fast
@@ -82,7 +83,7 @@ def test_bad_tune_settings(change, message):
     ("postgresql+psycopg2://me:secret@127.0.0.1:9/db", "cannot open storage postgresql\\+psycopg2://me:\\*\\*\\*@127.0.0.1:9/db"),
 ])
 def test_a_storage_that_cannot_be_opened_is_one_line_without_the_password(url, message):
-    with pytest.raises(ConfigError, match=message) as err:
+    with pytest.raises(StoreError, match=message) as err:
         tuning.open_storage(TuneConfig(storage=url))
     assert "secret" not in str(err.value) and "\n" not in str(err.value)
 

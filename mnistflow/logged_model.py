@@ -1,7 +1,9 @@
-"""Using a logged model: check what it is, load it from any MLflow model URI, score images, time it.
+"""The model a run logs, and using it: how it is logged, checked, loaded from any MLflow model URI,
+and scored.
 
-Logged models are servable: [0, 1] pixels (N, 1, 28, 28) in, class probabilities out
-(see tracking.log_model), so these helpers work for every run, version and alias alike.
+Every logged model is servable: [0, 1] pixels (N, 1, 28, 28) in, class probabilities out, with
+the dataset and class names in its metadata. So the helpers here work for every run, version and
+alias alike.
 
 Loading a model may run code it carries: a pickled model (a python_function model's cloudpickled
 class, a pytorch model saved with pickle) executes whatever its author put in the pickle. So by
@@ -16,15 +18,39 @@ from contextlib import contextmanager
 
 import mlflow
 import numpy as np
+import torch
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 
-from mnistflow.config import ConfigError, first_line
-from mnistflow.data import DATASETS
+from mnistflow.data import DATASETS, Data
+from mnistflow.errors import ModelError, first_line
+from mnistflow.models import servable
 
 BATCH_SIZE = 1000
 PICKLED_FLAG = "allow_pickled_models"  # the flag (and MLproject parameter) of every step that loads a model
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's own check of pt2 archives
+
+
+
+def log(net: torch.nn.Module, data: Data) -> None:
+    """Log the net as the run's servable model, named "model"."""
+    model = servable(net.cpu(), data.mean, data.std)
+    example = data.pixels(data.test)[:5].numpy()
+    with torch.no_grad():
+        probabilities = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model, name="model",
+        signature=infer_signature(example, probabilities),
+        input_example=example,
+        # Listed, not inferred: MLflow would import the model in a subprocess to infer them, for seconds.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                          f"numpy=={np.__version__}"],
+        # pt2 (torch.export) stores a traced graph: loading runs no pickled code and needs no
+        # mnistflow import, unlike the pickle format.
+        serialization_format="pt2",
+        metadata={"dataset": data.name, "classes": data.classes},  # what `foreign_kind` checks; names predictions
+    )
 
 
 def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
@@ -55,7 +81,7 @@ def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
 
 def _refuse(uri: str, kind: str) -> None:
     if kind:
-        raise ConfigError(f"model {uri!r} is {kind}, not one mnistflow logs (pytorch pt2 with its dataset and "
+        raise ModelError(f"model {uri!r} is {kind}, not one mnistflow logs (pytorch pt2 with its dataset and "
                           f"classes); loading it could run code it carries. To load it anyway: {PICKLED_FLAG}=true "
                           f"(--{PICKLED_FLAG} true)")
 
@@ -73,10 +99,10 @@ def download(uri: str, folder: str, allow_pickled: bool = False) -> str:
             _refuse(uri, foreign_kind(description))
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
         description = mlflow.models.Model.load(os.path.join(local, "MLmodel"))
-    except ConfigError:
+    except ModelError:
         raise
     except (MlflowException, OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot load model {uri!r}: {first_line(exc)}") from None
+        raise ModelError(f"cannot load model {uri!r}: {first_line(exc)}") from None
     if not allow_pickled:
         _refuse(uri, foreign_kind(description, local))
     return local
@@ -103,11 +129,11 @@ def load_local(local: str, uri: str, allow_pickled: bool = False):
         with mlflow_pickle_switch(allow_pickled):
             return mlflow.pyfunc.load_model(local)
     except (MlflowException, OSError) as exc:
-        raise ConfigError(f"cannot load model {uri!r}: {first_line(exc)}") from None
+        raise ModelError(f"cannot load model {uri!r}: {first_line(exc)}") from None
 
 
 def load(uri: str, allow_pickled: bool = False):
-    """The pyfunc model at a runs:/, models:/ or local URI; ConfigError when there is none, or when
+    """The pyfunc model at a runs:/, models:/ or local URI; ModelError when there is none, or when
     it is not a model this project logs and pickled models are not allowed."""
     with tempfile.TemporaryDirectory() as folder:
         return load_local(download(uri, folder, allow_pickled), uri, allow_pickled)
@@ -116,15 +142,15 @@ def load(uri: str, allow_pickled: bool = False):
 def dataset_for(model, uri: str, wanted: str = "") -> str:
     """The dataset to score a model on: the one it was trained on (mnistflow's models say which).
 
-    ConfigError when `wanted` is another one (its scores there would mean nothing), or when
+    ModelError when `wanted` is another one (its scores there would mean nothing), or when
     neither is known.
     """
     trained_on = (model.metadata.metadata or {}).get("dataset")
     if wanted and trained_on and wanted != trained_on:
-        raise ConfigError(f"model {uri!r} was trained on {trained_on}, not on {wanted}; "
+        raise ModelError(f"model {uri!r} was trained on {trained_on}, not on {wanted}; "
                           f"its scores on {wanted} would mean nothing")
     if not (wanted or trained_on):
-        raise ConfigError(f"model {uri!r} does not say which dataset it was trained on; "
+        raise ModelError(f"model {uri!r} does not say which dataset it was trained on; "
                           f"give dataset= ({', '.join(DATASETS)})")
     return wanted or trained_on
 

@@ -1,4 +1,4 @@
-"""The loss plot of a finished run, drawn from its metric histories and logged back to it.
+"""The `plot_loss` of a run: its losses drawn from its metric histories, and logged back to it.
 
 A train run: the step-level `loss` with the per-epoch `train_loss` and `val_loss` on one step
 axis, epoch boundaries marked. A tune parent run: every trial's `val_loss` per epoch, overlaid,
@@ -7,10 +7,9 @@ so pruned trials show as the short lines.
 import mlflow
 
 from mnistflow import plots, tracking
-from mnistflow.config import ConfigError
+from mnistflow.errors import NotFound
 
-ARTIFACT_DIR = "plots"
-FILE_NAME = "loss_history.png"
+ARTIFACT = "plots/plot_loss.png"
 
 
 def history(client: mlflow.MlflowClient, run_id: str, metric: str) -> tuple[list[int], list[float]]:
@@ -25,8 +24,8 @@ def trials_of(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> list:
     return sorted(children, key=lambda child: int(child.data.tags.get("trial_number", 0)))
 
 
-def figure_for(run_id: str):
-    """The figure for a run; ConfigError for an unknown run or one with no loss metrics."""
+def draw(run_id: str):
+    """The figure for a run; NotFound for an unknown run or one with no loss metrics."""
     client = mlflow.MlflowClient()
     run = tracking.existing_run(run_id)
     title = f"{run.info.run_name} ({run_id[:8]})"
@@ -43,18 +42,16 @@ def figure_for(run_id: str):
     steps_per_epoch = int(run.data.params.get("steps_per_epoch", 0))
     step_loss = history(client, run_id, "loss") if steps_per_epoch else ([], [])
     if not (step_loss[0] or epochs["train_loss"][0] or epochs["val_loss"][0]):
-        raise ConfigError(f"run {run_id} has no loss metrics (loss, train_loss, val_loss) and no trials "
+        raise NotFound(f"run {run_id} has no loss metrics (loss, train_loss, val_loss) and no trials "
                           "that have; give a train run or a tune parent run")
-    return plots.loss_history(step_loss, epochs, steps_per_epoch, title)
+    return plots.run_losses(step_loss, epochs, steps_per_epoch, title)
 
 
-def plot_loss(run_id: str, path: str) -> str:
-    """Draw the run's loss plot, save it at `path` and log it to that run; returns the artifact path."""
-    figure = figure_for(run_id)
-    artifact = f"{ARTIFACT_DIR}/{FILE_NAME}"
+def save_and_log(run_id: str, path: str) -> None:
+    """Draw the run's plot_loss, save it at `path`, then log it to that run as ARTIFACT."""
+    figure = draw(run_id)
     try:
         figure.savefig(path, dpi=100)
-        mlflow.MlflowClient().log_figure(run_id, figure, artifact)
+        mlflow.MlflowClient().log_figure(run_id, figure, ARTIFACT)
     finally:
         plots.close(figure)
-    return artifact

@@ -1,0 +1,30 @@
+"""What every step does around its work: read its flags, make sure the tracking server lets this
+client in, report what stopped it in one line with an exit code, and exit fast.
+"""
+import gc
+import os
+import sys
+
+from mnistflow import auth, config
+from mnistflow.errors import StepError
+
+
+def run(prog: str, step, config_class, description: str, argv=None) -> None:
+    """`step(cfg)` with the config its flags give (see mnistflow/config.py); a StepError is one line
+    on stderr, `<prog>: error: <message>`, and the error's exit code."""
+    cfg = config.parse(config_class, prog, description, argv)
+    try:
+        auth.check_access()
+        step(cfg)
+    except StepError as exc:
+        print(f"{prog}: {exc.verdict}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    # Python's last garbage collection at exit walks every object torch and mlflow made, for
+    # seconds; frozen objects are skipped, and the OS frees the memory anyway.
+    gc.freeze()
+
+
+def launcher_run() -> str | None:
+    """The run `mlflow run` opened for this step, if it did. Taken out of the environment, where
+    MLflow would reopen it for every other run this process starts (a trial, a register run)."""
+    return os.environ.pop("MLFLOW_RUN_ID", None)

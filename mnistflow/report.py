@@ -1,0 +1,42 @@
+"""What a run shows about its model: test loss, accuracy and per-class scores as metrics, the
+classification report, and figures (curves, confusion matrix, misclassified images).
+"""
+import mlflow
+import numpy as np
+import torch
+
+from mnistflow import metrics, plots
+from mnistflow.data import Data
+from mnistflow.train import evaluate
+
+
+def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> dict:
+    """Final metrics of a trained net on the test split (see log_test_scores)."""
+    _, _, logits = evaluate(net, data.test, device)
+    return log_test_scores(torch.log_softmax(logits, 1).numpy(), data)
+
+
+def log_test_scores(log_probs: np.ndarray, data: Data) -> dict:
+    """Log test loss, accuracy and per-class precision/recall/F1 as metrics, the classification
+    report (text and JSON), the confusion matrix and misclassified images; return the metrics."""
+    labels = data.test.labels.numpy()
+    results, report, cm = metrics.test_metrics(log_probs, labels, data.classes)
+    mlflow.log_metrics(results)
+    mlflow.log_dict(report, "test/classification_report.json")
+    mlflow.log_text(metrics.report_text(report), "test/classification_report.txt")
+    log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
+    preds = log_probs.argmax(1)
+    wrong = np.flatnonzero(preds != labels)
+    log_figure(plots.misclassified(data.pixels(data.test)[wrong], labels[wrong], preds[wrong], data.classes),
+               "plots/test_misclassified.png")
+    return results
+
+
+def log_figure(figure, path: str) -> None:
+    """Log a matplotlib figure as a PNG artifact and free it."""
+    mlflow.log_figure(figure, path)
+    plots.close(figure)
+
+
+def log_curves(history: list[dict]) -> None:
+    log_figure(plots.curves(history), "plots/loss_accuracy_curves.png")
