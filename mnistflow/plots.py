@@ -11,16 +11,14 @@ def close(figure) -> None:
 
 
 def confusion_matrix(cm: np.ndarray, classes: list[str]):
+    """scikit-learn's ConfusionMatrixDisplay: true classes down, predicted across, counts in the cells."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     figure, ax = plt.subplots(figsize=(7, 6))
-    image = ax.imshow(cm, cmap="Blues")
-    figure.colorbar(image, ax=ax)
-    ticks = range(len(classes))
-    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="Confusion matrix (test)")
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
-    for (i, j), count in np.ndenumerate(cm):
-        ax.text(j, i, count, ha="center", va="center", fontsize=7,
-                color="white" if count > cm.max() / 2 else "black")
+    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, cmap="Blues", values_format="d",
+                                                            text_kw={"fontsize": 7})
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")  # long Fashion-MNIST names
+    ax.set_title("Confusion matrix (test)")
     figure.tight_layout()
     return figure
 

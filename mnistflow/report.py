@@ -23,9 +23,9 @@ def log_test_scores(log_probs: np.ndarray, data: Data) -> dict:
     results, report, cm = metrics.test_metrics(log_probs, labels, data.classes)
     mlflow.log_metrics(results)
     mlflow.log_dict(report, "test/classification_report.json")
-    mlflow.log_text(metrics.report_text(report), "test/classification_report.txt")
-    log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
     preds = log_probs.argmax(1)
+    mlflow.log_text(metrics.classification_report(labels, preds, data.classes), "test/classification_report.txt")
+    log_figure(plots.confusion_matrix(cm, data.classes), "plots/test_confusion_matrix.png")
     wrong = np.flatnonzero(preds != labels)
     log_figure(plots.misclassified(data.pixels(data.test)[wrong], labels[wrong], preds[wrong], data.classes),
                "plots/test_misclassified.png")

@@ -8,10 +8,8 @@ then holds a comparison table (progressive_comparison.csv) and chart (plots/prog
 test accuracy, test loss, training time and parameter count. A run done before with the same
 settings, git commit and uncommitted changes is reused.
 """
-import csv
-import io
-
 import mlflow
+import pandas as pd
 from mlflow.exceptions import ExecutionException
 
 from mnistflow import cli, pipeline, plots, report, tracking
@@ -46,19 +44,16 @@ def progressive(cfg: ProgressiveConfig) -> None:
             env = pipeline.env_manager(mlflow.get_run(run.info.run_id))
             rows = [row(name, pipeline.get_or_run("train", {**common, **settings, "note": name}, env, cfg.force))
                     for name, settings in RUNS.items()]
-            table = io.StringIO()
-            writer = csv.DictWriter(table, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-            mlflow.log_text(table.getvalue(), "progressive_comparison.csv")
+            table = pd.DataFrame(rows, columns=COLUMNS)
+            mlflow.log_text(table.to_csv(index=False), "progressive_comparison.csv")
             report.log_figure(plots.comparison(rows), "plots/progressive.png")
             mlflow.log_metrics({f"{r['run']}_test_accuracy": r["test_accuracy"] for r in rows})
     except ExecutionException as exc:
         raise StepFailed(f"a run failed ({exc}); its output is above") from None
-    print(f"\nprogressive run {run.info.run_id}:\n" + "\n".join(
-        f"{r['run']:<16} {r['model']:<9} lr {r['lr']:<7} batch {r['batch_size']:<4} test_accuracy {r['test_accuracy']:.4f} "
-        f"test_loss {r['test_loss']:.4f} {r['train_time_s']:>7.1f} s {r['num_params']:>10,} params" for r in rows))
-
+    print(f"\nprogressive run {run.info.run_id}:")
+    print(table.drop(columns="run_id").to_string(index=False, formatters={
+        "lr": "{:g}".format, "test_accuracy": "{:.4f}".format, "test_loss": "{:.4f}".format,
+        "num_params": "{:,}".format}), flush=True)
 
 
 def main(argv=None) -> None:

@@ -146,5 +146,9 @@ def test_progressive_compares_the_three_runs_of_the_pipeline_doc(store, tiny_dat
     assert header == "run,model,lr,batch_size,test_accuracy,test_loss,train_time_s,num_params,run_id"
     assert [row.split(",")[0] for row in rows] == ["run_1_baseline", "run_2_enhanced", "run_3_optimized"]
     assert {row.split(",")[7] for row in rows} == {"54410", "1386506"}
+    printed = result.stdout[result.stdout.index("progressive run"):].splitlines()[1:]
+    assert printed[0].split() == header.split(",")[:-1]  # the CSV's columns but the run id
+    assert printed[3].split()[:4] == ["run_3_optimized", "enhanced", "0.0005", "64"]
+    assert printed[3].split()[-1] == "1,386,506"
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
     assert "plots/progressive.png" in artifacts
