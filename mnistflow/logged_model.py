@@ -34,8 +34,11 @@ PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's own check of p
 
 
 def log(net: torch.nn.Module, data: Data) -> None:
-    """Log the net as the run's servable model, named "model"."""
-    model = servable(net.cpu(), data.mean, data.std)
+    """Log the net as the run's servable model, named "model" (the net ends up on the CPU, in the
+    standard memory format)."""
+    # Training keeps conv weights channels_last (mnistflow/train.py), which torch.export's weight
+    # packer takes for slices of a larger tensor: "No complete tensor found in the group!".
+    model = servable(net.cpu().to(memory_format=torch.contiguous_format), data.mean, data.std)
     example = data.pixels(data.test)[:5].numpy()
     with torch.no_grad():
         probabilities = model(torch.from_numpy(example)).numpy()

@@ -4,6 +4,7 @@ Nothing here changes the registry until every check has passed (or `force` says 
 refused or failed promotion leaves versions and aliases as they were. Aliases, not the deprecated
 stages, mark what is in production; the version an alias leaves keeps a `previous` alias.
 """
+import json
 import os
 import tempfile
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from mnistflow import data as datasets
 from mnistflow import logged_model, metrics, tracking
@@ -308,8 +310,24 @@ def register_version(candidate: Candidate, outcome: Outcome, forced: bool):
     else:
         version = client.create_model_version(cfg.model_name, candidate.model_uri, run_id=run.info.run_id,
                                               tags=tags, description=description, model_id=candidate.model_id)
+    link_logged_model(candidate.model_id, cfg.model_name, version.version)
     print(f"registered {cfg.model_name} version {version.version}", flush=True)
     return version
+
+
+def link_logged_model(model_id: str, name: str, version: str) -> None:
+    """List the version on its logged model, as mlflow.register_model does: the UI's page of the
+    logged model reads this tag to show it registered and link to the version.
+
+    A tracking server's create_model_version adds the link itself (its version a number), a
+    database or file store does not. So it is added only where missing, which also keeps a reused
+    version listed once.
+    """
+    client = mlflow.MlflowClient()
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if not any(link.get("name") == name and str(link.get("version")) == str(version) for link in listed):
+        link = {"name": name, "version": str(version)}
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, link])})
 
 
 def move_alias(name: str, alias: str, version: str, old_version: str | None) -> None:

@@ -5,6 +5,7 @@ keeps its MLflow parent run id as a study attribute, so a resumed study and ever
 in whatever process or machine, log their trials under the same parent run.
 """
 import dataclasses
+import functools
 import os
 import socket
 import tempfile
@@ -29,6 +30,8 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"   # study attribute
 STUDY_PARENT_TAG = "study_parent_run_id"   # on a run `mlflow run` opened for trials added to an older study
 RUN_ID_ATTR = "mlflow_run_id"              # trial attribute: the trial's child run
+BEST_TRIAL_TAG = "best_trial"               # "true" on the best trial's child run
+OBJECTIVE = "val_accuracy"                  # what each trial returns, by its name in the study
 WORKER_ATTR = "worker"                      # trial attribute: <host>:<pid> of the process training it
 WEIGHTS = "model_state.pt"                 # a complete trial's best weights, on its child run
 MAX_RETRY = 2                              # reruns of a trial whose worker died
@@ -236,9 +239,14 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: TuneConfig, storage, worker: int = 0) -> optuna.Study:
-    return optuna.create_study(study_name=cfg.study_name, storage=storage, load_if_exists=True,
-                               direction="maximize", sampler=make_sampler(cfg, worker),
-                               pruner=make_pruner(cfg))
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, load_if_exists=True,
+                                direction="maximize", sampler=make_sampler(cfg, worker),
+                                pruner=make_pruner(cfg))
+    if study.metric_names is None:  # else Optuna's CLI, dashboard and plots call it "value", "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])
+    return study
 
 
 # --- trials ----------------------------------------------------------------------------------
@@ -339,12 +347,39 @@ def load_data(cfg: TuneConfig):
 
 # --- the parent run afterwards ---------------------------------------------------------------
 
-STUDY_PLOTS = {
-    "optimization_history": optuna_plots.plot_optimization_history,
+STUDY_PLOTS = {  # each axis that shows the objective is named after it
+    "optimization_history": functools.partial(optuna_plots.plot_optimization_history, target_name=OBJECTIVE),
     "intermediate_values": optuna_plots.plot_intermediate_values,
-    "param_importances": optuna_plots.plot_param_importances,
-    "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+    "param_importances": optuna_plots.plot_param_importances,  # names it after the study's metric_names
+    "parallel_coordinate": functools.partial(optuna_plots.plot_parallel_coordinate, target_name=OBJECTIVE),
 }
+
+
+def study_figures(study: optuna.Study) -> dict:
+    """name -> figure, for each of STUDY_PLOTS that the study's trials allow."""
+    figures = {}
+    for name, plot in STUDY_PLOTS.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the plots are experimental, and say so each time
+                figure = np.ravel(plot(study))[0].figure
+        except (ValueError, RuntimeError) as exc:  # e.g. importances need two complete trials
+            print(f"plot {name} skipped: {exc}", flush=True)
+            continue
+        # Optuna draws into a fixed layout that cuts long labels (`ight_decay`); fit them in.
+        figure.tight_layout()
+        figures[name] = figure
+    return figures
+
+
+def mark_best_trial(run_id: str) -> None:
+    """Tag the best trial's run, and untag the one that was best before (the active parent run's
+    best_trial_run_id), so that exactly one trial says it is the best."""
+    client = mlflow.MlflowClient()
+    previous = mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("best_trial_run_id")
+    if previous and previous != run_id and BEST_TRIAL_TAG in client.get_run(previous).data.tags:
+        client.delete_tag(previous, BEST_TRIAL_TAG)
+    client.set_tag(run_id, BEST_TRIAL_TAG, "true")
 
 
 def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.FrozenTrial | None:
@@ -365,18 +400,12 @@ def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.Frozen
     if optuna.trial.TrialState.COMPLETE not in states:
         print("no trial completed: no plots, and no best model to log", flush=True)
         return None
-    for name, plot in STUDY_PLOTS.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the plots are experimental, and say so each time
-                axes = plot(study)
-        except (ValueError, RuntimeError) as exc:  # e.g. importances need two complete trials
-            print(f"plot {name} skipped: {exc}", flush=True)
-            continue
-        report.log_figure(np.ravel(axes)[0].figure, f"plots/{name}.png")
+    for name, figure in study_figures(study).items():
+        report.log_figure(figure, f"plots/{name}.png")
 
     best = study.best_trial
     run_id = best.user_attrs[RUN_ID_ATTR]
+    mark_best_trial(run_id)
     mlflow.log_metric("best_val_accuracy", best.value, step=len(trials))
     mlflow.set_tags({"best_trial_number": best.number, "best_trial_run_id": run_id,
                      **{f"best_{name}": value for name, value in best.params.items()}})

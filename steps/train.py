@@ -30,12 +30,16 @@ def train(cfg: TrainConfig) -> None:
     net = models.build(cfg.model, cfg.mirror)
     launcher_run = cli.launcher_run()
 
-    with tracking.tracked_run(run_id=cfg.resume or launcher_run) as (run, log_metrics), \
+    # A resumed run keeps its name; a new one, or the one `mlflow run` opened for it, gets this one.
+    run_name = None if cfg.resume else f"train-{cfg.model}-{cfg.dataset}"
+    with tracking.tracked_run(run_id=cfg.resume or launcher_run, run_name=run_name) as (run, log_metrics), \
             tempfile.TemporaryDirectory() as checkpoint_dir:
         run_id = run.info.run_id
         if cfg.resume and launcher_run:
-            # `mlflow run` opened a run of its own before this step started; point it here.
-            mlflow.MlflowClient().set_tag(launcher_run, "mlflow.note.content", f"resumed run {run_id}")
+            # `mlflow run` opened a run of its own before this step started; name it and point it here.
+            client = mlflow.MlflowClient()
+            client.update_run(launcher_run, name=f"resume-{run.info.run_name}")
+            client.set_tag(launcher_run, "mlflow.note.content", f"resumed run {run_id}")
         mlflow.set_tags(tracking.process_tags())
         if cfg.resume:  # a resumed run may have logged more than its checkpoint holds
             log_metrics = checkpoints.metrics_once(run_id, state["history"] if state else [], log_metrics)

@@ -29,6 +29,7 @@ def tune(cfg: TuneConfig) -> None:
     study = tuning.open_study(cfg, storage)
     if parent_run and launcher_run:
         client = mlflow.MlflowClient()
+        client.update_run(launcher_run, name=f"add-trials-{cfg.study_name}")
         client.set_tag(launcher_run, "mlflow.note.content", f"added trials to study {cfg.study_name}, parent run {parent_run}")
         client.set_tag(launcher_run, tuning.STUDY_PARENT_TAG, parent_run)  # where the results are
 

@@ -1,6 +1,7 @@
 """plot_loss (the step and researcher/log_plot.py) on real runs: a train run, a tune parent, bad input."""
 import mlflow
 import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 from PIL import Image
 
 from conftest import EXPERIMENT, python_step, run_step
@@ -24,6 +25,11 @@ def test_mlflow_run_plot_loss_on_a_train_run(registry_store, tmp_path):
                       "-P", f"run_id={registry_store.good}", "-P", f"out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(out).size[0] >= 800 and ARTIFACT in logged(registry_store.good)
+    # The run `mlflow run` opened for the step logs nothing itself; its name and note say what it did.
+    [launcher] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", filter_string=(
+        f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = 'plot_loss' AND params.run_id = '{registry_store.good}'"))
+    assert launcher.info.run_name == "plot_loss-train-fast-mnist"  # the train step named the plotted run
+    assert launcher.data.tags["mlflow.note.content"] == f"plotted the losses of run {registry_store.good} as its {ARTIFACT}"
 
     figure = draw(registry_store.good)
     # 2 epochs of 9 steps, `loss` logged every 50 steps by default: no step-level points here.

@@ -11,11 +11,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
 from mnistflow import data as datasets
-from mnistflow import logged_model, models
-from steps import evaluate, register, tune
+from mnistflow import logged_model, models, pipeline
+from steps import evaluate, main, register, tune
 
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
 LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1"]
@@ -45,6 +46,22 @@ def versions(name: str) -> list:
     return mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
 
 
+def model_id_of(version) -> str:
+    """The logged model a version was made from: its source (a SQL registry keeps no model_id)."""
+    assert version.source.startswith("models:/m-"), version.source
+    return version.source.removeprefix("models:/")
+
+
+def registered_on(model_id: str) -> list[tuple[str, str]]:
+    """The versions a logged model lists as made from it: what the UI's logged model page shows."""
+    return listed_versions(mlflow.get_logged_model(model_id).tags)
+
+
+def listed_versions(tags: dict) -> list[tuple[str, str]]:
+    # (name, version): a server writes the version as a number, MLflow's client as a string; the UI reads both.
+    return [(link["name"], str(link["version"])) for link in json.loads(tags.get(MLFLOW_MODEL_VERSIONS, "[]"))]
+
+
 def register_runs(status: str | None = None) -> list:
     runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                               filter_string="attributes.run_name LIKE 'register-%'")
@@ -66,6 +83,9 @@ def test_best_run_is_registered_gated_and_promoted(registry_store, tiny_data, ca
     assert tags["gate_forced"] == "false"
     assert registry_store.good in version.description
     assert "sanity check, models:/Best@production" in out and "(10/10 right)" in out
+    # The version and its logged model name each other, as mlflow.register_model leaves them.
+    assert mlflow.get_logged_model(model_id_of(version)).source_run_id == registry_store.good
+    assert registered_on(model_id_of(version)) == [("Best", "1")]
 
     # The step's own run records the decision; registering the same run again changes nothing.
     run = mlflow.get_run(register_runs()[0].info.run_id)
@@ -92,10 +112,25 @@ def test_champion_refuses_worse_challenger_then_force_and_rollback(registry_stor
     assert aliases(name) == {"production": "2", "previous": "1"}
     forced = mlflow.MlflowClient().get_model_version(name, "2")
     assert forced.tags["gate_forced"] == "true" and forced.tags["gate_vs_champion_passed"] == "false"
+    assert registered_on(model_id_of(forced)) == [(name, "2")]
 
     assert call(capsys, "--model_name", name, "--rollback", "true")[0] == 0
     assert aliases(name) == {"production": "1", "previous": "2"}
     assert mlflow.pyfunc.load_model(f"models:/{name}@production").metadata.run_id == registry_store.good
+
+
+def test_the_pipeline_run_describes_its_step_runs_and_the_version_with_links(registry_store, tiny_data, capsys):
+    assert call(capsys, "--model_name", "Described", "--run_id", registry_store.good, "--data_dir", tiny_data)[0] == 0
+    [register_run] = [run for run in register_runs() if run.data.tags.get("model_name") == "Described"]
+    train_run = mlflow.get_run(registry_store.good)
+    text = main.description([pipeline.StepRun("train", train_run, reused=True, why=""),
+                             pipeline.StepRun("register", register_run, reused=False, why="")])
+    runs = f"#/experiments/{train_run.info.experiment_id}/runs"  # the MLflow UI's own routes
+    assert text.splitlines() == [
+        "Registered [Described version 1](#/models/Described/versions/1) @production. The steps:", "",
+        f"- **train** [train-fast-mnist]({runs}/{registry_store.good}), reused: test_accuracy 1.0000",
+        f"- **register** [register-Described]({runs}/{register_run.info.run_id}), new: Described version 1 "
+        f"@production (source run {registry_store.good[:8]}, gate accuracy 1.0000)"]
 
 
 def test_gate_failure_changes_nothing(registry_store, tiny_data, capsys):
@@ -191,6 +226,36 @@ def untrained(store, tiny_data) -> list[str]:
     return ids
 
 
+def test_through_a_tracking_server_the_version_is_linked_to_its_model_once(tiny_data, tmp_path, monkeypatch, capsys):
+    # A server links a new version to its logged model by itself: the step must not list it twice.
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=tmp_path, env=step_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(url)
+    try:
+        wait_until_up(f"{url}/health", server)
+        with mlflow.start_run() as run:
+            mlflow.set_tag("dataset", "mnist")
+            logged_model.log(models.build("fast", "off"), datasets.load("mnist", tiny_data))
+        code, _, err = call(capsys, "--model_name", "Linked", "--run_id", run.info.run_id, "--data_dir", tiny_data,
+                            *ANY_MODEL)
+        assert code == 0, err
+        [version] = versions("Linked")
+        # What the UI's logged model page fetches.
+        with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/logged-models/{model_id_of(version)}", timeout=30) as page:
+            tags = {tag["key"]: tag["value"] for tag in json.load(page)["model"]["info"]["tags"]}
+        assert listed_versions(tags) == [("Linked", "1")]
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def test_a_champion_that_cannot_be_read_stops_the_step(untrained, tiny_data, tmp_path, capsys):
     champion_run, challenger_run = untrained
     assert call(capsys, "--model_name", "Unread", "--run_id", champion_run, "--data_dir", tiny_data, *ANY_MODEL)[0] == 0
@@ -256,6 +321,10 @@ def test_a_study_tuned_twice_registers_its_newest_model(store, tiny_data, tmp_pa
     assert version.source == f"models:/{newest.model_id}"
     best_trial_run = parent.data.tags["best_trial_run_id"]
     assert mlflow.get_run(best_trial_run).data.tags["trial_number"] == "1"  # the second invocation's trial
+    trials = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    # Only the best trial says so: the first one was, and is untagged.
+    assert {run.data.tags["trial_number"]: run.data.tags.get("best_trial") for run in trials} == {"0": None, "1": "true"}
     assert version.tags["best_trial_run_id"] == best_trial_run
     trial_weights = torch.load(mlflow.artifacts.download_artifacts(run_id=best_trial_run, artifact_path="model_state.pt",
                                                                    dst_path=str(tmp_path)), weights_only=True)

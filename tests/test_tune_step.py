@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
 from mnistflow import tuning
@@ -23,6 +24,11 @@ def tune_args(storage: str, data_dir: str, *extra: str) -> list[str]:
 
 def load(storage: str, name: str = "s") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def best_trials(parent_id: str) -> list[str]:
+    """The runs among the parent's trials that are tagged the best one."""
+    return [run.info.run_id for run in children(parent_id) if run.data.tags.get(tuning.BEST_TRIAL_TAG) == "true"]
 
 
 def children(parent_id: str):
@@ -39,8 +45,9 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     study = load(storage)
     parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
     parent = mlflow.get_run(parent_id)
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "study-s"  # the run `mlflow run` opened
     assert parent.data.tags["study_name"] == "s" and parent.data.tags["phase"] == "tuning"
+    assert study.metric_names == ["val_accuracy"]  # what Optuna's CLI and dashboard call the objective
 
     # one child run per trial, its state as a tag; pruned trials end cleanly and early
     runs = {r.info.run_id: r for r in children(parent_id)}
@@ -61,6 +68,7 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     assert parent.data.metrics["best_val_accuracy"] == best.value
     assert parent.data.tags["best_trial_run_id"] == best.user_attrs[tuning.RUN_ID_ATTR]
     assert parent.data.tags["best_lr"] == str(best.params["lr"])
+    assert best_trials(parent_id) == [best.user_attrs[tuning.RUN_ID_ATTR]]  # marked on its own run too
     assert parent.data.metrics["trials_complete"] + parent.data.metrics["trials_pruned"] == 7
     artifacts = {f.path for d in ("", "plots", "test") for f in client.list_artifacts(parent_id, d or None)}
     assert PLOTS | {"trials.csv", "best_params.json", "search_space.yaml", "test/classification_report.json"} <= artifacts
@@ -71,7 +79,8 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     assert "test_accuracy" in parent.data.metrics
 
     # the same command again adds trials to the same study and parent run
-    again = python_step("steps.tune", *tune_args(storage, tiny_data, "--n_trials", "2", "--epochs", "2"))
+    again = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
+                     "-P", "epochs=2", "-P", f"storage={storage}", "-P", f"data_dir={tiny_data}", "-P", "study_name=s")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 trials added, 9 in all" in again.stdout
     study = load(storage)
@@ -79,8 +88,11 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     assert study.user_attrs[tuning.PARENT_RUN_ATTR] == parent_id
     assert mlflow.get_run(parent_id).info.status == "FINISHED"
     assert len(children(parent_id)) == 9
-    # no new run besides the parent, its children and the one `mlflow run` opened (the parent)
-    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")) == 10
+    assert best_trials(parent_id) == [study.best_trial.user_attrs[tuning.RUN_ID_ATTR]]
+    # no new run besides the parent, its children and the one this `mlflow run` opened, which says where they went
+    [launcher] = [run for run in mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
+                  if run.info.run_id != parent_id and run.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_id]
+    assert launcher.info.run_name == "add-trials-s" and launcher.data.tags[tuning.STUDY_PARENT_TAG] == parent_id
 
 
 def two_workers(storage: str, tiny_data: str, name: str):

@@ -4,7 +4,7 @@ import sqlite3
 import optuna
 import pytest
 
-from mnistflow import tuning
+from mnistflow import plots, tuning
 from mnistflow.config import TuneConfig
 from mnistflow.errors import ConfigError, StoreError
 
@@ -108,3 +108,32 @@ def test_sqlite_storage_takes_the_write_lock_up_front(tmp_path):
 def test_storage_urls_are_logged_without_their_password():
     assert tuning.redacted("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"
     assert tuning.redacted("") == ""  # the default storage stays recognisable
+
+
+def test_the_study_names_its_objective_and_every_plot_shows_its_whole_labels():
+    study = tuning.open_study(TuneConfig(study_name="s").validate(), storage=None)  # in memory, no training
+    assert study.metric_names == ["val_accuracy"]
+
+    def objective(trial):
+        # The search space's long names: Optuna's own layout cut them to `ight_decay`, `atch_size`.
+        weight_decay = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+        smoothing = trial.suggest_float("label_smoothing", 0, 0.2)
+        batch_size = trial.suggest_categorical("batch_size", [64, 128, 256])
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        for epoch in (1, 2):
+            trial.report(0.5 + lr + smoothing * epoch, epoch)
+        return 0.9 + lr - weight_decay + smoothing / 10 + batch_size / 1e4
+
+    study.optimize(objective, n_trials=8)
+    figures = tuning.study_figures(study)
+    assert set(figures) == set(tuning.STUDY_PLOTS)
+    for name, figure in figures.items():
+        figure.canvas.draw()
+        drawn = figure.get_tightbbox(figure.canvas.get_renderer())  # in inches, like the figure's size
+        width, height = figure.get_size_inches()
+        assert 0 <= drawn.x0 and 0 <= drawn.y0 and drawn.x1 <= width and drawn.y1 <= height, (name, drawn)
+    assert figures["optimization_history"].axes[0].get_ylabel() == "val_accuracy"
+    importance_labels = {label.get_text() for label in figures["param_importances"].axes[0].get_yticklabels()}
+    assert importance_labels == {"weight_decay", "label_smoothing", "batch_size", "lr"}
+    for figure in figures.values():
+        plots.close(figure)
