@@ -6,6 +6,7 @@ import hashlib
 import os
 import shlex
 import subprocess
+import urllib.parse
 from dataclasses import dataclass
 
 import mlflow
@@ -115,3 +116,19 @@ def summary_table(steps: list[StepRun]) -> str:
     rows += [f"{s.entry_point:<10} {s.run.info.run_id:<32}  {'reused' if s.reused else 'new':<6}  "
              f"{key_figures(s)}; {s.why}" for s in steps]
     return "\n".join(rows)
+
+
+def run_link(run: mlflow.entities.Run) -> str:
+    """A Markdown link to the run's page, relative to the MLflow UI's own address."""
+    return f"[{run.info.run_name}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
+
+
+def description(steps: list[StepRun]) -> str:
+    """The pipeline run's description in the MLflow UI: each step's run with a link, whether it ran
+    or was reused, its key figures; and the model version registered, with a link."""
+    lines = [f"- **{s.entry_point}** {run_link(s.run)}, {'reused' if s.reused else 'new'}: {key_figures(s)}"
+             for s in steps]
+    registered = next(s.run.data.tags for s in steps if s.entry_point == "register")
+    name, version = registered["model_name"], registered["model_version"]
+    return "\n".join([f"Registered [{name} version {version}](#/models/{urllib.parse.quote(name)}/versions/{version}) "
+                      f"@{registered['alias']}. The steps:", "", *lines])

@@ -11,7 +11,6 @@ with the same parameters, at the same git commit and with the same uncommitted c
 reused instead of rerun; the summary says why each step ran or was reused.
 """
 import dataclasses
-import urllib.parse
 
 import mlflow
 from mlflow.exceptions import ExecutionException
@@ -40,22 +39,6 @@ def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
     return [train, dataclasses.replace(tune, run=study_parent), register, plot]
 
 
-def run_link(run: mlflow.entities.Run) -> str:
-    """A Markdown link to the run's page, relative to the MLflow UI's own address."""
-    return f"[{run.info.run_name}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
-
-
-def description(steps: list[pipeline.StepRun]) -> str:
-    """The pipeline run's description in the MLflow UI: each step's run with a link, whether it ran
-    or was reused, its key figures; and the model version registered, with a link."""
-    lines = [f"- **{s.entry_point}** {run_link(s.run)}, {'reused' if s.reused else 'new'}: {pipeline.key_figures(s)}"
-             for s in steps]
-    registered = next(s.run.data.tags for s in steps if s.entry_point == "register")
-    name, version = registered["model_name"], registered["model_version"]
-    return "\n".join([f"Registered [{name} version {version}](#/models/{urllib.parse.quote(name)}/versions/{version}) "
-                      f"@{registered['alias']}. The steps:", "", *lines])
-
-
 def run_pipeline(cfg: PipelineConfig) -> None:
     try:
         with tracking.tracked_run(run_name="pipeline") as (run, _):
@@ -65,7 +48,7 @@ def run_pipeline(cfg: PipelineConfig) -> None:
             table = pipeline.summary_table(steps)
             mlflow.log_text(table + "\n", "pipeline_summary.txt")
             mlflow.set_tags({f"{s.entry_point}_run_id": s.run.info.run_id for s in steps})
-            mlflow.set_tag("mlflow.note.content", description(steps))
+            mlflow.set_tag("mlflow.note.content", pipeline.description(steps))
     except ExecutionException as exc:
         raise StepFailed(f"a step failed ({exc}); its output is above") from None
     print(f"\npipeline run {run.info.run_id}:\n{table}", flush=True)

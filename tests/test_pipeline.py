@@ -73,6 +73,8 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
     rows = summary_rows(first.stdout)
     assert set(rows) == {"train", "tune", "register", "plot_loss"}
     assert "Pipeline version 1 @production" in rows["register"]
+    assert pipeline_run.data.tags["mlflow.note.content"].startswith(
+        "Registered [Pipeline version 1](#/models/Pipeline/versions/1) @production")
     assert all(" new " in row and row.endswith("; no earlier run with these parameters") for row in rows.values())
 
     second = run_pipeline()

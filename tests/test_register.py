@@ -16,7 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
 from mnistflow import data as datasets
 from mnistflow import logged_model, models, pipeline
-from steps import evaluate, main, register, tune
+from steps import evaluate, register, tune
 
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
 LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1"]
@@ -123,7 +123,7 @@ def test_the_pipeline_run_describes_its_step_runs_and_the_version_with_links(reg
     assert call(capsys, "--model_name", "Described", "--run_id", registry_store.good, "--data_dir", tiny_data)[0] == 0
     [register_run] = [run for run in register_runs() if run.data.tags.get("model_name") == "Described"]
     train_run = mlflow.get_run(registry_store.good)
-    text = main.description([pipeline.StepRun("train", train_run, reused=True, why=""),
+    text = pipeline.description([pipeline.StepRun("train", train_run, reused=True, why=""),
                              pipeline.StepRun("register", register_run, reused=False, why="")])
     runs = f"#/experiments/{train_run.info.experiment_id}/runs"  # the MLflow UI's own routes
     assert text.splitlines() == [
