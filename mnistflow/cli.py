@@ -11,7 +11,7 @@ from mnistflow.errors import StepError
 
 def run(prog: str, step, config_class, description: str, argv=None) -> None:
     """`step(cfg)` with the config its flags give (see mnistflow/config.py); a StepError is one line
-    on stderr, `<prog>: error: <message>`, and the error's exit code."""
+    on stderr, `<prog>: error: <message>` (`refused` for a refusal), and the error's exit code."""
     cfg = config.parse(config_class, prog, description, argv)
     try:
         auth.check_access()

@@ -15,13 +15,12 @@ from mnistflow.plot_loss import ARTIFACT, save_and_log
 
 
 def plot_loss(cfg: PlotLossConfig) -> None:
-    plotted = tracking.existing_run(cfg.run_id)
     launcher_run = cli.launcher_run()
+    save_and_log(cfg.run_id, cfg.out)
     if launcher_run:  # the run `mlflow run` opened for this step, which logs nothing of its own: say what it did
         client = mlflow.MlflowClient()
-        client.update_run(launcher_run, name=f"plot_loss-{plotted.info.run_name}")
+        client.update_run(launcher_run, name=f"plot_loss-{tracking.existing_run(cfg.run_id).info.run_name}")
         client.set_tag(launcher_run, "mlflow.note.content", f"plotted the losses of run {cfg.run_id} as its {ARTIFACT}")
-    save_and_log(cfg.run_id, cfg.out)
     print(f"wrote {cfg.out} and logged it to run {cfg.run_id} as {ARTIFACT}")
 
 
