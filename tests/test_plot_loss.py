@@ -92,5 +92,6 @@ def test_bad_run_ids_are_one_line_and_log_nothing(registry_store, tmp_path, caps
     result = run_step("mlflow", "run", ".", "-e", "plot_loss", "--env-manager", "local", "-P", f"run_id={bare.info.run_id}")
     assert result.returncode != 0 and "plot_loss: error: " in result.stderr and "has no loss metrics" in result.stderr
     [launcher] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
-                                    filter_string="tags.`mlflow.project.entryPoint` = 'plot_loss'")
+                                    filter_string="tags.`mlflow.project.entryPoint` = 'plot_loss'"
+                                                  f" and params.run_id = '{bare.info.run_id}'")
     assert launcher.info.status == "FAILED" and "mlflow.note.content" not in launcher.data.tags
