@@ -423,10 +423,12 @@ def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.Frozen
 
 
 def summary_table(study: optuna.Study) -> str:
-    rows = [f"{'trial':>5}  {'state':<8} {'val_acc':>8} {'seconds':>8}  params"]
-    for t in study.get_trials(deepcopy=False):
-        value = f"{t.value:.4f}" if t.value is not None else "-"
-        seconds = f"{t.duration.total_seconds():.0f}" if t.duration else "-"
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-        rows.append(f"{t.number:>5}  {t.state.name:<8} {value:>8} {seconds:>8}  {params}")
-    return "\n".join(rows)
+    """One row per trial (number, state, objective, seconds, parameters): Optuna's own DataFrame."""
+    trials = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params"))
+    if trials.empty:
+        return "no trials"
+    trials["duration"] = trials["duration"].dt.total_seconds().round()
+    # Optuna prefixes the objective with `value_` and each parameter with `params_`.
+    trials.columns = [c.removeprefix("params_").removeprefix("value_") for c in trials.columns]
+    trials = trials.rename(columns={"number": "trial", "duration": "seconds"})
+    return trials.to_string(index=False, na_rep="-", float_format="{:.4g}".format)

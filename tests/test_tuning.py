@@ -137,3 +137,22 @@ def test_the_study_names_its_objective_and_every_plot_shows_its_whole_labels():
     assert importance_labels == {"weight_decay", "label_smoothing", "batch_size", "lr"}
     for figure in figures.values():
         plots.close(figure)
+
+
+def test_the_summary_table_shows_every_trial_with_its_state_objective_and_params():
+    study = optuna.create_study(direction="maximize")
+    assert tuning.summary_table(study) == "no trials"
+    study.set_metric_names(["val_accuracy"])
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_categorical("optimizer", ["adamw", "sgd"])
+        if trial.number == 1:
+            raise optuna.TrialPruned()
+        return 0.9 + trial.number / 100
+
+    study.optimize(objective, n_trials=3)
+    header, *rows = tuning.summary_table(study).splitlines()
+    assert header.split() == ["trial", "state", "val_accuracy", "seconds", "lr", "optimizer"]
+    assert [row.split()[:3] for row in rows] == [["0", "COMPLETE", "0.9"], ["1", "PRUNED", "-"], ["2", "COMPLETE", "0.92"]]
+    assert [row.split()[-1] for row in rows] == [t.params["optimizer"] for t in study.trials]
