@@ -34,8 +34,9 @@ class AsyncMetrics:
     def __init__(self):
         self._pending = []
 
-    def __call__(self, metrics: dict, step: int) -> None:
-        self._pending.append(mlflow.log_metrics(metrics, step=step, synchronous=False))
+    def __call__(self, metrics: dict, step: int, **links) -> None:
+        """`links`: mlflow.log_metrics' model_id and dataset, which the metrics were measured on."""
+        self._pending.append(mlflow.log_metrics(metrics, step=step, synchronous=False, **links))
 
     def flush(self) -> None:
         mlflow.flush_async_logging()  # write what is buffered now, not at the next tick
@@ -201,18 +202,21 @@ def logged_config(run_id: str) -> dict:
     return {"mirror": "off", "shift": "off", **yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))}
 
 
+def split_dataset(data: Data, context: str) -> mlflow.data.Dataset:
+    """A split as an MLflow dataset, <dataset>-<context> with the split's digest: what the run's
+    inputs list and what metrics measured on the split name (mlflow.log_metrics' dataset=)."""
+    split = {"training": data.train, "validation": data.val, "test": data.test}[context]
+    with warnings.catch_warnings():
+        # MLflow registers two local-path source types under one name and warns that it
+        # picked one of them; either is right for a local data directory.
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        return mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(),
+                                      source=data.root, name=f"{data.name}-{context}", digest=split.digest)
+
+
 def log_datasets(data: Data, contexts=("training", "validation", "test")) -> None:
-    splits = {"training": data.train, "validation": data.val, "test": data.test}
     for context in contexts:
-        split = splits[context]
-        with warnings.catch_warnings():
-            # MLflow registers two local-path source types under one name and warns that it
-            # picked one of them; either is right for a local data directory.
-            warnings.filterwarnings("ignore", message="The specified dataset source")
-            dataset = mlflow.data.from_numpy(split.images.numpy(), targets=split.labels.numpy(),
-                                             source=data.root, name=f"{data.name}-{context}",
-                                             digest=split.digest)
-        mlflow.log_input(dataset, context=context)
+        mlflow.log_input(split_dataset(data, context), context=context)
 
 
 def model_params(cfg, net: torch.nn.Module, device: torch.device) -> dict:
