@@ -25,15 +25,18 @@ def class_names(model) -> list[str]:
 
 
 def predict(cfg: PredictConfig) -> None:
+    launcher_run = cli.launcher_run()
     originals = [images.read(path) for path in cfg.images]
     inputs = np.stack([images.to_mnist(image, path) for image, path in zip(originals, cfg.images)])[:, None]
     model = logged_model.load(cfg.model_uri, cfg.allow_pickled_models)
 
     probs = logged_model.probabilities(model, inputs)
     names = class_names(model)
+    predictions = []
     for path, p in zip(cfg.images, probs):
         top = np.argsort(p)[::-1][:cfg.top]
-        print(f"{path}: {names[top[0]]}  (" + ", ".join(f"{names[k]} {p[k]:.4f}" for k in top) + ")", flush=True)
+        predictions.append(f"{path}: {names[top[0]]}  (" + ", ".join(f"{names[k]} {p[k]:.4f}" for k in top) + ")")
+        print(predictions[-1], flush=True)
     if cfg.plot:
         figure = plots.predictions(originals, inputs, probs, names, [os.path.basename(p) for p in cfg.images])
         figure.savefig(cfg.plot, dpi=100)
@@ -43,6 +46,8 @@ def predict(cfg: PredictConfig) -> None:
         with open(cfg.payload, "w") as f:
             json.dump({"inputs": inputs.round(4).tolist()}, f)
         print(f"wrote {cfg.payload} ({len(inputs)} images) for POST /invocations")
+    cli.describe_launcher(launcher_run, f"predict-{len(cfg.images)}-images",
+                          f"classified with {cfg.model_uri}:\n\n" + "\n".join(f"- {line}" for line in predictions))
 
 
 def main(argv=None) -> None:

@@ -131,6 +131,10 @@ def test_mlflow_run_predict_takes_several_images_in_one_parameter(registry_store
                       "-P", f"model_uri=runs:/{registry_store.good}/model", "-P", f"images={' '.join(paths)}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(f"{path}: " in result.stdout for path in paths)
+    [launcher] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                    filter_string="attributes.run_name = 'predict-2-images'")
+    assert launcher.info.status == "FINISHED"
+    assert all(f"- {path}: " in launcher.data.tags["mlflow.note.content"] for path in paths)
 
 
 @pytest.mark.parametrize("content, message", [
