@@ -32,11 +32,12 @@ def launcher_run() -> str | None:
     return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
-def describe_launcher(run_id: str | None, name: str, note: str) -> None:
+def describe_launcher(run_id: str | None, name: str, note: str, tags: dict | None = None) -> None:
     """Name the run `mlflow run` opened for this step (`run_id`, if it did) and say what the step
     did, where the step logs its work elsewhere or not at all: a random name and an empty page
     would say nothing in the MLflow UI."""
     if run_id:
         client = mlflow.MlflowClient()
         client.update_run(run_id, name=name)
-        client.set_tag(run_id, "mlflow.note.content", note)
+        for key, value in {"mlflow.note.content": note, **(tags or {})}.items():
+            client.set_tag(run_id, key, value)

@@ -27,11 +27,10 @@ def tune(cfg: TuneConfig) -> None:
     storage = tuning.open_storage(cfg)
     parent_run = tuning.existing_parent_run(cfg, storage)
     study = tuning.open_study(cfg, storage)
-    if parent_run and launcher_run:
-        client = mlflow.MlflowClient()
-        client.update_run(launcher_run, name=f"add-trials-{cfg.study_name}")
-        client.set_tag(launcher_run, "mlflow.note.content", f"added trials to study {cfg.study_name}, parent run {parent_run}")
-        client.set_tag(launcher_run, tuning.STUDY_PARENT_TAG, parent_run)  # where the results are
+    if parent_run:  # the results go to the study's parent run
+        cli.describe_launcher(launcher_run, f"add-trials-{cfg.study_name}",
+                              f"added trials to study {cfg.study_name}, parent run {parent_run}",
+                              {tuning.STUDY_PARENT_TAG: parent_run})
 
     with tracking.tracked_run(run_id=parent_run or launcher_run,
                               run_name=None if parent_run else f"study-{cfg.study_name}") as (parent, _):
