@@ -42,8 +42,12 @@ def progressive(cfg: ProgressiveConfig) -> None:
             tracking.log_config(cfg)
             mlflow.set_tags(tracking.run_tags("development", cfg.dataset))
             env = pipeline.env_manager(mlflow.get_run(run.info.run_id))
-            rows = [row(name, pipeline.get_or_run("train", {**common, **settings, "note": name}, env, cfg.force))
-                    for name, settings in RUNS.items()]
+            rows = []
+            for name, settings in RUNS.items():
+                step = pipeline.get_or_run("train", {**common, **settings, "note": name}, env, cfg.force)
+                # Runs 2 and 3 train the same net, which the train step's own run name says, not the run.
+                mlflow.MlflowClient().update_run(step.run.info.run_id, name=name)
+                rows.append(row(name, step))
             table = pd.DataFrame(rows, columns=COLUMNS)
             mlflow.log_text(table.to_csv(index=False), "progressive_comparison.csv")
             report.log_figure(plots.comparison(rows), "plots/progressive.png")

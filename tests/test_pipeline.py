@@ -94,7 +94,7 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
 
     forced = run_pipeline("-P", "force=true")
     assert len(runs_of("train")) == 3 and len(runs_of("tune")) == 3 and len(runs_of("plot_loss")) == 3
-    assert all(" new " in row and row.endswith("; force") for row in summary_rows(forced.stdout).values())
+    assert all(" new " in row and row.endswith(" force") for row in summary_rows(forced.stdout).values())
 
 
 def test_the_working_tree_digest_follows_uncommitted_changes(tmp_path):
@@ -138,7 +138,7 @@ def test_progressive_compares_the_three_runs_of_the_pipeline_doc(store, tiny_dat
     [parent] = runs_of("progressive")
     trains = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                                 filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
-    assert len(trains) == 3
+    assert sorted(r.info.run_name for r in trains) == ["run_1_baseline", "run_2_enhanced", "run_3_optimized"]
     settings = {(r.data.params["model"], r.data.params["lr"], r.data.params["batch_size"]) for r in trains}
     assert settings == {("baseline", "0.001", "128"), ("enhanced", "0.001", "128"), ("enhanced", "0.0005", "64")}
     assert all(r.data.params["optimizer"] == "adam" and r.data.params["epochs"] == "1" for r in trains)
