@@ -10,6 +10,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 import mlflow
+import pandas
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_PROJECT_ENV
 
 from mnistflow import tracking
@@ -112,10 +113,17 @@ def key_figures(step: StepRun) -> str:
 
 def summary_table(steps: list[StepRun]) -> str:
     """One row per step: its run, whether it ran or was reused, its key figures, and why."""
-    rows = [f"{'step':<10} {'run id':<32}  {'ran':<6}  key figures; why"]
-    rows += [f"{s.entry_point:<10} {s.run.info.run_id:<32}  {'reused' if s.reused else 'new':<6}  "
-             f"{key_figures(s)}; {s.why}" for s in steps]
-    return "\n".join(rows)
+    table = pandas.DataFrame({
+        "step": [s.entry_point for s in steps],
+        "run id": [s.run.info.run_id for s in steps],
+        "ran": ["reused" if s.reused else "new" for s in steps],
+        "key figures": [key_figures(s) for s in steps],
+        "why": [s.why for s in steps],
+    })
+    # pandas right-aligns text; padding each value to its column's width makes it read left to right.
+    left_aligned = {column: f"{{:<{table[column].str.len().max()}}}".format for column in table}
+    text = table.to_string(index=False, justify="left", formatters=left_aligned)
+    return "\n".join(line.rstrip() for line in text.splitlines())
 
 
 def run_link(run: mlflow.entities.Run) -> str:
