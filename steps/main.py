@@ -3,12 +3,15 @@
     mlflow run . --env-manager local                              # the whole pipeline
     mlflow run . --env-manager local -P epochs=2 -P n_trials=4
     mlflow run . --env-manager local -P force=true                # rerun every step
+    mlflow run . --env-manager uv                                 # in conda.yaml's environment, built with uv
 
 Each step is launched with mlflow.projects.run, in the environment manager this run was started
-with, and run ids are passed on: register gets the better of the train run and the tune parent
-run (by test accuracy), plot_loss the run that was registered. A step whose earlier run FINISHED
-with the same parameters, at the same git commit and with the same uncommitted changes, is
-reused instead of rerun; the summary says why each step ran or was reused.
+with: under conda or uv, MLflow names the environment it builds by a hash of conda.yaml, so each
+step finds the one main runs in and reuses it. Run ids are passed on: register gets the better of
+the train run and the tune parent run (by test accuracy), plot_loss the run that was registered.
+A step whose earlier run FINISHED with the same parameters, at the same git commit and with the
+same uncommitted changes, is reused instead of rerun; the summary says why each step ran or was
+reused.
 """
 import dataclasses
 
