@@ -1,0 +1,257 @@
+"""The MLflow UI in a real headless Chromium (Debian's `chromium` and `chromedriver`, driven by
+Selenium), on a real `mlflow server` over what the steps logged: a train run with its plots, a
+tune study with its trials, the registered model behind @production and the logged model it was
+made from. Each test opens one page by its URL, as a user's bookmark would, waits for what it
+should show, saves a screenshot (also to $MNISTFLOW_SCREENSHOTS when set), then checks the page's text.
+"""
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+
+import mlflow
+import PIL.Image
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import EXPERIMENT, free_port, require, step_env, wait_until_up
+from mnistflow import tuning
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+MODEL_NAME = "MNIST_CNN"
+ALIAS = re.compile(r"^Aliases\n:\n@ ?production$", re.MULTILINE)  # as the version page shows it
+PAGE_TIMEOUT_S = 60  # a page's first load fetches the UI's scripts; slow on a busy CI machine
+
+
+@dataclass
+class Logged:
+    """What the steps logged into the store the UI shows."""
+    experiment_id: str
+    train: mlflow.entities.Run
+    study: mlflow.entities.Run
+    trials: list[mlflow.entities.Run]
+    model_id: str  # the train run's logged model, registered as MODEL_NAME version 1
+
+
+def run_the_steps(uri: str, experiment_id: str, data_dir: str, root) -> Logged:
+    """Fill the store as `python -m steps.<step>` would, in this process (seconds, not minutes):
+    train, tune (2 trials), register (the train run, through a gate the tiny data passes on any
+    machine) and plot_loss."""
+    from steps import plot_loss, register, train, tune
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        env.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            train.main(["--data_dir", data_dir, "--epochs", "1", "--batch_size", "64"])
+            train_id = mlflow.last_active_run().info.run_id
+            tune.main(["--data_dir", data_dir, "--n_trials", "2", "--epochs", "1", "--pruner", "none",
+                       "--storage", f"sqlite:///{root / 'optuna.db'}"])
+            register.main(["--run_id", train_id, "--data_dir", data_dir, "--min_accuracy", "0.01",
+                           "--recall_margin", "1", "--max_latency_ms", "100000"])
+            plot_loss.main(["--run_id", train_id, "--out", str(root / "plot_loss.png")])
+        finally:
+            mlflow.set_tracking_uri(None)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([experiment_id])
+    [study] = [run for run in runs if "study_name" in run.data.tags]
+    trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    model_id = client.get_model_version(MODEL_NAME, "1").source.removeprefix("models:/")
+    return Logged(experiment_id, client.get_run(train_id), study, trials, model_id)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, tiny_data) -> tuple[str, Logged]:
+    """A real `mlflow server` on a store the steps filled: the UI's address, and what is in the store."""
+    require(bool(CHROMIUM and CHROMEDRIVER), "Chromium with chromedriver", "chromium chromium-driver")
+    root = tmp_path_factory.mktemp("ui_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    experiment_id = mlflow.MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    port = free_port()
+    # Started first, the server loads while the steps run. Its job runner (GenAI judges, trace
+    # roll-ups: nothing the pages here use) would start eight more Python processes.
+    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], cwd=root,
+                              env={**step_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        logged = run_the_steps(uri, experiment_id, tiny_data, root)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(f"{url}/health", server)
+        yield url, logged
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser(ui):
+    """A headless Chromium with a 1600x1200 page, at the UI. The binaries are given by path, so
+    Selenium Manager never looks for (or downloads) a browser or driver."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)  # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 1600, "height": 1200, "deviceScaleFactor": 1, "mobile": False})
+        driver.get(ui[0])
+        # MLflow 3.17 opens its AI assistant beside every page on a first visit; a user closes it
+        # once and the UI remembers that here. Closed, the page gets the screenshot's full width.
+        driver.execute_script("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+                              "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    """Where each page's screenshot goes: a temporary directory, and $MNISTFLOW_SCREENSHOTS if set."""
+    folders = [tmp_path_factory.mktemp("screenshots")]
+    if os.environ.get("MNISTFLOW_SCREENSHOTS"):
+        folders.append(os.environ["MNISTFLOW_SCREENSHOTS"])
+        os.makedirs(folders[-1], exist_ok=True)
+
+    def save(driver, name: str) -> None:
+        for folder in folders:
+            assert driver.save_screenshot(os.path.join(folder, f"{name}.png"))
+    return save
+
+
+def page_text(driver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def wait_for(driver, shown) -> str:
+    """Wait until `shown(driver)` is true, at most PAGE_TIMEOUT_S: the UI is a single-page app
+    that fills the page piece by piece after it loads. Return the page's text either way, so the
+    test's asserts say what is missing."""
+    with contextlib.suppress(TimeoutException):
+        WebDriverWait(driver, PAGE_TIMEOUT_S).until(shown)
+    return page_text(driver)
+
+
+def open_page(driver, url: str, shown) -> str:
+    driver.get(url)
+    return wait_for(driver, shown)
+
+
+def link_to(route: str):
+    """A wait condition: the page shows a link to this UI route (`#/...`)."""
+    return lambda driver: [a for a in driver.find_elements(By.CSS_SELECTOR, f'a[href="{route}"]') if a.is_displayed()]
+
+
+def run_route(logged: Logged, run_id: str) -> str:
+    return f"#/experiments/{logged.experiment_id}/runs/{run_id}"
+
+
+def shown_runs(driver) -> list[tuple[str, int]]:
+    """The runs table as shown, top to bottom: each row's run name and how far right it starts (px)."""
+    rows = driver.find_elements(By.CSS_SELECTOR, '.ag-row [col-id="attributes.`Run Name`"] a[href*="/runs/"]')
+    return [(a.text, a.location["x"]) for a in sorted(rows, key=lambda a: a.location["y"])]
+
+
+def test_the_runs_list_names_every_run_and_groups_the_trials_under_their_study(ui, browser, screenshots):
+    url, logged = ui
+    study, train = logged.study.info.run_name, logged.train.info.run_name
+    trials = sorted(run.info.run_name for run in logged.trials)
+    params = logged.train.data.params
+    assert train == f"train-{params['resolved_model']}-{params['dataset']}"  # what the list must show
+    assert re.fullmatch(r"study-.+", study) and trials == ["trial-0", "trial-1"]
+
+    open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/runs",
+              link_to(run_route(logged, logged.study.info.run_id)))
+    # Collapsed, the study is one row: its trials are nested under it, not beside it.
+    assert sorted(name for name, _ in shown_runs(browser)) == sorted([f"register-{MODEL_NAME}", study, train])
+    study_row = browser.find_element(By.CSS_SELECTOR, f'.ag-row[row-id="{logged.study.info.run_id}"] '
+                                                      '[col-id="attributes.`Run Name`"]')
+    study_row.find_element(By.TAG_NAME, "button").click()  # the row's expand (+) button
+    wait_for(browser, lambda driver: all(link_to(run_route(logged, run.info.run_id))(driver) for run in logged.trials))
+    screenshots(browser, "runs_with_trials")
+    shown = shown_runs(browser)
+    names = [name for name, _ in shown]
+    at = names.index(study)
+    # Expanded, the trials are the rows right below their study, indented under it.
+    assert sorted(names[at + 1:at + 3]) == trials
+    assert all(x > shown[at][1] for _, x in shown[at + 1:at + 3])
+    assert set(names) == {f"register-{MODEL_NAME}", study, train, *trials}
+
+
+def test_the_best_trial_is_marked_on_its_own_page(ui, browser, screenshots):
+    url, logged = ui
+    [best] = [run for run in logged.trials if run.data.tags.get(tuning.BEST_TRIAL_TAG) == "true"]
+    study_route = run_route(logged, logged.study.info.run_id)
+    text = open_page(browser, f"{url}/{run_route(logged, best.info.run_id)}",
+                     lambda driver: "best_trial" in page_text(driver) and link_to(study_route)(driver))
+    screenshots(browser, "best_trial")
+    assert re.search(r"^best_trial\n: true$", text, re.MULTILINE), text
+    assert best.info.run_name in text
+    # Its page links up to the study it belongs to.
+    [parent] = link_to(study_route)(browser)
+    assert parent.text == logged.study.info.run_name
+
+
+def test_the_train_runs_plot_opens_in_the_artifact_view(ui, browser, screenshots):
+    url, logged = ui
+    artifact = "plots/plot_loss.png"
+
+    def image_size(driver) -> list | None:
+        # The viewer shows the PNG it fetched from the server; drawn once the browser decoded it.
+        return driver.execute_script(
+            "const img = document.querySelector(`img[alt='${arguments[0]}']`);"
+            "return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null;", artifact)
+
+    text = open_page(browser, f"{url}/{run_route(logged, logged.train.info.run_id)}/artifactPath/{artifact}", image_size)
+    screenshots(browser, "train_plot_loss")
+    assert logged.train.info.run_name in text and artifact in text
+    with PIL.Image.open(os.path.join(logged.train.info.artifact_uri, artifact)) as logged_png:
+        assert image_size(browser) == list(logged_png.size)  # that very figure, not a broken-image icon
+
+
+def test_the_model_version_shows_its_alias_and_links_to_its_source_run(ui, browser, screenshots):
+    url, logged = ui
+    train_route = run_route(logged, logged.train.info.run_id)
+    text = open_page(browser, f"{url}/#/models/{MODEL_NAME}/versions/1",
+                     lambda driver: link_to(train_route)(driver) and ALIAS.search(page_text(driver)))
+    screenshots(browser, "model_version")
+    assert f"{MODEL_NAME}\nVersion 1" in text
+    assert ALIAS.search(text), text
+    [source_run] = link_to(train_route)(browser)
+    assert source_run.text == logged.train.info.run_name
+    source_run.click()  # the link opens the run's own page
+    text = wait_for(browser, lambda driver: driver.current_url.endswith(train_route) and "Model metrics" in page_text(driver))
+    assert browser.current_url.endswith(train_route) and "Model metrics" in text
+
+
+def open_logged_model(url: str, logged: Logged, browser, screenshots) -> str:
+    version_route = f"#/models/{MODEL_NAME}/versions/1"
+    text = open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/models/{logged.model_id}",
+                     lambda driver: link_to(version_route)(driver) or "Not registered" in page_text(driver))
+    screenshots(browser, "logged_model")
+    return text
+
+
+def test_the_logged_model_shows_it_is_registered(ui, browser, screenshots):
+    url, logged = ui
+    text = open_logged_model(url, logged, browser, screenshots)
+    # Not "Not registered": the version made from it is listed, with a link to it.
+    assert "Not registered" not in text
+    assert [a.text.split() for a in link_to(f"#/models/{MODEL_NAME}/versions/1")(browser)] == [[MODEL_NAME, "v1"]]
+
+
+def test_the_logged_model_names_the_dataset_it_was_measured_on(ui, browser, screenshots):
+    url, logged = ui
+    text = open_logged_model(url, logged, browser, screenshots)
+    # Its test metrics were logged against the test dataset and the model.
+    assert re.search(r"^Datasets used\nmnist-test \(#[0-9a-f]+\)$", text, re.MULTILINE), text
