@@ -72,3 +72,4 @@ def test_main_through_uv_builds_conda_yaml_once_and_runs_every_step_in_it(store,
                            cwd="/", capture_output=True, text=True, check=True).stdout.split()
     assert where[0] == env_dir and all(path.startswith(env_dir + "/") for path in where[1:3])
     assert where[3] == os.path.join(clone, "mnistflow", "__init__.py")
+    shutil.rmtree(env_root)  # gigabytes where uv copied its cache instead of linking it (on another file system)
