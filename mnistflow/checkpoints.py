@@ -139,10 +139,10 @@ def metrics_once(run_id: str, history: list[dict], log_metrics):
     logged = {key: max(m.step for m in client.get_metric_history(run_id, key))
               for key in client.get_run(run_id).data.metrics}
 
-    def log_new(metrics: dict, step: int) -> None:
+    def log_new(metrics: dict, step: int, **links) -> None:
         new = {key: value for key, value in metrics.items() if step > logged.get(key, 0)}
         if new:
-            log_metrics(new, step)
+            log_metrics(new, step, **links)
             logged.update(dict.fromkeys(new, step))
 
     for epoch, epoch_metrics in enumerate(history, start=1):

@@ -62,6 +62,7 @@ class TrainConfig:
     max_train_samples: int = 0  # 0 = all; a small number makes a smoke run
     data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
     log_every: int = 50         # steps between step-level `loss` metrics
+    checkpoint_models: bool = False  # also log each epoch's net as a logged model, checkpoint-<epoch>
     phase: str = "development"
     note: str = ""
     register: bool = False
@@ -195,6 +196,7 @@ class RegisterConfig:
     dataset: str = ""           # "" = the run's dataset; with no run_id, choose among mnist runs
     model_name: str = ""        # "" = MNIST_CNN or FashionMNIST_CNN, by dataset
     metric: str = "test_accuracy"  # how the best run is chosen; metrics named *loss are minimised
+    checkpoint_metric: str = ""  # "" = the run's model; else its checkpoint model with the best of this metric
     alias: str = "production"
     min_accuracy: float = 0.0   # test accuracy the gate asks for; 0 = the dataset's default
     recall_margin: float = 0.0  # how far below the mean a class's recall may fall; 0 = dataset default
@@ -212,9 +214,10 @@ class RegisterConfig:
         if self.model_name and not MODEL_NAME.fullmatch(self.model_name):
             raise ConfigError(f"model_name {self.model_name!r} is not allowed; use letters, digits, spaces, "
                               "_, - and ., starting with a letter or digit")
-        if not METRIC.fullmatch(self.metric):
-            raise ConfigError(f"metric {self.metric!r} is not allowed; a metric name has letters, digits, "
-                              "spaces and _ - . / : only")
+        for name in ("metric", "checkpoint_metric") if self.checkpoint_metric else ("metric",):
+            if not METRIC.fullmatch(getattr(self, name)):
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; a metric name has letters, digits, "
+                                  "spaces and _ - . / : only")
         for name in ("min_accuracy", "recall_margin"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is not allowed; it must be in [0, 1]")

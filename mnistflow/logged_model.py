@@ -1,5 +1,5 @@
-"""The model a run logs, and using it: how it is logged, checked, loaded from any MLflow model URI,
-and scored.
+"""The model a run logs, and using it: how it is logged (the run's model, and with
+checkpoint_models=true one per epoch), checked, loaded from any MLflow model URI, and scored.
 
 Every logged model is servable: [0, 1] pixels (N, 1, 28, 28) in, class probabilities out, with
 the dataset and class names in its metadata. So the helpers here work for every run, version and
@@ -11,6 +11,7 @@ default only models this project logs are loaded: the pytorch flavour in the pt2
 graph and tensors), with the project's metadata. The files are checked before anything is
 loaded, and MLflow is told to refuse any pickle inside the pt2 archive too.
 """
+import copy
 import os
 import tempfile
 import time
@@ -23,6 +24,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+from mnistflow import tracking
 from mnistflow.data import DATASETS, Data
 from mnistflow.errors import ModelError, first_line
 from mnistflow.models import servable
@@ -30,20 +32,26 @@ from mnistflow.models import servable
 BATCH_SIZE = 1000
 PICKLED_FLAG = "allow_pickled_models"  # the flag (and MLproject parameter) of every step that loads a model
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's own check of pt2 archives
+MODEL = "model"  # the run's model: the one register, evaluate and serving take from a run
+CHECKPOINT = "checkpoint-"  # + the epoch: the net as it was at the end of that epoch (checkpoint_models=true)
 
 
+def log(net: torch.nn.Module, data: Data, name: str = MODEL, step: int = 0) -> str:
+    """Log a copy of the net as a servable model of the active run, at `step`; its logged model id.
 
-def log(net: torch.nn.Module, data: Data) -> None:
-    """Log the net as the run's servable model, named "model" (the net ends up on the CPU, in the
-    standard memory format)."""
-    # Training keeps conv weights channels_last (mnistflow/train.py), which torch.export's weight
-    # packer takes for slices of a larger tensor: "No complete tensor found in the group!".
-    model = servable(net.cpu().to(memory_format=torch.contiguous_format), data.mean, data.std)
+    MLflow links the model to the run's metrics already logged at `step`; those logged after it
+    name it with model_id (report.log_test_scores, with_checkpoint_models).
+    """
+    # A copy, so that training can go on with the net. Training keeps conv weights channels_last
+    # (mnistflow/train.py), which torch.export's weight packer takes for slices of a larger
+    # tensor: "No complete tensor found in the group!".
+    net = copy.deepcopy(net).cpu().to(memory_format=torch.contiguous_format)
+    model = servable(net, data.mean, data.std)
     example = data.pixels(data.test)[:5].numpy()
     with torch.no_grad():
         probabilities = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
-        model, name="model",
+    return mlflow.pytorch.log_model(
+        model, name=name, step=step,
         signature=infer_signature(example, probabilities),
         input_example=example,
         # Listed, not inferred: MLflow would import the model in a subprocess to infer them, for seconds.
@@ -53,7 +61,31 @@ def log(net: torch.nn.Module, data: Data) -> None:
         # mnistflow import, unlike the pickle format.
         serialization_format="pt2",
         metadata={"dataset": data.name, "classes": data.classes},  # what `foreign_kind` checks; names predictions
-    )
+    ).model_id
+
+
+def with_checkpoint_models(net: torch.nn.Module, data: Data, log_metrics):
+    """A `log_metrics` for `fit` that makes each epoch's net a logged model, with that epoch's metrics.
+
+    The call that carries an epoch's metrics (the one with val_loss) first logs the net as
+    model checkpoint-<epoch> at step <epoch>, then hands the metrics on linked to it: val_*
+    against the validation dataset, train_* against the training dataset, the rest to the model
+    alone. So the UI's model view lists each checkpoint with its validation figures, and
+    `mlflow.search_logged_models` ranks them (registry.best_checkpoint). Step-level metrics pass through.
+    """
+    validation, training = tracking.split_dataset(data, "validation"), tracking.split_dataset(data, "training")
+
+    def log_epoch(metrics: dict, step: int) -> None:
+        if "val_loss" not in metrics:
+            log_metrics(metrics, step)
+            return
+        model_id = log(net, data, name=f"{CHECKPOINT}{step}", step=step)
+        for prefix, dataset in (("val_", validation), ("train_", training)):
+            log_metrics({key: value for key, value in metrics.items() if key.startswith(prefix)}, step,
+                        model_id=model_id, dataset=dataset)
+        log_metrics({key: value for key, value in metrics.items() if not key.startswith(("val_", "train_"))}, step,
+                    model_id=model_id)
+    return log_epoch
 
 
 def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:

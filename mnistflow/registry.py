@@ -53,6 +53,7 @@ class Candidate:
     data: Data
     model: mlflow.pyfunc.PyFuncModel  # loaded, once checked (see logged_model.download)
     size_mb: float
+    checkpoint: str = ""  # which checkpoint model of the run, and why ("epoch 3, best val_accuracy 0.99"); "" = the run's model
 
 
 def logged_models(experiment: str) -> dict:
@@ -61,9 +62,33 @@ def logged_models(experiment: str) -> dict:
     A tune parent run logs a model each time trials are added to its study: its newest one is
     the best trial's, the one its best_trial_* tags describe.
     """
-    found = mlflow.search_logged_models(experiment_ids=[experiment], filter_string="name = 'model'",
+    found = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"name = '{logged_model.MODEL}'",
                                         output_format="list")
     return {model.source_run_id: model for model in sorted(found, key=lambda model: model.creation_timestamp)}
+
+
+def best_checkpoint(run: mlflow.entities.Run, metric: str) -> tuple[mlflow.entities.LoggedModel, str]:
+    """The run's checkpoint model (train's checkpoint_models=true) with the best value of `metric`,
+    the lowest for metrics named *loss, the later epoch of equals; and a line saying which.
+
+    Ranked by mlflow.search_logged_models, on the metrics logged with each model: NotFound when
+    the run logged no checkpoint models or none of them has that metric.
+    """
+    run_id = run.info.run_id
+    ranked = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run_id}' AND name LIKE '{logged_model.CHECKPOINT}%'",
+        order_by=[{"field_name": f"metrics.{metric}", "ascending": metric.endswith("loss")},
+                  {"field_name": "creation_timestamp", "ascending": False}])
+    if not ranked:
+        raise NotFound(f"run {run_id} logged no checkpoint models; train with checkpoint_models=true, "
+                       "or leave checkpoint_metric empty to register the run's model")
+    best = {m.key: m for m in ranked[0].metrics or []}.get(metric)
+    if best is None:  # models without the metric come last: none has it
+        known = sorted({m.key for model in ranked for m in model.metrics or []})
+        raise NotFound(f"checkpoint_metric {metric!r}: no checkpoint model of run {run_id} has it; "
+                       f"theirs are {', '.join(known)}")
+    return ranked[0], f"epoch {best.step}, best {metric} {best.value:.6g}"
 
 
 def best_run(cfg: RegisterConfig, experiment: str, models: dict) -> mlflow.entities.Run:
@@ -99,7 +124,9 @@ def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     if cfg.dataset and cfg.dataset != dataset:
         raise ConfigError(f"run {run.info.run_id} was trained on {dataset}, not on dataset={cfg.dataset}")
     cfg = cfg.with_dataset(dataset)
-    logged = models[run.info.run_id]
+    logged, checkpoint = models[run.info.run_id], ""
+    if cfg.checkpoint_metric:
+        logged, checkpoint = best_checkpoint(run, cfg.checkpoint_metric)
     with tempfile.TemporaryDirectory() as tmp:
         local = logged_model.download(logged.model_uri, tmp, cfg.allow_pickled_models)
         size_mb = logged_model.size_mb(local)
@@ -107,7 +134,7 @@ def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     logged_model.dataset_for(model, logged.model_uri, dataset)
     if data is None:
         data = datasets.load(dataset, cfg.data_dir)
-    return Candidate(run, logged.model_uri, logged.model_id, cfg, data, model, size_mb)
+    return Candidate(run, logged.model_uri, logged.model_id, cfg, data, model, size_mb, checkpoint)
 
 
 # --- the checks -------------------------------------------------------------------------------
@@ -231,7 +258,8 @@ def register(candidate: Candidate) -> Outcome:
     """
     cfg, data, run_id = candidate.cfg, candidate.data, candidate.run.info.run_id
     print(f"candidate: run {run_id} ({candidate.run.data.tags.get('mlflow.runName', '')}), "
-          f"model {candidate.model_uri}, {cfg.dataset}", flush=True)
+          f"model {candidate.model_uri}" + (f" (checkpoint: {candidate.checkpoint})" if candidate.checkpoint else "")
+          + f", {cfg.dataset}", flush=True)
     holder = champion(cfg.model_name, cfg.alias)  # first: a champion that cannot be read stops here
     holds = holder is not None and holder.run_id == run_id and holder.source == candidate.model_uri
     figures = test_figures(candidate.model, data)
@@ -297,8 +325,11 @@ def register_version(candidate: Candidate, outcome: Outcome, forced: bool):
     }
     if "best_trial_run_id" in run.data.tags:  # a tune parent run: its model is the best trial's
         tags["best_trial_run_id"] = run.data.tags["best_trial_run_id"]
-    description = (f"From run {run.info.run_id} ({run.data.tags.get('mlflow.runName', '')}) on {cfg.dataset}: "
-                   f"test accuracy {outcome.figures['test_accuracy']:.4f}"
+    if candidate.checkpoint:
+        tags["checkpoint"] = candidate.checkpoint
+    description = (f"From run {run.info.run_id} ({run.data.tags.get('mlflow.runName', '')})"
+                   + (f", its checkpoint model of {candidate.checkpoint}," if candidate.checkpoint else "")
+                   + f" on {cfg.dataset}: test accuracy {outcome.figures['test_accuracy']:.4f}"
                    + (" (promoted with force=true despite failed checks)" if forced else ""))
     existing = [v for v in client.search_model_versions(f"name = '{cfg.model_name}' AND run_id = '{run.info.run_id}'")
                 if v.source == candidate.model_uri]

@@ -5,23 +5,27 @@ import mlflow
 import numpy as np
 import torch
 
-from mnistflow import metrics, plots
+from mnistflow import metrics, plots, tracking
 from mnistflow.data import Data
 from mnistflow.train import evaluate
 
 
-def log_test_results(net: torch.nn.Module, data: Data, device: torch.device) -> dict:
+def log_test_results(net: torch.nn.Module, data: Data, device: torch.device, model_id: str | None = None) -> dict:
     """Final metrics of a trained net on the test split (see log_test_scores)."""
     _, _, logits = evaluate(net, data.test, device)
-    return log_test_scores(torch.log_softmax(logits, 1).numpy(), data)
+    return log_test_scores(torch.log_softmax(logits, 1).numpy(), data, model_id)
 
 
-def log_test_scores(log_probs: np.ndarray, data: Data) -> dict:
+def log_test_scores(log_probs: np.ndarray, data: Data, model_id: str | None = None) -> dict:
     """Log test loss, accuracy and per-class precision/recall/F1 as metrics, the classification
-    report (text and JSON), the confusion matrix and misclassified images; return the metrics."""
+    report (text and JSON), the confusion matrix and misclassified images; return the metrics.
+
+    The metrics name the test dataset and, given its id, the logged model they measure, so the
+    model's page in the UI says what it was measured on.
+    """
     labels = data.test.labels.numpy()
     results, report, cm = metrics.test_metrics(log_probs, labels, data.classes)
-    mlflow.log_metrics(results)
+    mlflow.log_metrics(results, model_id=model_id, dataset=tracking.split_dataset(data, "test"))
     mlflow.log_dict(report, "test/classification_report.json")
     preds = log_probs.argmax(1)
     mlflow.log_text(metrics.classification_report(labels, preds, data.classes), "test/classification_report.txt")

@@ -417,8 +417,7 @@ def log_study(study: optuna.Study, cfg: TuneConfig, data) -> optuna.trial.Frozen
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
         net.load_state_dict(torch.load(path, weights_only=True))
-    report.log_test_results(net, data, select_device("auto"))
-    logged_model.log(net, data)
+    report.log_test_results(net, data, select_device("auto"), logged_model.log(net, data))
     return best
 
 

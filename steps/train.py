@@ -57,12 +57,14 @@ def train(cfg: TrainConfig) -> None:
                   f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
         else:
             print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
+        if cfg.checkpoint_models:
+            log_metrics = logged_model.with_checkpoint_models(net, data, log_metrics)
 
         state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
                     save_checkpoint=checkpoints.saver(checkpoint_dir))
         report.log_curves(state["history"])
-        results = report.log_test_results(net, data, device)
-        logged_model.log(net, data)
+        model_id = logged_model.log(net, data)
+        results = report.log_test_results(net, data, device, model_id)
 
     print(f"run {run_id} FINISHED in {time.perf_counter() - started:.0f} s: "
           f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f} "

@@ -5,6 +5,7 @@ import shutil
 import tempfile
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,18 @@ def test_resumed_metrics_are_logged_once_per_step(store):
         log_once({"val_loss": 0.3}, 3)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.4), (3, 0.3)]
+
+
+def test_resumed_metrics_keep_their_links_to_a_checkpoint_model_and_dataset(store):
+    # With checkpoint_models=true a resumed run's epoch metrics pass through metrics_once with the
+    # checkpoint model and dataset they were measured with (logged_model.with_checkpoint_models).
+    with tracking.tracked_run() as (run, log_metrics):
+        log_once = checkpoints.metrics_once(run.info.run_id, [], log_metrics)
+        model = mlflow.initialize_logged_model(name="checkpoint-1")
+        validation = mlflow.data.from_numpy(np.zeros((2, 1)), name="mnist-validation", digest="0123")
+        log_once({"val_loss": 0.3}, 1, model_id=model.model_id, dataset=validation)
+    [metric] = mlflow.get_logged_model(model.model_id).metrics
+    assert (metric.key, metric.step, metric.value, metric.dataset_name) == ("val_loss", 1, 0.3, "mnist-validation")
 
 
 def test_ctrl_c_while_a_checkpoint_is_stored_still_ends_the_run_killed(store, tmp_path):
