@@ -10,7 +10,7 @@ Prints one table of medians, measured side by side (interleaved) in one run:
      step, costs no data handling at all: its epoch is the model's own work, the floor under any
      pipeline, so floor / DataLoader is the best ratio that any data pipeline could reach;
   2. wall time of a training run of the default net with MLflow tracking on (run start and end,
-     async metrics, checkpoints) vs. off (goal <= 1.05).
+     async metrics, checkpoints, system metrics as the train step samples them) vs. off (goal <= 1.05).
 Both run the real `fit` loop; only the source of batches or the logging callbacks differ.
 """
 import argparse
@@ -75,9 +75,9 @@ def train_once(cfg, data, log_metrics=lambda metrics, step: None, save_checkpoin
 
 
 def tracked_once(cfg, data) -> float:
-    """Wall time of the same training inside an MLflow run: async metrics and checkpoints."""
+    """Wall time of the same training inside an MLflow run: async metrics, checkpoints, system metrics."""
     start = time.perf_counter()
-    with tracking.tracked_run() as (_, log_metrics), tempfile.TemporaryDirectory() as tmp:
+    with tracking.tracked_run(log_system_metrics=True) as (_, log_metrics), tempfile.TemporaryDirectory() as tmp:
         train_once(cfg, data, log_metrics, checkpoints.saver(tmp))
     return time.perf_counter() - start
 

@@ -14,3 +14,6 @@ os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 # on a CUDA machine its default device would make every pyfunc load fail (log_model's check of
 # the input example, register, evaluate, predict).
 os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
+# System metrics (`system_metrics=true`) are sampled every 5 s, not MLflow's 10 s, so a 1-epoch run
+# or a short tune trial shows a few points; a sample costs milliseconds (docs/results.md).
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")

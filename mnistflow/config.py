@@ -63,6 +63,8 @@ class TrainConfig:
     data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
     log_every: int = 50         # steps between step-level `loss` metrics
     checkpoint_models: bool = False  # also log each epoch's net as a logged model, checkpoint-<epoch>
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, GPU) on the run
+    tensorboard: bool = False   # also write TensorBoard event files, logged under tensorboard/
     phase: str = "development"
     note: str = ""
     register: bool = False
@@ -129,6 +131,7 @@ class TuneConfig:
     max_train_samples: int = 0  # 0 = all; a small number makes a smoke run
     data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
     heartbeat_s: int = 30       # a trial whose worker is silent for twice this long is failed and retried
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, GPU) on each trial's run
 
     def validate(self) -> "TuneConfig":
         _choose(self, "dataset", DATASETS)

@@ -3,6 +3,7 @@ KILLED), log metrics without blocking, and record who ran what, with which confi
 """
 import dataclasses
 import getpass
+import logging
 import os
 import platform
 import signal
@@ -22,6 +23,10 @@ from mnistflow.config import AUTO
 from mnistflow.data import Data
 from mnistflow.errors import NotFound, first_line
 from mnistflow.models import count_params
+
+# The system metrics monitor says at INFO that it starts and stops, and that there is no GPU:
+# four lines around every train run and tune trial, between the step's own.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 # A RUNNING run is taken for alive while its newest metric is younger than twice its longest
 # epoch, and never less than this: the final test and model logging write no metric for a while.

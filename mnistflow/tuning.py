@@ -253,7 +253,8 @@ def open_study(cfg: TuneConfig, storage, worker: int = 0) -> optuna.Study:
 
 def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
     return TrainConfig(dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed, data_dir=cfg.data_dir,
-                       max_train_samples=cfg.max_train_samples, phase="tuning", **params).validate()
+                       max_train_samples=cfg.max_train_samples, system_metrics=cfg.system_metrics,
+                       phase="tuning", **params).validate()
 
 
 def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -> float:
@@ -272,8 +273,8 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
             **tracking.run_tags("tuning", cfg.dataset)}
     pruned = None
     # nested: in worker 0 the parent run is this process's active run.
-    with tracking.tracked_run(experiment_id=parent.info.experiment_id, run_name=f"trial-{trial.number}",
-                              tags=tags, nested=True) as (run, log_metrics):
+    with tracking.tracked_run(experiment_id=parent.info.experiment_id, run_name=f"trial-{trial.number}", tags=tags,
+                              nested=True, log_system_metrics=train_cfg.system_metrics) as (run, log_metrics):
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         trial.set_user_attr(WORKER_ATTR, worker_name(os.getpid()))
         tracking.log_config(train_cfg)

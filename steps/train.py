@@ -14,7 +14,8 @@ import time
 
 import mlflow
 
-from mnistflow import checkpoints, cli, data as datasets, logged_model, models, registry, report, tracking
+from mnistflow import (checkpoints, cli, data as datasets, logged_model, models, registry, report,
+                       tensorboard_log, tracking)
 from mnistflow.config import RegisterConfig, TrainConfig
 from mnistflow.train import fit, seed_everything, select_device, steps_per_epoch
 
@@ -23,6 +24,7 @@ def train(cfg: TrainConfig) -> None:
     started = time.perf_counter()
     if cfg.resume:
         cfg = cfg.resumed(checkpoints.resumable_config(cfg.resume))
+    events = tensorboard_log.EventFiles() if cfg.tensorboard else None  # no tensorboard package: stop here
     device = select_device(cfg.device)
     data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
     state = checkpoints.resume_state(cfg.resume) if cfg.resume else None
@@ -32,7 +34,8 @@ def train(cfg: TrainConfig) -> None:
 
     # A resumed run keeps its name; a new one, or the one `mlflow run` opened for it, gets this one.
     run_name = None if cfg.resume else f"train-{cfg.model}-{cfg.dataset}"
-    with tracking.tracked_run(run_id=cfg.resume or launcher_run, run_name=run_name) as (run, log_metrics), \
+    with tracking.tracked_run(run_id=cfg.resume or launcher_run, run_name=run_name,
+                              log_system_metrics=cfg.system_metrics) as (run, log_metrics), \
             tempfile.TemporaryDirectory() as checkpoint_dir:
         run_id = run.info.run_id
         if cfg.resume and launcher_run:
@@ -41,6 +44,8 @@ def train(cfg: TrainConfig) -> None:
             client.update_run(launcher_run, name=f"resume-{run.info.run_name}")
             client.set_tag(launcher_run, "mlflow.note.content", f"resumed run {run_id}")
         mlflow.set_tags(tracking.process_tags())
+        if events:  # before metrics_once, so that the epochs a resume writes again reach the event files too
+            log_metrics = events.tee(log_metrics)
         if cfg.resume:  # a resumed run may have logged more than its checkpoint holds
             log_metrics = checkpoints.metrics_once(run_id, state["history"] if state else [], log_metrics)
         if state is None:
@@ -60,11 +65,14 @@ def train(cfg: TrainConfig) -> None:
         if cfg.checkpoint_models:
             log_metrics = logged_model.with_checkpoint_models(net, data, log_metrics)
 
+        epoch_end = {"on_epoch_end": events.on_epoch_end} if events else {}
         state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
-                    save_checkpoint=checkpoints.saver(checkpoint_dir))
+                    save_checkpoint=checkpoints.saver(checkpoint_dir), **epoch_end)
         report.log_curves(state["history"])
         model_id = logged_model.log(net, data)
         results = report.log_test_results(net, data, device, model_id)
+        if events:
+            events.close(net, data, device, state["epoch"])
 
     print(f"run {run_id} FINISHED in {time.perf_counter() - started:.0f} s: "
           f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f} "

@@ -1,19 +1,28 @@
 """bench/train_speed.py on tiny files: it runs its real comparisons and prints the table of ratios;
 both bench scripts refuse bad input in one line before writing anything."""
+import glob
 import os
 import re
 import sys
 import tempfile
 
+import mlflow
 import pytest
 
 from conftest import ROOT, refused_script, run_step
 
 
-def test_train_speed_prints_medians_and_ratios(tiny_data):
+def test_train_speed_prints_medians_and_ratios(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the bench keeps its tracking store
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # samples in a run of a second
     result = run_step(sys.executable, "bench/train_speed.py", "--data_dir", tiny_data,
                       "--repeats", "1", "--train_samples", "300")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The tracked run carries what a train run carries, system metrics too.
+    [store] = glob.glob(str(tmp_path / "*" / "bench.db"))
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    assert {"train_loss", "system/cpu_utilization_percentage"} <= set(run.data.metrics)
     for row in ("baseline: pipeline / DataLoader epoch", "fast: pipeline / DataLoader epoch",
                 "fast: tracking on / off"):
         assert re.search(rf"{re.escape(row)}\s+\d+\.\d+\s+<= ", result.stdout), row
