@@ -28,7 +28,8 @@ def test_the_readme_commands_show_a_runs_tensorboard_events(store, tiny_data, tm
     run_id, client = run.info.run_id, mlflow.MlflowClient()
 
     # README: mlflow artifacts download -r <run_id> -a tensorboard -d tb && tensorboard --logdir tb
-    download = run_step("mlflow", "artifacts", "download", "-r", run_id, "-a", "tensorboard", "-d", str(tmp_path / "tb"))
+    download = run_step("mlflow", "artifacts", "download", "-r", run_id, "-a", "tensorboard",
+                        "-d", str(tmp_path / "tb"))
     assert download.returncode == 0, download.stderr[-2000:]
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     events.Reload()
