@@ -39,8 +39,10 @@ CHECKPOINT = "checkpoint-"  # + the epoch: the net as it was at the end of that 
 def log(net: torch.nn.Module, data: Data, name: str = MODEL, step: int = 0) -> str:
     """Log a copy of the net as a servable model of the active run, at `step`; its logged model id.
 
-    MLflow links the model to the run's metrics already logged at `step`; those logged after it
-    name it with model_id (report.log_test_scores, with_checkpoint_models).
+    MLflow links the model to every run metric already logged at `step` without a model: the
+    callers give the optimizer step the weights come from, not the epoch, since MLflow's system
+    metrics number their samples 0, 1, 2… and sample <epoch> would be linked too. Metrics logged
+    after it name it with model_id (report.log_test_scores, with_checkpoint_models).
     """
     # A copy, so that training can go on with the net. Training keeps conv weights channels_last
     # (mnistflow/train.py), which torch.export's weight packer takes for slices of a larger
@@ -64,11 +66,11 @@ def log(net: torch.nn.Module, data: Data, name: str = MODEL, step: int = 0) -> s
     ).model_id
 
 
-def with_checkpoint_models(net: torch.nn.Module, data: Data, log_metrics):
+def with_checkpoint_models(net: torch.nn.Module, data: Data, log_metrics, steps_per_epoch: int):
     """A `log_metrics` for `fit` that makes each epoch's net a logged model, with that epoch's metrics.
 
     The call that carries an epoch's metrics (the one with val_loss) first logs the net as
-    model checkpoint-<epoch> at step <epoch>, then hands the metrics on linked to it: val_*
+    model checkpoint-<epoch> at the optimizer step it was saved at, then hands the metrics on linked to it: val_*
     against the validation dataset, train_* against the training dataset, the rest to the model
     alone. So the UI's model view lists each checkpoint with its validation figures, and
     `mlflow.search_logged_models` ranks them (registry.best_checkpoint). Step-level metrics pass through.
@@ -79,7 +81,7 @@ def with_checkpoint_models(net: torch.nn.Module, data: Data, log_metrics):
         if "val_loss" not in metrics:
             log_metrics(metrics, step)
             return
-        model_id = log(net, data, name=f"{CHECKPOINT}{step}", step=step)
+        model_id = log(net, data, name=f"{CHECKPOINT}{step}", step=step * steps_per_epoch)
         for prefix, dataset in (("val_", validation), ("train_", training)):
             log_metrics({key: value for key, value in metrics.items() if key.startswith(prefix)}, step,
                         model_id=model_id, dataset=dataset)

@@ -381,8 +381,9 @@ def restore_aliases(name: str, before: dict, aliases: list[str]) -> None:
     print(f"aliases of {name} restored", flush=True)
 
 
-def rollback(cfg: RegisterConfig) -> None:
-    """Swap the alias and its previous alias. Rolling back twice undoes the rollback."""
+def rollback(cfg: RegisterConfig) -> tuple[str, str]:
+    """Swap the alias and its previous alias; (name@alias, the version it now points to).
+    Rolling back twice undoes the rollback."""
     cfg = cfg.with_dataset(cfg.dataset or "mnist")
     previous = champion(cfg.model_name, previous_alias(cfg.alias))
     if previous is None:
@@ -391,6 +392,7 @@ def rollback(cfg: RegisterConfig) -> None:
     current = champion(cfg.model_name, cfg.alias)
     with registry_calls(cfg.model_name):
         move_alias(cfg.model_name, cfg.alias, previous.version, current.version if current else None)
+    return f"{cfg.model_name}@{cfg.alias}", previous.version
 
 
 def sanity_check(name: str, alias: str, data: Data, allow_pickled: bool) -> None:

@@ -18,8 +18,10 @@ from mnistflow.errors import Refused
 
 
 def register(cfg: RegisterConfig) -> None:
-    if cfg.rollback:
-        registry.rollback(cfg)
+    if cfg.rollback:  # moves an alias, in no run of its own: the one `mlflow run` opened says so
+        launcher_run = cli.launcher_run()
+        target, version = registry.rollback(cfg)
+        cli.describe_launcher(launcher_run, f"rollback-{target}", f"rolled {target} back to version {version}")
         return
     outcome = registry.gate_and_promote(cfg)
     if outcome.refused:  # a dry run that would be refused

@@ -38,11 +38,8 @@ def train(cfg: TrainConfig) -> None:
                               log_system_metrics=cfg.system_metrics) as (run, log_metrics), \
             tempfile.TemporaryDirectory() as checkpoint_dir:
         run_id = run.info.run_id
-        if cfg.resume and launcher_run:
-            # `mlflow run` opened a run of its own before this step started; name it and point it here.
-            client = mlflow.MlflowClient()
-            client.update_run(launcher_run, name=f"resume-{run.info.run_name}")
-            client.set_tag(launcher_run, "mlflow.note.content", f"resumed run {run_id}")
+        if cfg.resume:  # the run `mlflow run` opened, if it did, points here
+            cli.describe_launcher(launcher_run, f"resume-{run.info.run_name}", f"resumed run {run_id}")
         mlflow.set_tags(tracking.process_tags())
         if events:  # before metrics_once, so that the epochs a resume writes again reach the event files too
             log_metrics = events.tee(log_metrics)
@@ -63,13 +60,14 @@ def train(cfg: TrainConfig) -> None:
         else:
             print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
         if cfg.checkpoint_models:
-            log_metrics = logged_model.with_checkpoint_models(net, data, log_metrics)
+            log_metrics = logged_model.with_checkpoint_models(net, data, log_metrics, steps_per_epoch(cfg, data))
 
         epoch_end = {"on_epoch_end": events.on_epoch_end} if events else {}
         state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
                     save_checkpoint=checkpoints.saver(checkpoint_dir), **epoch_end)
         report.log_curves(state["history"])
-        model_id = logged_model.log(net, data)
+        # The net holds the best epoch's weights: the model is that epoch's, at its last optimizer step.
+        model_id = logged_model.log(net, data, step=state["best"]["epoch"] * steps_per_epoch(cfg, data))
         results = report.log_test_results(net, data, device, model_id)
         if events:
             events.close(net, data, device, state["epoch"])

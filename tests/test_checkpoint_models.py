@@ -12,6 +12,7 @@ from mnistflow.errors import NotFound
 from steps import register
 
 EPOCHS = 3
+BATCH_SIZE = 8  # 68 optimizer steps an epoch on the tiny data
 # The tiny data's checkpoints score from about 0.9 to 1.0, and the machine may be busy: these
 # limits let every checkpoint through the gate.
 LENIENT = {"min_accuracy": "0.1", "recall_margin": "1", "max_latency_ms": "10000"}
@@ -33,10 +34,12 @@ def checkpointed(tmp_path_factory, tiny_data):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        # A system metrics sample every 2 s: samples 0, 1, 2… are there before any model is logged.
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
         mlflow.set_tracking_uri(uri)
         mlflow.MlflowClient().create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
         result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", f"epochs={EPOCHS}",
-                          "-P", "batch_size=64", "-P", f"data_dir={tiny_data}", "-P", "checkpoint_models=true")
+                          "-P", f"batch_size={BATCH_SIZE}", "-P", f"data_dir={tiny_data}", "-P", "checkpoint_models=true")
         assert result.returncode == 0, result.stderr[-3000:]
         [run] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
         yield Checkpointed(uri, run, tiny_data)
@@ -48,6 +51,11 @@ def models_of(run: mlflow.entities.Run) -> dict:
     found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                         filter_string=f"source_run_id = '{run.info.run_id}'")
     return {model.name: model for model in found}
+
+
+def history_of(run: mlflow.entities.Run, key: str) -> dict:
+    """step -> value of one of the run's metrics."""
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)}
 
 
 def linked(model) -> dict:
@@ -84,13 +92,18 @@ def test_each_epoch_is_a_logged_model_with_its_metrics_and_the_test_metrics_name
     run = checkpointed.run
     models = models_of(run)
     assert set(models) == {"model", *(f"checkpoint-{epoch}" for epoch in range(1, EPOCHS + 1))}
-    # log_model(step=epoch): the run lists each checkpoint at its epoch, the final model at 0.
+    # MLflow links a model to the run's metrics at its step: none of the system metrics' samples.
+    assert not [m.key for model in models.values() for m in model.metrics if m.key.startswith("system/")]
+    assert any(key.startswith("system/") for key in run.data.metrics)
+    # Each model is logged at the optimizer step its weights come from; the final one is the best epoch's.
+    steps_per_epoch = int(run.data.params["steps_per_epoch"])
+    best_epoch = min(range(1, EPOCHS + 1), key=lambda epoch: (history_of(run, "val_loss")[epoch], epoch))
     steps = {output.model_id: output.step for output in mlflow.get_run(run.info.run_id).outputs.model_outputs}
     assert {name: steps[model.model_id] for name, model in models.items()} == \
-        {"model": 0, **{f"checkpoint-{epoch}": epoch for epoch in range(1, EPOCHS + 1)}}
+        {"model": best_epoch * steps_per_epoch,
+         **{f"checkpoint-{epoch}": epoch * steps_per_epoch for epoch in range(1, EPOCHS + 1)}}
 
-    history = {key: {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)}
-               for key in ("val_loss", "val_accuracy", "train_loss", "lr")}
+    history = {key: history_of(run, key) for key in ("val_loss", "val_accuracy", "train_loss", "lr")}
     for epoch in range(1, EPOCHS + 1):
         checkpoint = models[f"checkpoint-{epoch}"]
         assert checkpoint.metrics and {m.model_id for m in checkpoint.metrics} == {checkpoint.model_id}
@@ -115,7 +128,7 @@ def test_search_logged_models_ranks_the_checkpoints_and_register_takes_the_best_
     run = checkpointed.run
     # As a user ranks the checkpoints with MLflow's own search: the best validation accuracy.
     best = ranked(run, "val_accuracy", ascending=False)[0]
-    accuracies = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")}
+    accuracies = history_of(run, "val_accuracy")
     epoch = int(best.name.removeprefix("checkpoint-"))
     assert accuracies[epoch] == max(accuracies.values())
 

@@ -117,6 +117,14 @@ def test_champion_refuses_worse_challenger_then_force_and_rollback(registry_stor
     assert call(capsys, "--model_name", name, "--rollback", "true")[0] == 0
     assert aliases(name) == {"production": "1", "previous": "2"}
     assert mlflow.pyfunc.load_model(f"models:/{name}@production").metadata.run_id == registry_store.good
+    # Rolling back again, through `mlflow run`, undoes it; the run mlflow run opened says what it did.
+    result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local",
+                      "-P", f"model_name={name}", "-P", "rollback=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert aliases(name) == {"production": "2", "previous": "1"}
+    [launcher] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                    filter_string=f"attributes.run_name = 'rollback-{name}@production'")
+    assert launcher.data.tags["mlflow.note.content"] == f"rolled {name}@production back to version 2"
 
 
 def test_the_pipeline_run_describes_its_step_runs_and_the_version_with_links(registry_store, tiny_data, capsys):

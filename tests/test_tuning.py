@@ -119,7 +119,7 @@ def test_the_study_names_its_objective_and_every_plot_shows_its_whole_labels():
         weight_decay = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
         smoothing = trial.suggest_float("label_smoothing", 0, 0.2)
         batch_size = trial.suggest_categorical("batch_size", [64, 128, 256])
-        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
         for epoch in (1, 2):
             trial.report(0.5 + lr + smoothing * epoch, epoch)
         return 0.9 + lr - weight_decay + smoothing / 10 + batch_size / 1e4
@@ -145,7 +145,7 @@ def test_the_summary_table_shows_every_trial_with_its_state_objective_and_params
     study.set_metric_names(["val_accuracy"])
 
     def objective(trial):
-        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
         trial.suggest_categorical("optimizer", ["adamw", "sgd"])
         if trial.number == 1:
             raise optuna.TrialPruned()
