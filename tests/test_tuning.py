@@ -119,7 +119,7 @@ def test_the_study_names_its_objective_and_every_plot_shows_its_whole_labels():
         weight_decay = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
         smoothing = trial.suggest_float("label_smoothing", 0, 0.2)
         batch_size = trial.suggest_categorical("batch_size", [64, 128, 256])
-        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
         for epoch in (1, 2):
             trial.report(0.5 + lr + smoothing * epoch, epoch)
         return 0.9 + lr - weight_decay + smoothing / 10 + batch_size / 1e4
