@@ -77,7 +77,7 @@ def train_once(cfg, data, log_metrics=lambda metrics, step: None, save_checkpoin
 def tracked_once(cfg, data) -> float:
     """Wall time of the same training inside an MLflow run: async metrics, checkpoints, system metrics."""
     start = time.perf_counter()
-    with tracking.tracked_run(log_system_metrics=True) as (_, log_metrics), \
+    with tracking.tracked_run(run_name=f"bench-tracked-{cfg.model}", log_system_metrics=True) as (_, log_metrics), \
             tempfile.TemporaryDirectory() as tmp:
         train_once(cfg, data, log_metrics, checkpoints.saver(tmp))
     return time.perf_counter() - start

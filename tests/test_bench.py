@@ -23,6 +23,7 @@ def test_train_speed_prints_medians_and_ratios(tiny_data, tmp_path, monkeypatch)
     client = mlflow.MlflowClient(f"sqlite:///{store}")
     [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
     assert {"train_loss", "system/cpu_utilization_percentage"} <= set(run.data.metrics)
+    assert run.info.run_name == "bench-tracked-fast"
     for row in ("baseline: pipeline / DataLoader epoch", "fast: pipeline / DataLoader epoch",
                 "fast: tracking on / off"):
         assert re.search(rf"{re.escape(row)}\s+\d+\.\d+\s+<= ", result.stdout), row

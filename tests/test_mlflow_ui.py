@@ -69,32 +69,29 @@ def run_the_steps(uri: str, experiment_id: str, data_dir: str, root) -> Logged:
     return Logged(experiment_id, client.get_run(train_id), study, trials, model_id)
 
 
-@pytest.fixture(scope="module")
-def ui(tmp_path_factory, tiny_data) -> tuple[str, Logged]:
-    """A real `mlflow server` on a store the steps filled: the UI's address, and what is in the store."""
+@contextlib.contextmanager
+def mlflow_ui(uri: str, cwd, while_it_starts=lambda: None):
+    """A real `mlflow server` on the store at `uri`; its address, once it answers. It starts first,
+    so that it loads while `while_it_starts()` runs. Its job runner (GenAI judges, trace
+    roll-ups: nothing these pages use) would start eight more Python processes."""
     require(bool(CHROMIUM and CHROMEDRIVER), "Chromium with chromedriver", "chromium chromium-driver")
-    root = tmp_path_factory.mktemp("ui_store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    experiment_id = mlflow.MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
     port = free_port()
-    # Started first, the server loads while the steps run. Its job runner (GenAI judges, trace
-    # roll-ups: nothing the pages here use) would start eight more Python processes.
     server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], cwd=root,
+                               "--port", str(port), "--workers", "1"], cwd=cwd,
                               env={**step_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        logged = run_the_steps(uri, experiment_id, tiny_data, root)
+        while_it_starts()
         url = f"http://127.0.0.1:{port}"
         wait_until_up(f"{url}/health", server)
-        yield url, logged
+        yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def browser(ui):
+@contextlib.contextmanager
+def chromium(url: str):
     """A headless Chromium with a 1600x1200 page, at the UI. The binaries are given by path, so
     Selenium Manager never looks for (or downloads) a browser or driver."""
     options = webdriver.ChromeOptions()
@@ -105,7 +102,7 @@ def browser(ui):
     try:
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                {"width": 1600, "height": 1200, "deviceScaleFactor": 1, "mobile": False})
-        driver.get(ui[0])
+        driver.get(url)
         # MLflow 3.17 opens its AI assistant beside every page on a first visit; a user closes it
         # once and the UI remembers that here. Closed, the page gets the screenshot's full width.
         driver.execute_script("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
@@ -116,17 +113,33 @@ def browser(ui):
 
 
 @pytest.fixture(scope="module")
-def screenshots(tmp_path_factory):
-    """Where each page's screenshot goes: a temporary directory, and $MNISTFLOW_SCREENSHOTS if set."""
-    folders = [tmp_path_factory.mktemp("screenshots")]
-    if os.environ.get("MNISTFLOW_SCREENSHOTS"):
-        folders.append(os.environ["MNISTFLOW_SCREENSHOTS"])
-        os.makedirs(folders[-1], exist_ok=True)
+def ui(tmp_path_factory, tiny_data) -> tuple[str, Logged]:
+    """A real `mlflow server` on a store the steps filled: the UI's address, and what is in the store."""
+    root = tmp_path_factory.mktemp("ui_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    experiment_id = mlflow.MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    logged = []
+    with mlflow_ui(uri, root, lambda: logged.append(run_the_steps(uri, experiment_id, tiny_data, root))) as url:
+        yield url, logged[0]
 
-    def save(driver, name: str) -> None:
-        for folder in folders:
-            assert driver.save_screenshot(os.path.join(folder, f"{name}.png"))
-    return save
+
+@pytest.fixture(scope="module")
+def browser(ui):
+    with chromium(ui[0]) as driver:
+        yield driver
+
+
+def screenshot(driver, name: str, folder) -> None:
+    """Save the page as <name>.png in `folder`, and in $MNISTFLOW_SCREENSHOTS when set."""
+    for where in filter(None, [str(folder), os.environ.get("MNISTFLOW_SCREENSHOTS")]):
+        os.makedirs(where, exist_ok=True)
+        assert driver.save_screenshot(os.path.join(where, f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    return lambda driver, name: screenshot(driver, name, folder)
 
 
 def page_text(driver) -> str:
@@ -156,10 +169,26 @@ def run_route(logged: Logged, run_id: str) -> str:
     return f"#/experiments/{logged.experiment_id}/runs/{run_id}"
 
 
-def shown_runs(driver) -> list[tuple[str, int]]:
-    """The runs table as shown, top to bottom: each row's run name and how far right it starts (px)."""
+def expand(driver, experiment_id: str, parent_id: str, child_ids: list[str]) -> None:
+    """In the runs list, click a parent run's (+) button and wait until its child runs show."""
+    row = driver.find_element(By.CSS_SELECTOR, f'.ag-row[row-id="{parent_id}"] [col-id="attributes.`Run Name`"]')
+    row.find_element(By.TAG_NAME, "button").click()
+    wait_for(driver, lambda d: all(link_to(f"#/experiments/{experiment_id}/runs/{child}")(d) for child in child_ids))
+
+
+def shown_runs(driver) -> list[tuple[str, str, int]]:
+    """The runs table as shown, top to bottom: each row's run id, run name and how far right it starts (px)."""
     rows = driver.find_elements(By.CSS_SELECTOR, '.ag-row [col-id="attributes.`Run Name`"] a[href*="/runs/"]')
-    return [(a.text, a.location["x"]) for a in sorted(rows, key=lambda a: a.location["y"])]
+    return [(a.get_attribute("href").rsplit("/", 1)[-1], a.text, a.location["x"])
+            for a in sorted(rows, key=lambda a: a.location["y"])]
+
+
+def nested_under(shown: list[tuple[str, str, int]], parent_id: str, count: int) -> list[str]:
+    """The names of the `count` rows right below the parent's row, each checked to be indented under it."""
+    at = [run_id for run_id, _, _ in shown].index(parent_id)
+    below = shown[at + 1:at + 1 + count]
+    assert all(x > shown[at][2] for _, _, x in below), shown
+    return [name for _, name, _ in below]
 
 
 def test_the_runs_list_names_every_run_and_groups_the_trials_under_their_study(ui, browser, screenshots):
@@ -173,19 +202,13 @@ def test_the_runs_list_names_every_run_and_groups_the_trials_under_their_study(u
     open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/runs",
               link_to(run_route(logged, logged.study.info.run_id)))
     # Collapsed, the study is one row: its trials are nested under it, not beside it.
-    assert sorted(name for name, _ in shown_runs(browser)) == sorted([f"register-{MODEL_NAME}", study, train])
-    study_row = browser.find_element(By.CSS_SELECTOR, f'.ag-row[row-id="{logged.study.info.run_id}"] '
-                                                      '[col-id="attributes.`Run Name`"]')
-    study_row.find_element(By.TAG_NAME, "button").click()  # the row's expand (+) button
-    wait_for(browser, lambda driver: all(link_to(run_route(logged, run.info.run_id))(driver) for run in logged.trials))
+    assert sorted(name for _, name, _ in shown_runs(browser)) == sorted([f"register-{MODEL_NAME}", study, train])
+    expand(browser, logged.experiment_id, logged.study.info.run_id, [run.info.run_id for run in logged.trials])
     screenshots(browser, "runs_with_trials")
     shown = shown_runs(browser)
-    names = [name for name, _ in shown]
-    at = names.index(study)
     # Expanded, the trials are the rows right below their study, indented under it.
-    assert sorted(names[at + 1:at + 3]) == trials
-    assert all(x > shown[at][1] for _, x in shown[at + 1:at + 3])
-    assert set(names) == {f"register-{MODEL_NAME}", study, train, *trials}
+    assert sorted(nested_under(shown, logged.study.info.run_id, len(trials))) == trials
+    assert {name for _, name, _ in shown} == {f"register-{MODEL_NAME}", study, train, *trials}
 
 
 def test_the_best_trial_is_marked_on_its_own_page(ui, browser, screenshots):
@@ -255,3 +278,23 @@ def test_the_logged_model_names_the_dataset_it_was_measured_on(ui, browser, scre
     text = open_logged_model(url, logged, browser, screenshots)
     # Its test metrics were logged against the test dataset and the model.
     assert re.search(r"^Datasets used\nmnist-test \(#[0-9a-f]+\)$", text, re.MULTILINE), text
+
+
+def look_at_the_pipeline_run(uri: str, cwd, pipeline_run: mlflow.entities.Run, steps: dict, folder) -> None:
+    """For test_pipeline.py, on the store its `mlflow run .` filled: the pipeline run's page shows
+    its description with a link to each step's run, and in the runs list its step runs are
+    nested under it, each by a name that says what it is."""
+    experiment_id, pipeline_id = pipeline_run.info.experiment_id, pipeline_run.info.run_id
+    step_routes = {f"#/experiments/{experiment_id}/runs/{run.info.run_id}": run.info.run_name for run in steps.values()}
+    with mlflow_ui(uri, cwd) as url, chromium(url) as driver:
+        open_page(driver, f"{url}/#/experiments/{experiment_id}/runs/{pipeline_id}",
+                  lambda d: all(link_to(route)(d) for route in step_routes))
+        screenshot(driver, "pipeline_run", folder)
+        assert re.search(r"Registered Pipeline version 1 @production\. The steps:", page_text(driver)), page_text(driver)
+        for route, name in step_routes.items():  # each step's link, named as its run
+            assert name in [a.text for a in link_to(route)(driver)], (route, name)
+
+        open_page(driver, f"{url}/#/experiments/{experiment_id}/runs", link_to(f"#/experiments/{experiment_id}/runs/{pipeline_id}"))
+        expand(driver, experiment_id, pipeline_id, [run.info.run_id for run in steps.values()])
+        screenshot(driver, "pipeline_runs", folder)
+        assert sorted(nested_under(shown_runs(driver), pipeline_id, len(steps))) == sorted(step_routes.values())

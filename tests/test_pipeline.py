@@ -7,6 +7,7 @@ import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
 from conftest import EXPERIMENT, ROOT, run_step, step_env
+from test_mlflow_ui import look_at_the_pipeline_run
 from mnistflow import pipeline
 
 
@@ -75,7 +76,7 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
     assert "Pipeline version 1 @production" in rows["register"]
     assert pipeline_run.data.tags["mlflow.note.content"].startswith(
         "Registered [Pipeline version 1](#/models/Pipeline/versions/1) @production")
-    assert all(" new " in row and row.endswith("; no earlier run with these parameters") for row in rows.values())
+    assert all(" new " in row and row.endswith(" no earlier run with these parameters") for row in rows.values())
 
     second = run_pipeline()
     assert len(runs_of("train")) == 1 and len(runs_of("tune")) == 1 and len(runs_of("register")) == 1
@@ -90,11 +91,15 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
     rows = summary_rows(edited.stdout)
     assert all(" new " in row for row in rows.values())
     for step in ("train", "tune"):
-        assert rows[step].endswith(f"; working tree differs from run {steps[step].info.run_id[:8]}'s")
+        assert rows[step].endswith(f" working tree differs from run {steps[step].info.run_id[:8]}'s")
 
     forced = run_pipeline("-P", "force=true")
     assert len(runs_of("train")) == 3 and len(runs_of("tune")) == 3 and len(runs_of("plot_loss")) == 3
     assert all(" new " in row and row.endswith(" force") for row in summary_rows(forced.stdout).values())
+
+    # Last, as it needs a browser (it skips the test, or fails it in CI, without one): the first
+    # pipeline run in the MLflow UI.
+    look_at_the_pipeline_run(store, tmp_path, pipeline_run, steps, tmp_path / "screenshots")
 
 
 def test_the_working_tree_digest_follows_uncommitted_changes(tmp_path):
