@@ -102,9 +102,9 @@ def main():
     if unknown:
         parser.error(f"unknown model {unknown[0]!r} in --pipeline_models; choose from {', '.join(models.MODELS)}")
 
-    # shift off: the DataLoader reference serves the images as they are, so the pipeline does too.
+    # augment none: the DataLoader reference serves the images as they are, so the pipeline does too.
     cfg = TrainConfig(epochs=1, data_dir=args.data_dir, max_train_samples=args.train_samples, log_every=50,
-                      shift="off").validate()
+                      augment="none").validate()
     try:
         data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
     except DataError as exc:

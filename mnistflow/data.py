@@ -46,20 +46,6 @@ class Split:
                 yield self.images[idx], self.labels[idx]
 
 
-def shift_randomly(images: torch.Tensor, pixels: int, fill: float, generator: torch.Generator) -> torch.Tensor:
-    """Each image moved by its own random offset of up to `pixels` rows and columns (data augmentation).
-
-    The uncovered edge gets `fill`, the normalised value of a blank pixel. One gather on the whole
-    batch, drawn from `generator`, so a seeded or resumed run repeats the same offsets.
-    """
-    n, _, height, width = images.shape
-    padded = torch.nn.functional.pad(images[:, 0], (pixels,) * 4, value=fill)
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1, 1), generator=generator)
-    rows = dy + torch.arange(height).view(1, height, 1)
-    cols = dx + torch.arange(width).view(1, 1, width)
-    return padded[torch.arange(n).view(n, 1, 1), rows, cols].unsqueeze(1)
-
-
 @dataclass
 class Data:
     name: str

@@ -164,7 +164,7 @@ def git_commit() -> str:
 
 
 def run_tags(phase: str, dataset: str, note: str = "") -> dict:
-    """Who ran what: git commit/branch/dirty, user, phase, dataset, and the note."""
+    """Who ran what: git commit/branch/dirty, user, phase, dataset, the note, and the Slurm job."""
     tags = {
         "git_commit": git_commit(),
         "git_branch": _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown",
@@ -175,6 +175,10 @@ def run_tags(phase: str, dataset: str, note: str = "") -> dict:
     }
     if note:
         tags["mlflow.note.content"] = note
+    # In a Slurm job: which one, and for a task of an array job, the array and the task.
+    for variable in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        if os.environ.get(variable):
+            tags[variable.lower()] = os.environ[variable]
     return tags
 
 
@@ -202,9 +206,13 @@ def log_config(cfg) -> None:
 def logged_config(run_id: str) -> dict:
     """The config.yaml that log_config wrote for a run.
 
-    Runs from before `mirror` and `shift` existed trained without them, so their config reads off.
+    Runs from before `mirror` and `augment` existed trained without them, so their config reads
+    off and none; a run from when `shift` was its own on/off setting reads as augment shift or none.
     """
-    return {"mirror": "off", "shift": "off", **yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))}
+    config = {"mirror": "off", **yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))}
+    shift = config.pop("shift", "off")
+    config.setdefault("augment", "shift" if shift == "on" else "none")
+    return config
 
 
 def split_dataset(data: Data, context: str) -> mlflow.data.Dataset:

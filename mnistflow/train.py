@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from mnistflow.config import TrainConfig
 from mnistflow.errors import ConfigError
-from mnistflow.data import Data, Split, shift_randomly
+from mnistflow import augment
+from mnistflow.data import Data, Split
 
 EVAL_BATCH_SIZE = 1000
-SHIFT_PIXELS = 2  # shift=on: how far a training image may move (2 of 28 keeps every digit whole)
 
 
 def select_device(name: str) -> torch.device:
@@ -123,11 +123,12 @@ def train_epoch(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.de
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     steps = steps_per_epoch(cfg, data)
+    kinds = augment.parse(cfg.augment)
     bar = tqdm(data.train.batches(cfg.batch_size, shuffle), total=steps,
                desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
     for i, (x, y) in enumerate(bar):
-        if cfg.shift == "on":
-            x = shift_randomly(x, SHIFT_PIXELS, fill=-data.mean / data.std, generator=shuffle)
+        if kinds:
+            x = augment.augment(x, kinds, fill=-data.mean / data.std, generator=shuffle)
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         logits = model(x)
         loss = loss_fn(logits, y)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from mnistflow import config, data, models
+from mnistflow import augment, config, data, models
 
 CONFIGS = {
     "main": config.PipelineConfig, "train": config.TrainConfig, "tune": config.TuneConfig,
@@ -78,6 +78,7 @@ def test_docs_tables_are_the_configs_fields_with_their_defaults():
 def test_the_names_config_checks_are_the_datasets_and_models_there_are():
     assert config.DATASETS == tuple(data.DATASETS)
     assert config.MODELS == tuple(models.MODELS)
+    assert config.AUGMENTATIONS == augment.KINDS
 
 
 def test_reading_flags_loads_no_pytorch():

@@ -44,21 +44,6 @@ def test_batches_cover_every_image_once(tiny_data):
     assert torch.equal(torch.cat(ordered), split.images)
 
 
-def test_shift_randomly_moves_each_image_whole_by_at_most_the_given_pixels():
-    images = torch.full((200, 1, 28, 28), -1.0)
-    images[:, 0, 10:18, 12:16] = torch.arange(200.0).view(200, 1, 1)  # a block at rows 10-17, cols 12-15
-    shifted = data.shift_randomly(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
-    assert shifted.shape == images.shape
-    offsets = set()
-    for i in range(200):
-        rows, cols = torch.nonzero(shifted[i, 0] != -1.0, as_tuple=True)
-        assert len(rows) == 32 and (shifted[i, 0][rows, cols] == i).all()  # the whole block, its own value
-        offsets.add((rows.min().item() - 10, cols.min().item() - 12))
-    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # every offset, none farther
-    again = data.shift_randomly(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(shifted, again)  # seeded
-
-
 def test_data_dir_from_environment(tiny_data, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, tiny_data)
     assert data.resolve_data_dir("") == (tiny_data, False)

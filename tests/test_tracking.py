@@ -51,14 +51,18 @@ def test_a_metric_that_cannot_be_written_fails_the_run(store):
     assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
 
 
-def test_logged_config_reads_mirror_and_shift_off_for_a_run_from_before_them(store):
-    with mlflow.start_run() as run:
-        mlflow.log_dict({"model": "fast", "dataset": "fashion_mnist"}, "config.yaml")
-    assert tracking.logged_config(run.info.run_id) == {"model": "fast", "dataset": "fashion_mnist",
-                                                       "mirror": "off", "shift": "off"}
-    with mlflow.start_run() as run:
-        mlflow.log_dict({"model": "fast", "mirror": "on", "shift": "on"}, "config.yaml")
-    assert tracking.logged_config(run.info.run_id) == {"model": "fast", "mirror": "on", "shift": "on"}
+def test_logged_config_reads_the_settings_of_runs_from_before_mirror_and_augment(store):
+    def logged(config: dict) -> dict:
+        with mlflow.start_run() as run:
+            mlflow.log_dict(config, "config.yaml")
+        return tracking.logged_config(run.info.run_id)
+
+    assert logged({"model": "fast", "dataset": "fashion_mnist"}) == {
+        "model": "fast", "dataset": "fashion_mnist", "mirror": "off", "augment": "none"}
+    # from when shift was an on/off setting of its own
+    assert logged({"model": "fast", "mirror": "on", "shift": "on"}) == {"model": "fast", "mirror": "on", "augment": "shift"}
+    assert logged({"model": "fast", "mirror": "on", "shift": "off"}) == {"model": "fast", "mirror": "on", "augment": "none"}
+    assert logged({"model": "fast", "mirror": "on", "augment": "affine"}) == {"model": "fast", "mirror": "on", "augment": "affine"}
 
 
 def test_run_tags_record_the_code_and_the_person():

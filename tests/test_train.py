@@ -48,10 +48,10 @@ def test_same_seed_same_result(tiny):
     assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
 
 
-# mirror and shift on: the random mirror images and offsets must repeat too
-@pytest.mark.parametrize("mirror, shift", [("off", "off"), ("on", "on")])
-def test_resume_from_checkpoint_matches_uninterrupted_training(tiny, mirror, shift):
-    cfg = TrainConfig(epochs=3, batch_size=64, mirror=mirror, shift=shift)
+# mirror and every augmentation on: the random mirror images and distortions must repeat too
+@pytest.mark.parametrize("mirror, augment", [("off", "none"), ("on", "shift,affine,stroke,elastic")])
+def test_resume_from_checkpoint_matches_uninterrupted_training(tiny, mirror, augment):
+    cfg = TrainConfig(epochs=3, batch_size=64, mirror=mirror, augment=augment)
     checkpoints = []
     full_net, full = train(cfg, tiny, checkpoints=checkpoints)
     assert [c["epoch"] for c in checkpoints] == [1, 2, 3]
@@ -84,7 +84,10 @@ def test_early_stopping_keeps_the_best_epoch(tiny):
     ({"val_fraction": 1.0}, "val_fraction=1.0 is not allowed; it must be in (0, 1)"),
     ({"val_fraction": 0}, "val_fraction=0 is not allowed; it must be in (0, 1)"),
     ({"mirror": "sideways"}, "unknown mirror 'sideways'; choose from auto, on, off"),
-    ({"shift": "diagonal"}, "unknown shift 'diagonal'; choose from auto, on, off"),
+    ({"augment": "diagonal"}, "augment 'diagonal' is not allowed; give auto, none, or some of shift, affine, stroke, "
+                              "elastic joined by commas, each once"),
+    ({"augment": "affine,affine"}, "augment 'affine,affine' is not allowed"),
+    ({"augment": "none,shift"}, "augment 'none,shift' is not allowed"),
 ])
 def test_bad_config_names_value_and_allowed(change, message):
     with pytest.raises(ConfigError) as err:
@@ -94,10 +97,10 @@ def test_bad_config_names_value_and_allowed(change, message):
 
 def test_auto_settings_resolve_by_dataset_and_explicit_ones_stay():
     fashion, digits = TrainConfig(dataset="fashion_mnist").validate(), TrainConfig(dataset="mnist").validate()
-    assert (fashion.model, fashion.mirror, fashion.shift) == ("wide", "on", "off")
-    assert (digits.model, digits.mirror, digits.shift) == ("fast", "off", "on")
-    explicit = TrainConfig(dataset="mnist", model="wide", mirror="on", shift="off").validate()
-    assert (explicit.model, explicit.mirror, explicit.shift) == ("wide", "on", "off")
+    assert (fashion.model, fashion.mirror, fashion.augment) == ("wide", "on", "none")
+    assert (digits.model, digits.mirror, digits.augment) == ("fast", "off", "shift")
+    explicit = TrainConfig(dataset="mnist", model="wide", mirror="on", augment="none").validate()
+    assert (explicit.model, explicit.mirror, explicit.augment) == ("wide", "on", "none")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
