@@ -10,8 +10,11 @@ Prints one table of medians, measured side by side (interleaved) in one run:
      step, costs no data handling at all: its epoch is the model's own work, the floor under any
      pipeline, so floor / DataLoader is the best ratio that any data pipeline could reach;
   2. wall time of a training run of the default net with MLflow tracking on (run start and end,
-     async metrics, checkpoints, system metrics as the train step samples them) vs. off (goal <= 1.05).
-Both run the real `fit` loop; only the source of batches or the logging callbacks differ.
+     async metrics, checkpoints, system metrics as the train step samples them) vs. off (goal <= 1.05);
+  3. epoch time (its training passes) of the default net with each `--augment` setting against
+     `shift`, the augmentation MNIST's default had before issue 19 (goal <= 1.10).
+All run the real `fit` loop; only the source of batches, the logging callbacks or the
+augmentation differ.
 """
 import argparse
 import dataclasses
@@ -28,7 +31,7 @@ from torchvision import transforms
 from mnistflow import checkpoints, models, tracking
 from mnistflow import data as datasets
 from mnistflow.config import AUTO, OneLineParser, TrainConfig
-from mnistflow.errors import DataError
+from mnistflow.errors import ConfigError, DataError
 from mnistflow.train import fit, seed_everything
 
 
@@ -88,6 +91,8 @@ def main():
     parser.add_argument("--data_dir", default="")
     parser.add_argument("--pipeline_models", default=f"baseline,{AUTO['mnist']['model']}",
                         help="comma-separated nets to compare the two pipelines on")
+    parser.add_argument("--augment", action="append", default=[],
+                        help="an augment setting to time against shift (repeatable; default: MNIST's default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train_samples", type=int, default=20000,
                         help="images per measured epoch (a slice of the training set keeps the bench short; 0 = all)")
@@ -101,6 +106,13 @@ def main():
     unknown = [name for name in pipeline_models if name not in models.MODELS]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r} in --pipeline_models; choose from {', '.join(models.MODELS)}")
+
+    augments = ["shift", *dict.fromkeys(args.augment or [AUTO["mnist"]["augment"]])]
+    for augment in augments:
+        try:
+            TrainConfig(augment=augment).validate()
+        except ConfigError as exc:
+            parser.error(str(exc))
 
     # augment none: the DataLoader reference serves the images as they are, so the pipeline does too.
     cfg = TrainConfig(epochs=1, data_dir=args.data_dir, max_train_samples=args.train_samples, log_every=50,
@@ -132,6 +144,9 @@ def main():
                 times.setdefault(f"{name}: {source}", []).append(train_once(net_cfg, sources[source])[1])
         times.setdefault(f"{cfg.model}: tracking off", []).append(train_once(cfg, data)[0])
         times.setdefault(f"{cfg.model}: tracking on", []).append(tracked_once(cfg, data))
+        for augment in augments if r % 2 == 0 else reversed(augments):
+            times.setdefault(f"{cfg.model}: augment {augment}", []).append(
+                train_once(dataclasses.replace(cfg, augment=augment), data)[1])
 
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"\n{len(data.train)} training images per epoch, batch {cfg.batch_size}, "
@@ -148,6 +163,9 @@ def main():
         print(f"{f'{name}: floor / DataLoader epoch':<38}{floor:>10.2f}{'(best any pipeline can reach)':>31}")
     overhead = median[f"{cfg.model}: tracking on"] / median[f"{cfg.model}: tracking off"]
     print(f"{f'{cfg.model}: tracking on / off':<38}{overhead:>10.3f}{'<= 1.05':>10}")
+    for augment in augments[1:]:
+        ratio = median[f"{cfg.model}: augment {augment}"] / median[f"{cfg.model}: augment shift"]
+        print(f"{f'{cfg.model}: augment {augment} / shift epoch':<38}{ratio:>10.3f}{'<= 1.10':>10}")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ def trial_losses(curves: dict, title: str):
 
 
 def comparison(rows: list[dict]):
-    """Bar charts of test accuracy, test loss, training time and parameter count, one bar per run."""
+    """Bar charts of test accuracy, test loss, training time and parameter count, one bar per run;
+    a row's `doc_accuracy`, where given, is marked on its accuracy bar."""
     panels = (("test_accuracy", "test accuracy"), ("test_loss", "test loss"),
               ("train_time_s", "training time (s)"), ("num_params", "parameters"))
     figure, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
@@ -135,8 +136,31 @@ def comparison(rows: list[dict]):
         ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=7)
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    expected = [(i, r["doc_accuracy"]) for i, r in enumerate(rows) if "doc_accuracy" in r]
+    if expected:
+        axes[0].scatter(*zip(*expected), marker="_", s=900, color="black", zorder=3, label="pipeline doc")
+        axes[0].legend(fontsize=7, loc="lower right")
     if rows:
         low = min(r["test_accuracy"] for r in rows)
         axes[0].set_ylim(max(0.0, low - 0.02), 1.0)  # the differences are in the last percent
+    figure.tight_layout()
+    return figure
+
+
+def conditions(shown: list, title: str):
+    """One column per robustness condition: the picture a user's file would hold, above the 28x28
+    input the model gets from it."""
+    figure, axes = plt.subplots(2, len(shown), figsize=(1.3 * len(shown), 3.2), squeeze=False)
+    for column, (name, given, pixels) in enumerate(shown):
+        top, bottom = axes[:, column]
+        top.imshow(given.convert("RGBA"))
+        top.set_title(f"{name}\n{given.width}x{given.height}", fontsize=7)
+        bottom.imshow(pixels, cmap="gray", vmin=0, vmax=1)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("picture", fontsize=8)
+    axes[1, 0].set_ylabel("model input", fontsize=8)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure

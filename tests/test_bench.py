@@ -16,7 +16,7 @@ def test_train_speed_prints_medians_and_ratios(tiny_data, tmp_path, monkeypatch)
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the bench keeps its tracking store
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # samples in a run of a second
     result = run_step(sys.executable, "bench/train_speed.py", "--data_dir", tiny_data,
-                      "--repeats", "1", "--train_samples", "300")
+                      "--repeats", "1", "--train_samples", "300", "--augment", "affine,elastic")
     assert result.returncode == 0, result.stderr[-3000:]
     # The tracked run carries what a train run carries, system metrics too.
     [store] = glob.glob(str(tmp_path / "*" / "bench.db"))
@@ -31,6 +31,9 @@ def test_train_speed_prints_medians_and_ratios(tiny_data, tmp_path, monkeypatch)
         assert re.search(rf"{re.escape(row)}\s+\d+\.\d+\s+\(best any pipeline can reach\)", result.stdout), row
     for source in ("in-memory tensors", "DataLoader + ToTensor", "one reused batch (floor)"):
         assert re.search(rf"fast: {re.escape(source)}\s+\d+\.\d+", result.stdout), source
+    for augment in ("shift", "affine,elastic"):
+        assert re.search(rf"fast: augment {augment}\s+\d+\.\d+", result.stdout), augment
+    assert re.search(r"fast: augment affine,elastic / shift epoch\s+\d+\.\d+\s+<= 1.10", result.stdout)
     assert "270 training images per epoch" in result.stdout  # 300 capped, 10 % held out for validation
 
 
@@ -45,6 +48,7 @@ def test_train_speed_rejects_an_unknown_model_in_one_line(tiny_data):
     ("train_speed", ["--repeats", "0"], "--repeats 0 is not allowed; it must be >= 1"),
     ("train_speed", ["--repeats", "-3"], "--repeats -3 is not allowed; it must be >= 1"),
     ("train_speed", ["--train_samples", "-5"], "--train_samples -5 is not allowed; it must be >= 0 (0 = all)"),
+    ("train_speed", ["--augment", "blur"], "augment 'blur' is not allowed; give auto, none, or some of shift"),
     ("tune_speed", ["--minutes", "0"], "--minutes 0 is not allowed; it must be > 0"),
     ("tune_speed", ["--epochs", "-1"], "epochs=-1 is not allowed; it must be >= 1"),
     ("tune_speed", ["--train_samples", "-1"], "--train_samples -1 is not allowed; it must be >= 0 (0 = all)"),

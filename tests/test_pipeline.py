@@ -147,12 +147,14 @@ def test_progressive_compares_the_three_runs_of_the_pipeline_doc(store, tiny_dat
     settings = {(r.data.params["model"], r.data.params["lr"], r.data.params["batch_size"]) for r in trains}
     assert settings == {("baseline", "0.001", "128"), ("enhanced", "0.001", "128"), ("enhanced", "0.0005", "64")}
     assert all(r.data.params["optimizer"] == "adam" and r.data.params["epochs"] == "1" for r in trains)
+    assert all(r.data.params["augment"] == "none" for r in trains)  # the doc's runs do not augment
 
     csv_text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/progressive_comparison.csv")
     header, *rows = csv_text.strip().splitlines()
-    assert header == "run,model,lr,batch_size,test_accuracy,test_loss,train_time_s,num_params,run_id"
+    assert header == "run,model,lr,batch_size,test_accuracy,doc_accuracy,test_loss,train_time_s,num_params,run_id"
     assert [row.split(",")[0] for row in rows] == ["run_1_baseline", "run_2_enhanced", "run_3_optimized"]
-    assert {row.split(",")[7] for row in rows} == {"54410", "1386506"}
+    assert [row.split(",")[5] for row in rows] == ["0.98", "0.985", "0.99"]
+    assert {row.split(",")[8] for row in rows} == {"54410", "1386506"}
     printed = result.stdout[result.stdout.index("progressive run"):].splitlines()[1:]
     assert printed[0].split() == header.split(",")[:-1]  # the CSV's columns but the run id
     assert printed[3].split()[:4] == ["run_3_optimized", "enhanced", "0.0005", "64"]
