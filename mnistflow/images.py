@@ -16,6 +16,9 @@ from mnistflow.errors import ImageError
 BOX = 20    # the ink's longer side, in pixels
 FIELD = 28  # the image side
 INK = 0.2   # a pixel counts as ink above this fraction of the brightest one
+# The box each dataset's images were fitted into: MNIST's digits into 20x20 (above), Fashion-MNIST's
+# products trimmed and their longer side resized to 28 (Xiao et al., 2017), filling the field.
+BOXES = {"mnist": BOX, "fashion_mnist": FIELD}
 
 
 def read(path: str) -> Image.Image:
@@ -46,8 +49,8 @@ def grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def to_mnist(image: Image.Image, name: str = "image") -> np.ndarray:
-    """(28, 28) float32 in [0, 1], light ink on black, fitted into 20x20 and centered by mass."""
+def to_mnist(image: Image.Image, name: str = "image", box: int = BOX) -> np.ndarray:
+    """(28, 28) float32 in [0, 1], light ink on black, fitted into box x box and centered by mass."""
     pixels = grayscale(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = float(np.median(border))
@@ -60,7 +63,7 @@ def to_mnist(image: Image.Image, name: str = "image") -> np.ndarray:
 
     rows, cols = np.nonzero(ink > INK)
     crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    scale = BOX / max(crop.shape)
+    scale = box / max(crop.shape)
     height, width = (max(1, round(side * scale)) for side in crop.shape)
     # Pillow's "F" mode keeps floats; its bilinear resize anti-aliases when shrinking.
     fitted = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BILINEAR))

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from mnistflow import data as datasets
-from mnistflow import logged_model, metrics, tracking
+from mnistflow import logged_model, metrics, robustness, tracking
 from mnistflow.config import RegisterConfig
 from mnistflow.data import Data
 from mnistflow.errors import AccessError, ConfigError, NotFound, Refused, StoreError, first_line
@@ -25,6 +25,7 @@ from mnistflow.errors import AccessError, ConfigError, NotFound, Refused, StoreE
 SANITY_IMAGES = 10
 LATENCY_ROUNDS = 3      # how often a p95 over the limit is measured before the gate says no
 LATENCY_PAUSE_S = 2.0   # between those rounds, so that a moment of load has passed
+ROBUST_IMAGES = 1000    # test images per robustness condition: half the bench's, to keep register quick
 
 
 def previous_alias(alias: str) -> str:
@@ -174,12 +175,14 @@ def latency_p95_ms(model, image: np.ndarray, limit_ms: float) -> tuple[float, in
 
 def gate(model, size_mb: float, figures: dict, cfg: RegisterConfig, data: Data) -> list[Check]:
     """The production criteria, measured on the loaded model: test accuracy, single-image latency,
-    model size, and no class whose recall falls far below the others'."""
+    model size, no class whose recall falls far below the others', and accuracy that holds on
+    pictures unlike the test set (the worst condition of mnistflow/robustness.py)."""
     recalls = np.array([figures[f"test_recall_class_{i}"] for i in range(len(data.classes))])
     worst = int(recalls.argmin())
     gap = float(recalls.mean() - recalls[worst])
     p95, rounds = latency_p95_ms(model, data.pixels(data.test)[0].numpy(), cfg.max_latency_ms)
     accuracy = figures["test_accuracy"]
+    condition, robust_accuracy = robustness.worst(robustness.scores(model, data, ROBUST_IMAGES))
     return [
         Check("test_accuracy", accuracy, f">= {cfg.min_accuracy}", accuracy >= cfg.min_accuracy),
         Check("latency_p95_ms", p95, f"< {cfg.max_latency_ms}", p95 < cfg.max_latency_ms,
@@ -187,6 +190,10 @@ def gate(model, size_mb: float, figures: dict, cfg: RegisterConfig, data: Data) 
         Check("size_mb", size_mb, f"< {cfg.max_size_mb}", size_mb < cfg.max_size_mb),
         Check("recall_gap", gap, f"<= {cfg.recall_margin}", gap <= cfg.recall_margin,
               f"class {data.classes[worst]!r}: recall {recalls[worst]:.4f} vs mean {recalls.mean():.4f}"),
+        Check("robust_accuracy", robust_accuracy, f">= {cfg.min_robust_accuracy}",
+              robust_accuracy >= cfg.min_robust_accuracy,
+              f"worst condition {condition!r} (bench/robustness.py; {len(robustness.chosen(data, ROBUST_IMAGES, 0))} "
+              "test images each)"),
     ]
 
 

@@ -15,7 +15,7 @@ EPOCHS = 3
 BATCH_SIZE = 8  # 68 optimizer steps an epoch on the tiny data
 # The tiny data's checkpoints score from about 0.9 to 1.0, and the machine may be busy: these
 # limits let every checkpoint through the gate.
-LENIENT = {"min_accuracy": "0.1", "recall_margin": "1", "max_latency_ms": "10000"}
+LENIENT = {"min_accuracy": "0.1", "recall_margin": "1", "max_latency_ms": "10000", "min_robust_accuracy": "0"}
 LENIENT_P = [arg for name, value in LENIENT.items() for arg in ("-P", f"{name}={value}")]
 LENIENT_FLAGS = [arg for name, value in LENIENT.items() for arg in (f"--{name}", value)]
 

@@ -57,7 +57,7 @@ def run_the_steps(uri: str, experiment_id: str, data_dir: str, root) -> Logged:
             tune.main(["--data_dir", data_dir, "--n_trials", "2", "--epochs", "1", "--pruner", "none",
                        "--storage", f"sqlite:///{root / 'optuna.db'}"])
             register.main(["--run_id", train_id, "--data_dir", data_dir, "--min_accuracy", "0.01",
-                           "--recall_margin", "1", "--max_latency_ms", "100000"])
+                           "--recall_margin", "1", "--max_latency_ms", "100000", "--min_robust_accuracy", "0"])
             plot_loss.main(["--run_id", train_id, "--out", str(root / "plot_loss.png")])
         finally:
             mlflow.set_tracking_uri(None)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import EXPERIMENT, python_step, run_step
-from mnistflow import images
+from mnistflow import data as datasets
+from mnistflow import images, logged_model, models
 from mnistflow.errors import ImageError
 from steps import predict
 
@@ -123,6 +124,23 @@ def test_predict_prints_classes_and_writes_plot_and_payload(registry_store, tmp_
     assert Image.open(plot).size[0] > 500
     inputs = np.array(json.loads(payload.read_text())["inputs"])
     assert inputs.shape == (2, 1, 28, 28) and inputs.max() <= 1 and inputs.min() >= 0
+
+
+def test_a_fashion_mnist_model_gets_garments_filling_the_field(store, tiny_data, tmp_path, capsys):
+    # Fashion-MNIST's products fill 28 pixels, not MNIST's 20: a garment fitted as a digit would be
+    # shrunk to 5/7 of the size the model was trained on.
+    with mlflow.start_run() as run:
+        logged_model.log(models.build("fast", "off"), datasets.load("fashion_mnist", tiny_data))
+    dress = np.full((56, 56), 0.9, dtype=np.float32)  # a dark dress on light paper, top to bottom
+    dress[:, 14:42] = 0.2
+    Image.fromarray((dress * 255).astype(np.uint8)).save(tmp_path / "dress.png")
+    payload = tmp_path / "payload.json"
+    predict.main(["--model_uri", f"runs:/{run.info.run_id}/model", "--images", str(tmp_path / "dress.png"),
+                  "--payload", str(payload)])
+    capsys.readouterr()
+    pixels = np.array(json.loads(payload.read_text())["inputs"])[0, 0]
+    rows, cols = np.nonzero(pixels > 0.5)
+    assert rows.max() - rows.min() + 1 == 28 and cols.max() - cols.min() + 1 == 14
 
 
 def test_mlflow_run_predict_takes_several_images_in_one_parameter(registry_store, tmp_path):
