@@ -133,7 +133,9 @@ class TuneConfig:
     sampler: str = "tpe"
     pruner: str = "median"
     search_space: str = "search_space.yaml"
-    workers: int = 1            # local worker processes on the same study
+    workers: int = 1            # worker processes on the same study: local ones, or the tasks of a Slurm array
+    launcher: str = "local"     # local | slurm (one Slurm array job, a task per worker)
+    slurm_config: str = ""      # a YAML file of Slurm options (partition, account, time, ...); "" = Slurm's defaults
     seed: int = 42
     max_train_samples: int = 0  # 0 = all; a small number makes a smoke run
     data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
@@ -144,6 +146,9 @@ class TuneConfig:
         _choose(self, "dataset", DATASETS)
         _choose(self, "sampler", SAMPLERS)
         _choose(self, "pruner", PRUNERS)
+        _choose(self, "launcher", LAUNCHERS)
+        if self.slurm_config and self.launcher != "slurm":
+            raise ConfigError(f"slurm_config={self.slurm_config} is for launcher=slurm, not launcher={self.launcher}")
         for name, low in (("n_trials", 0), ("timeout", 0), ("epochs", 1), ("workers", 1),
                           ("max_train_samples", 0), ("heartbeat_s", 1)):
             _at_least(self, name, low)

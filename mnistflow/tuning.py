@@ -33,6 +33,7 @@ RUN_ID_ATTR = "mlflow_run_id"              # trial attribute: the trial's child 
 BEST_TRIAL_TAG = "best_trial"               # "true" on the best trial's child run
 OBJECTIVE = "val_accuracy"                  # what each trial returns, by its name in the study
 WORKER_ATTR = "worker"                      # trial attribute: <host>:<pid> of the process training it
+SLURM_JOB_ATTR = "slurm_array_job"          # trial attribute: the Slurm array job whose task trains it
 WEIGHTS = "model_state.pt"                 # a complete trial's best weights, on its child run
 MAX_RETRY = 2                              # reruns of a trial whose worker died
 # Settings a trial may vary; the rest describe the study and are the same for every trial.
@@ -191,20 +192,36 @@ def _fail_run_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) ->
         client.set_tag(run_id, "trial_state", "FAIL")
         client.set_terminated(run_id, "FAILED")
     print(f"trial {trial.number}: its worker stopped answering; marked failed and queued again", flush=True)
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
 
 def worker_name(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}"
 
 
-def fail_trials_of(study: optuna.Study, pid: int) -> None:
-    """A worker process of this machine died: fail the trials it left RUNNING now (their runs
-    FAILED, each queued again), instead of when the next tune of the study finds them silent."""
+def fail_trials_of(study: optuna.Study, attr: str, value: str) -> None:
+    """Workers that died left trials RUNNING: fail those whose trial attribute `attr` is `value`
+    (WORKER_ATTR: a process of this machine; SLURM_JOB_ATTR: the tasks of an ended array job)
+    now, their runs FAILED and each queued again, instead of when the next tune finds them silent."""
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_ATTR) == worker_name(pid):
+        if trial.user_attrs.get(attr) == value:
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             _fail_run_and_retry(study, trial)
+
+
+def retry_interrupted_trials_of(study: optuna.Study, attr: str, value: str) -> None:
+    """Queue again, as a dead worker's, the trials whose attribute `attr` is `value` that a signal
+    stopped (Slurm's time limit or scancel): each ended FAIL with its run KILLED."""
+    client = mlflow.MlflowClient()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if trial.user_attrs.get(attr) == value and run_id and client.get_run(run_id).info.status == "KILLED":
+            print(f"trial {trial.number}: stopped by a signal; queued again", flush=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
 
 def existing_parent_run(cfg: TuneConfig, storage) -> str | None:
@@ -259,6 +276,10 @@ def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
 
 def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -> float:
     """Train one trial as a child run of `parent`; returns the validation accuracy of its best epoch."""
+    # Who trains it, first: a worker that dies later leaves a trial the step can tell is its own.
+    trial.set_user_attr(WORKER_ATTR, worker_name(os.getpid()))
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        trial.set_user_attr(SLURM_JOB_ATTR, os.environ["SLURM_ARRAY_JOB_ID"])
     train_cfg = trial_config(cfg, suggest(trial, space))
     seed_everything(train_cfg.seed, train_cfg.deterministic)
     device = select_device(train_cfg.device)
@@ -276,7 +297,6 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
     with tracking.tracked_run(experiment_id=parent.info.experiment_id, run_name=f"trial-{trial.number}", tags=tags,
                               nested=True, log_system_metrics=train_cfg.system_metrics) as (run, log_metrics):
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-        trial.set_user_attr(WORKER_ATTR, worker_name(os.getpid()))
         tracking.log_config(train_cfg)
         mlflow.log_params(tracking.model_params(train_cfg, net, device))
         try:
@@ -299,13 +319,15 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
 
 
 def work(cfg: TuneConfig, space: dict, parent_run_id: str, worker: int, n_trials: int | None,
-         data=None) -> None:
-    """One worker: load the data, join the study and run its share of the trials.
+         data=None, threads: int = 0) -> None:
+    """One worker: load the data, join the study and run its share of the trials on `threads`
+    cores (0 = this machine's, shared out over the workers: none oversubscribed).
 
-    Runs in the step's own process (worker 0, with the progress bar) and in each extra worker
-    process the step starts; workers on other machines run it through the same step.
+    Runs in the step's own process (worker 0, with the progress bar), in each extra worker
+    process the step starts, and in each task of its Slurm array (mnistflow/slurm.py); workers
+    on other machines run it through the same step.
     """
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))  # no oversubscribed cores
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // cfg.workers))
     if data is None:
         data = load_data(cfg)
     parent = mlflow.get_run(parent_run_id)
@@ -322,10 +344,9 @@ def work(cfg: TuneConfig, space: dict, parent_run_id: str, worker: int, n_trials
                    catch=(Exception,), show_progress_bar=worker == 0)
 
 
-def invocation_failure(study: optuna.Study, first_trial: int, worker_exit_codes: list[int]) -> str | None:
-    """Why this invocation of the tune step failed, or None: an extra worker process died (the
-    exit codes of workers 1, 2, ...), or every trial it added (numbers from `first_trial` on) failed."""
-    dead = [f"worker {i} died (exit code {code})" for i, code in enumerate(worker_exit_codes, start=1) if code]
+def invocation_failure(study: optuna.Study, first_trial: int, dead: list[str]) -> str | None:
+    """Why this invocation of the tune step failed, or None: workers died (`dead` says how each,
+    e.g. "worker 1 died (exit code -9)"), or every trial it added (numbers from `first_trial` on) failed."""
     if dead:
         return ", ".join(dead) + "; its trial was marked failed and is queued again for the next tune of this study"
     added = [t for t in study.get_trials(deepcopy=False) if t.number >= first_trial and t.state.is_finished()]

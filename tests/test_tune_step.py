@@ -14,6 +14,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
 from mnistflow import tuning
+from mnistflow.config import TuneConfig
 
 PLOTS = {f"plots/{name}.png" for name in tuning.STUDY_PLOTS}
 
@@ -150,6 +151,32 @@ def test_a_killed_worker_leaves_a_failed_trial_that_is_retried(store, tiny_data,
     dead_run = mlflow.get_run(first.user_attrs[tuning.RUN_ID_ATTR])
     assert dead_run.info.status == "FAILED" and dead_run.data.tags["trial_state"] == "FAIL"
     assert mlflow.get_run(load(storage).user_attrs[tuning.PARENT_RUN_ATTR]).info.status == "FINISHED"
+
+
+def test_a_worker_killed_as_soon_as_its_trial_has_a_run_leaves_a_trial_the_step_fails(store, tmp_path,
+                                                                                       monkeypatch):
+    # The killed-worker tests kill a worker once its trial has a run id. The trial must name its
+    # worker by then, or the step cannot tell the trial is the dead worker's and leaves it RUNNING.
+    cfg = TuneConfig(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db").validate()
+    study = tuning.open_study(cfg, tuning.open_storage(cfg))
+    trial = study.ask()
+
+    class Killed(BaseException):
+        pass
+
+    write = study._storage.set_trial_user_attr
+
+    def killed_once_the_run_id_is_written(trial_id, key, value):
+        write(trial_id, key, value)
+        if key == tuning.RUN_ID_ATTR:
+            raise Killed
+
+    monkeypatch.setattr(study._storage, "set_trial_user_attr", killed_once_the_run_id_is_written)
+    with mlflow.start_run() as parent, pytest.raises(Killed):
+        tuning.objective(trial, cfg, {"model": "fast"}, None, parent)
+    monkeypatch.setattr(study._storage, "set_trial_user_attr", write)
+    tuning.fail_trials_of(study, tuning.WORKER_ATTR, tuning.worker_name(os.getpid()))
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,252 @@
+"""Tune workers as a Slurm array job, and a step as a Slurm job, on a real one-node Slurm
+(serverFolder/local_slurm.py: munged, slurmctld and slurmd from Debian's packages) against the
+test PostgreSQL: a study, a worker killed mid-trial, `scancel` of the array, and bad input."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from conftest import EXPERIMENT, ROOT, python_step, refused_script, require, run_step, step_env
+import local_slurm
+from mnistflow import slurm, tuning
+from mnistflow.errors import ConfigError
+
+SMALL = ["--epochs", "1", "--pruner", "none", "--system_metrics", "false"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node Slurm for this module, started and stopped as docs/cluster.md says; sbatch,
+    squeue and scancel find it through SLURM_CONF."""
+    require(local_slurm.available(), "Slurm", "slurm-wlm munge")
+    root = tempfile.mkdtemp(prefix="mnistflow-slurm-")
+    try:
+        started = run_step("python", "serverFolder/local_slurm.py", "--root", root)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout == f"export SLURM_CONF={root}/slurm.conf\n"
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("SLURM_CONF", f"{root}/slurm.conf")
+            yield root
+    finally:
+        run_step("python", "serverFolder/local_slurm.py", "--root", root, "--stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_documented_slurm_options_make_the_batch_script(tmp_path):
+    with open(os.path.join(ROOT, "docs", "cluster.md")) as f:
+        [example] = re.findall(r"```yaml\n(.*?)```", f.read(), re.S)
+    (tmp_path / "slurm.yaml").write_text(example)
+    script = slurm.batch_script(slurm.load_options(str(tmp_path / "slurm.yaml")), 8, "/jobs/tune-1")
+    assert [line for line in script.splitlines() if line.startswith("#SBATCH")] == [
+        "#SBATCH --job-name=mnistflow-tune", "#SBATCH --array=0-7", "#SBATCH --output=/jobs/tune-1/task-%a.out",
+        "#SBATCH --partition=gpu", "#SBATCH --account=my-project", "#SBATCH --time=2:00:00",
+        "#SBATCH --cpus-per-task=4", "#SBATCH --gpus-per-task=1", "#SBATCH --mem=16G --qos=normal"]
+    (tmp_path / "slurm.yaml").write_text("cpus_per_task: four\n")
+    with pytest.raises(ConfigError, match="cpus_per_task must be a whole number, not 'four'"):
+        slurm.load_options(str(tmp_path / "slurm.yaml"))
+
+
+def study_name() -> str:
+    return f"slurm-{time.time_ns()}"
+
+
+def tune(storage: str, data_dir: str, name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "steps.tune", "--launcher", "slurm", "--storage", storage, "--data_dir", data_dir,
+            "--study_name", name, *args]
+
+
+def runs(**filters) -> list:
+    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", **filters)
+
+
+def no_run_or_trial_left_running(storage: str, name: str) -> None:
+    assert [run.info.run_name for run in runs() if run.info.status == "RUNNING"] == []
+    assert [t.number for t in optuna.load_study(study_name=name, storage=storage).trials
+            if t.state.name == "RUNNING"] == []
+
+
+def jobs() -> str:
+    squeue = [local_slurm.binary("squeue"), "--noheader"]
+    return subprocess.run(squeue, capture_output=True, text=True, check=True).stdout
+
+
+def test_mlflow_run_tunes_with_a_slurm_array_of_two_workers(cluster, store, tiny_data, postgres_url):
+    name = study_name()
+    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "launcher=slurm",
+                      "-P", "workers=2", "-P", "n_trials=3", "-P", "epochs=1", "-P", "pruner=none",
+                      "-P", "system_metrics=false", "-P", f"storage={postgres_url}", "-P", f"data_dir={tiny_data}",
+                      "-P", f"study_name={name}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    [job] = {t.user_attrs[tuning.SLURM_JOB_ATTR] for t in study.trials}
+    assert f"Slurm task {job}_0: COMPLETED" in result.stdout and f"Slurm task {job}_1: COMPLETED" in result.stdout
+
+    # one parent run (the one `mlflow run` opened), each trial a nested run tagged with its array task
+    parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
+    [parent] = [run for run in runs() if run.info.run_id == parent_id]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == f"study-{name}"
+    trials = runs(filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(runs()) == 1 + len(trials) == 4
+    assert sorted(run.data.tags["trial_number"] for run in trials) == ["0", "1", "2"]
+    assert {run.data.tags["slurm_array_job_id"] for run in trials} == {job}
+    assert sorted(run.data.tags["slurm_array_task_id"] for run in trials) in (["0", "0", "1"], ["0", "1", "1"])
+    assert all(run.data.tags["slurm_job_id"] for run in trials)
+    no_run_or_trial_left_running(postgres_url, name)
+
+    # the parent holds what a local study's holds, and the batch script and each task's output
+    client = mlflow.MlflowClient()
+    artifacts = {f.path for folder in (None, "plots", "slurm") for f in client.list_artifacts(parent_id, folder)}
+    assert {"trials.csv", "best_params.json", "plots/optimization_history.png", "slurm/tune.sbatch",
+            "slurm/task-0.out", "slurm/task-1.out"} <= artifacts
+    assert "test_accuracy" in parent.data.metrics  # the best trial's model, tested
+    assert parent.data.tags["best_trial_run_id"] == study.best_trial.user_attrs[tuning.RUN_ID_ATTR]
+    script = mlflow.artifacts.load_text(f"runs:/{parent_id}/slurm/tune.sbatch")
+    assert "#SBATCH --array=0-1" in script
+    assert os.environ["PGPASSWORD"] not in script  # the tasks got it from the environment
+    assert os.listdir(os.path.join(ROOT, slurm.JOBS_FOLDER)) == []  # the job folder went to the parent run
+    assert jobs() == ""
+
+
+def wait_for(condition, what: str, step: subprocess.Popen, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert step.poll() is None, step.communicate()[1][-3000:]
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not happen within {timeout} s")
+
+
+def training_trials(storage: str, name: str) -> list:
+    """The trials that have started training (their run exists), once the study does."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return []
+    return [t for t in study.trials if tuning.RUN_ID_ATTR in t.user_attrs]
+
+
+def test_a_slurm_worker_killed_mid_trial_fails_it_and_the_trial_is_rerun(cluster, store, tiny_data, postgres_url):
+    name = study_name()
+    # Trials long enough to kill one in, short enough for the other to complete soon.
+    step = subprocess.Popen(tune(postgres_url, tiny_data, name, "--workers", "2", "--n_trials", "2",
+                                 "--pruner", "none", "--system_metrics", "false", "--epochs", "30"),
+                            cwd=ROOT, env=step_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [victim, *_] = wait_for(lambda: training_trials(postgres_url, name), "a trial's training", step)
+    pid = int(victim.user_attrs[tuning.WORKER_ATTR].rsplit(":", 1)[1])  # a task's process on this one node
+    os.kill(pid, 9)
+    stdout, stderr = step.communicate(timeout=300)
+    assert step.returncode == 1, stderr[-3000:]
+    [line] = stderr.strip().splitlines()
+    job = victim.user_attrs[tuning.SLURM_JOB_ATTR]
+    assert line.startswith("tune: error: Slurm task ") and "ended FAILED; its trial was marked failed" in line
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    dead = study.trials[victim.number]
+    assert dead.state.name == "FAIL"
+    assert mlflow.get_run(dead.user_attrs[tuning.RUN_ID_ATTR]).info.status == "FAILED"
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL", "WAITING"]
+    assert mlflow.get_run(study.user_attrs[tuning.PARENT_RUN_ATTR]).info.status == "FAILED"
+    no_run_or_trial_left_running(postgres_url, name)
+
+    # the next tune of the study, again through Slurm, reruns it with the same params
+    again = python_step(*tune(postgres_url, tiny_data, name, "--n_trials", "1", *SMALL)[2:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    retry = optuna.load_study(study_name=name, storage=postgres_url).trials[-1]
+    assert retry.state.name == "COMPLETE" and retry.params == dead.params
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == victim.number
+    assert retry.user_attrs[tuning.SLURM_JOB_ATTR] != job
+    no_run_or_trial_left_running(postgres_url, name)
+
+
+def sigint_as_in_a_terminal():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell's "ignore" would stick (test_train_step)
+
+
+@pytest.mark.parametrize("stop", ["scancel", "ctrl-c"])
+def test_a_stopped_array_ends_the_step_with_nothing_left_running(cluster, store, tiny_data, postgres_url, stop):
+    name = study_name()
+    step = subprocess.Popen(tune(postgres_url, tiny_data, name, "--workers", "2", "--n_trials", "2",
+                                 "--epochs", "500", "--pruner", "none", "--system_metrics", "false"),
+                            cwd=ROOT, env=step_env(), preexec_fn=sigint_as_in_a_terminal,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials = wait_for(lambda: len(training_trials(postgres_url, name)) == 2 and training_trials(postgres_url, name),
+                      "both trials' training", step)
+    job = trials[0].user_attrs[tuning.SLURM_JOB_ATTR]
+    if stop == "scancel":
+        subprocess.run(["scancel", job], check=True)  # as a user would, from another shell
+    else:
+        step.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches the step, not the tasks on their nodes
+    stdout, stderr = step.communicate(timeout=120)
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    parent = mlflow.get_run(study.user_attrs[tuning.PARENT_RUN_ATTR])
+    if stop == "scancel":
+        assert step.returncode == 1
+        [line] = stderr.strip().splitlines()
+        assert line.startswith(f"tune: error: Slurm task {job}_") and "ended CANCELLED" in line
+        assert parent.info.status == "FAILED"
+    else:
+        assert step.returncode != 0 and f"cancelling Slurm job {job}" in stdout
+        assert parent.info.status == "KILLED"
+    assert {mlflow.get_run(t.user_attrs[tuning.RUN_ID_ATTR]).info.status for t in study.trials
+            if tuning.RUN_ID_ATTR in t.user_attrs} <= {"FAILED", "KILLED"}
+    # Both trials failed and are queued again, as after Slurm's time limit, which stops a task the same way.
+    assert sorted(t.state.name for t in study.trials) == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    no_run_or_trial_left_running(postgres_url, name)
+    assert jobs() == ""
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no sbatch", "launcher=slurm needs Slurm's sbatch, which is not on PATH"),
+    ("sqlite", "is SQLite, which workers on other nodes cannot share"),
+    ("bad partition", "sbatch refuses the job: invalid partition specified: nope"),
+    ("unknown option", "unknown option 'queue'; allowed: partition, account, time"),
+])
+def test_bad_slurm_input_is_one_line_before_anything_is_submitted(cluster, store, tiny_data, postgres_url, tmp_path,
+                                                                   monkeypatch, capsys, case, message):
+    name, storage, args = study_name(), postgres_url, []
+    if case == "no sbatch":
+        monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
+    elif case == "sqlite":
+        storage = f"sqlite:///{tmp_path}/optuna.db"
+    else:
+        (tmp_path / "slurm.yaml").write_text("partition: nope\n" if case == "bad partition" else "queue: gpu\n")
+        args = ["--slurm_config", str(tmp_path / "slurm.yaml")]
+    monkeypatch.chdir(ROOT)  # in this process: faster than a new interpreter per case
+    line = refused_script(monkeypatch, capsys, "steps/tune.py", *tune(storage, tiny_data, name, *args, *SMALL)[3:])
+    assert line.startswith("tune: error: ") and message in line
+    assert runs() == [] and name not in optuna.get_all_study_names(postgres_url)
+    assert not os.path.exists(tmp_path / "optuna.db")
+    assert jobs() == "" and not os.listdir(os.path.join(ROOT, slurm.JOBS_FOLDER))
+
+
+def test_a_refused_job_through_mlflow_run_leaves_its_run_failed(cluster, store, tiny_data, postgres_url, tmp_path):
+    (tmp_path / "slurm.yaml").write_text("partition: nope\n")
+    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "launcher=slurm",
+                      "-P", f"slurm_config={tmp_path / 'slurm.yaml'}", "-P", f"storage={postgres_url}",
+                      "-P", f"data_dir={tiny_data}")
+    assert result.returncode != 0
+    assert "tune: error: sbatch refuses the job: invalid partition specified: nope" in result.stderr
+    assert [run.info.status for run in runs()] == ["FAILED"]
+    assert jobs() == ""
+
+
+def test_a_step_as_a_slurm_job_logs_to_the_same_store_tagged_with_the_job(cluster, store, tiny_data, tmp_path):
+    # The template's command, as docs/cluster.md gives it (--wait: until the job ends; --output: not in the project)
+    result = run_step("sbatch", "--wait", f"--output={tmp_path}/%j.out", "slurm/step.sbatch", "train",
+                      "-P", "epochs=1", "-P", f"data_dir={tiny_data}", "-P", "system_metrics=false", timeout=300)
+    [log] = [name for name in os.listdir(tmp_path) if name.endswith(".out")]
+    assert result.returncode == 0, (tmp_path / log).read_text()[-3000:]
+    [run] = runs()
+    assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == log.removesuffix(".out")
+    assert "slurm_array_task_id" not in run.data.tags
