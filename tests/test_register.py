@@ -16,6 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
 from mnistflow import data as datasets
 from mnistflow import logged_model, models, pipeline
+from mnistflow.config import REGISTRY_DEFAULTS
 from steps import evaluate, register, tune
 
 # The tiny data's images are bright patches placed by label, not digits: the robustness check's
@@ -429,8 +430,8 @@ def test_train_with_register_true_gates_its_run_with_the_default_gate(store, tin
     # Its test accuracy passes MNIST's default gate, but the tiny data's patches are no digits
     # (see PATCHES): the default robustness limit refuses it, and the step says so.
     [row] = [line for line in result.stdout.splitlines() if line.startswith("robust_accuracy")]
-    assert ">= 0.8" in row and "FAIL" in row
-    [refusal] = [line for line in result.stderr.splitlines() if line.startswith("register: refused: ")]
+    assert f">= {REGISTRY_DEFAULTS['mnist']['min_robust_accuracy']}" in row and "FAIL" in row
+    [refusal] = [line for line in result.stderr.splitlines() if line.startswith("train: refused: ")]
     assert result.returncode != 0 and "robust_accuracy" in refusal.split(" failed")[0]
     assert versions("MNIST_CNN") == []
 
