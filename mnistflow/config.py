@@ -27,10 +27,11 @@ SWITCHES = ("auto", "on", "off")
 #   dataset's goal in 5 epochs (99.5 % on MNIST, 93 % on Fashion-MNIST);
 # - mirror: on where a mirror image keeps its label: clothes and shoes, not digits (a mirrored 2
 #   is no digit);
-# - augment: what helps within 5 epochs: on digits, what also holds on digits unlike MNIST's own;
-#   clothes lose accuracy to any of them.
+# - augment: on digits, what most raises the accuracy on digits unlike MNIST's own
+#   (bench/robustness.py) while keeping 99.5 % on its test set in 5 epochs; clothes lose accuracy
+#   to shifts in 5 epochs, so none there.
 AUTO = {
-    "mnist": {"model": "fast", "mirror": "off", "augment": "shift"},
+    "mnist": {"model": "fast", "mirror": "off", "augment": "affine"},
     "fashion_mnist": {"model": "wide", "mirror": "on", "augment": "none"},
 }
 SAMPLERS = ("tpe", "random")

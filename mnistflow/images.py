@@ -3,7 +3,10 @@
 MNIST was made like this (LeCun et al.): the ink, light on a black background, was fitted into a
 20x20 box keeping its aspect ratio, with anti-aliasing, then placed in a 28x28 field so that its
 center of mass sits at the center. `to_mnist` does the same to a photo or a drawing of any size,
-colour or polarity.
+colour or polarity, and first undoes what a photo or a coarse scan adds that MNIST's clean scans
+lack: a page lit unevenly, a faint halo of blur or noise around the strokes, and strokes greyed
+by blur or downscaling where MNIST's are mostly at full brightness. Each of those steps was
+chosen by its effect on bench/robustness.py (docs/results.md, Robustness).
 """
 import os
 import warnings
@@ -15,10 +18,12 @@ from mnistflow.errors import ImageError
 
 BOX = 20    # the ink's longer side, in pixels
 FIELD = 28  # the image side
-INK = 0.2   # a pixel counts as ink above this fraction of the brightest one
-# The box each dataset's images were fitted into: MNIST's digits into 20x20 (above), Fashion-MNIST's
-# products trimmed and their longer side resized to 28 (Xiao et al., 2017), filling the field.
-BOXES = {"mnist": BOX, "fashion_mnist": FIELD}
+INK = 0.1   # a pixel counts as ink above this fraction of the brightest one; fainter ones are halo
+STROKE = 75  # the percentile of the ink's brightness that is brought to full brightness
+# How each dataset's images were made: the box their longer side was fitted into (MNIST's digits
+# into 20x20, Fashion-MNIST's products into the whole field: Xiao et al., 2017), and whether their
+# ink is strokes at full brightness (pen on paper) or shading that tells the class (a garment's folds).
+CONVENTIONS = {"mnist": {"box": BOX, "strokes": True}, "fashion_mnist": {"box": FIELD, "strokes": False}}
 
 
 def read(path: str) -> Image.Image:
@@ -49,25 +54,38 @@ def grayscale(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def to_mnist(image: Image.Image, name: str = "image", box: int = BOX) -> np.ndarray:
-    """(28, 28) float32 in [0, 1], light ink on black, fitted into box x box and centered by mass."""
+def page_brightness(pixels: np.ndarray) -> np.ndarray:
+    """The background's brightness at every pixel: the plane that fits the picture's border best,
+    so that a page lit from one side is as flat as one lit evenly."""
+    rows, cols = np.indices(pixels.shape)
+    border = np.zeros(pixels.shape, dtype=bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    terms = np.stack([np.ones(border.sum()), rows[border], cols[border]], 1)
+    (level, down, right), *_ = np.linalg.lstsq(terms, pixels[border], rcond=None)
+    return level + down * rows + right * cols
+
+
+def to_mnist(image: Image.Image, name: str = "image", dataset: str = "mnist") -> np.ndarray:
+    """(28, 28) float32 in [0, 1], light ink on black, fitted into the dataset's box and centered by mass."""
+    box, strokes = CONVENTIONS.get(dataset, CONVENTIONS["mnist"]).values()
     pixels = grayscale(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = float(np.median(border))
-    if background > 0.5:  # dark ink on light paper: turn it into light ink on black
-        pixels, background = 1.0 - pixels, 1.0 - background
-    ink = np.clip(pixels - background, 0, None)
+    if np.median(border) > 0.5:  # dark ink on light paper: turn it into light ink on black
+        pixels = 1.0 - pixels
+    ink = np.clip(pixels - page_brightness(pixels), 0, None)
     if ink.max() < 0.1:
         raise ImageError(f"{name}: no digit found; the image is blank")
-    ink /= ink.max()
+    ink = np.clip((ink / ink.max() - INK) / (1 - INK), 0, 1)  # the halo goes, the strokes keep their shading
 
-    rows, cols = np.nonzero(ink > INK)
+    rows, cols = np.nonzero(ink)
     crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     scale = box / max(crop.shape)
     height, width = (max(1, round(side * scale)) for side in crop.shape)
     # Pillow's "F" mode keeps floats; its bilinear resize anti-aliases when shrinking.
     fitted = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BILINEAR))
     fitted = np.clip(fitted, 0, 1)
+    if strokes and (fitted > INK).any():  # blur and downscaling grey the strokes; MNIST's are mostly at full brightness
+        fitted = np.clip(fitted / np.percentile(fitted[fitted > INK], STROKE), 0, 1)
 
     # Where the fitted ink's center of mass lands at the field's center, clipped to the field.
     mass_rows, mass_cols = np.indices(fitted.shape)

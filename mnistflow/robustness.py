@@ -202,7 +202,7 @@ def preprocessed(image: Image.Image, dataset: str) -> np.ndarray:
     """What `predict` makes of the picture. A picture it would refuse as blank (a thin stroke
     eroded away) is an empty input here, which the model gets wrong unless by chance."""
     try:
-        return images.to_mnist(image, box=images.BOXES[dataset])
+        return images.to_mnist(image, dataset=dataset)
     except ImageError:
         return np.zeros((images.FIELD, images.FIELD), dtype=np.float32)
 

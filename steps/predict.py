@@ -28,9 +28,9 @@ def predict(cfg: PredictConfig) -> None:
     launcher_run = cli.launcher_run()
     originals = [images.read(path) for path in cfg.images]
     model = logged_model.load(cfg.model_uri, cfg.allow_pickled_models)
-    # Fitted as the model's training images were: digits into 20x20, garments to fill the field.
-    box = images.BOXES.get((model.metadata.metadata or {}).get("dataset"), images.BOX)
-    inputs = np.stack([images.to_mnist(image, path, box) for image, path in zip(originals, cfg.images)])[:, None]
+    # Made as the model's training images were: digits into 20x20 at full brightness, garments filling the field.
+    dataset = (model.metadata.metadata or {}).get("dataset", "mnist")
+    inputs = np.stack([images.to_mnist(image, path, dataset) for image, path in zip(originals, cfg.images)])[:, None]
 
     probs = logged_model.probabilities(model, inputs)
     names = class_names(model)

@@ -98,7 +98,7 @@ def test_bad_config_names_value_and_allowed(change, message):
 def test_auto_settings_resolve_by_dataset_and_explicit_ones_stay():
     fashion, digits = TrainConfig(dataset="fashion_mnist").validate(), TrainConfig(dataset="mnist").validate()
     assert (fashion.model, fashion.mirror, fashion.augment) == ("wide", "on", "none")
-    assert (digits.model, digits.mirror, digits.augment) == ("fast", "off", "shift")
+    assert (digits.model, digits.mirror, digits.augment) == ("fast", "off", "affine")
     explicit = TrainConfig(dataset="mnist", model="wide", mirror="on", augment="none").validate()
     assert (explicit.model, explicit.mirror, explicit.augment) == ("wide", "on", "none")
 

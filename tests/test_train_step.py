@@ -38,7 +38,7 @@ def test_mlflow_run_train_tracks_everything(store, tiny_data):
     assert params["epochs"] == "2" and params["dataset"] == "mnist"
     # mlflow run logs the -P values as given; what "auto" became is logged beside them
     assert params["model"] == params["mirror"] == params["augment"] == "auto"
-    assert (params["resolved_model"], params["resolved_mirror"], params["resolved_augment"]) == ("fast", "off", "shift")
+    assert (params["resolved_model"], params["resolved_mirror"], params["resolved_augment"]) == ("fast", "off", "affine")
     assert params["num_params"] == "185658"
     assert {"torch_version", "torchvision_version", "mlflow_version", "python_version"} <= set(params)
     tags = run.data.tags
