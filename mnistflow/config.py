@@ -205,10 +205,11 @@ class ProgressiveConfig:
 # Per dataset: the model name it is registered under and the production gate's defaults.
 # Fashion-MNIST's shirt class is hard for every small CNN (its recall stays far below the
 # others'), so its margin is wider; MNIST's digits are all easy. min_robust_accuracy: the
-# accuracy asked of the worst condition of bench/robustness.py (provisional, to be set from its
-# measurements).
+# accuracy asked of the worst condition of bench/robustness.py. The MNIST default net scores
+# about 90 % there after 5 epochs, 88 % after one; before the preprocessing of issue 19 it scored
+# 23 %. Fashion-MNIST's worst (an 8x8 thumbnail of a garment) is far lower for every net.
 REGISTRY_DEFAULTS = {
-    "mnist": {"model_name": "MNIST_CNN", "min_accuracy": 0.99, "recall_margin": 0.03, "min_robust_accuracy": 0.80},
+    "mnist": {"model_name": "MNIST_CNN", "min_accuracy": 0.99, "recall_margin": 0.03, "min_robust_accuracy": 0.85},
     "fashion_mnist": {"model_name": "FashionMNIST_CNN", "min_accuracy": 0.90, "recall_margin": 0.25,
                       "min_robust_accuracy": 0.50},
 }
