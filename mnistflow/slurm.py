@@ -102,12 +102,12 @@ def prepare(cfg: TuneConfig, tasks: int) -> str:
 
 def submit(job_folder: str, cfg: TuneConfig, space: dict, parent_run_id: str, counts: list) -> str:
     """Write the workers' settings and submit the array; its job id. The tasks get this process's
-    environment (sbatch's default), with the tracking URI this process uses."""
+    environment, with the tracking URI this process uses (--export=ALL: over a site's SBATCH_EXPORT)."""
     with open(os.path.join(job_folder, SETTINGS), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "space": space, "parent_run_id": parent_run_id,
                    "counts": counts}, f, indent=1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    done = subprocess.run(["sbatch", "--parsable", os.path.join(job_folder, SCRIPT)],
+    done = subprocess.run(["sbatch", "--parsable", "--export=ALL", os.path.join(job_folder, SCRIPT)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise StepFailed(f"sbatch failed: {(done.stderr.strip().splitlines() or ['no message'])[-1]}")
