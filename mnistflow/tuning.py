@@ -287,7 +287,8 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
 
     def report_epoch(epoch: int, metrics: dict) -> None:
         trial.report(metrics["val_accuracy"], epoch)
-        if trial.should_prune():
+        # After the last epoch there is nothing left to save: the trial is complete, not pruned.
+        if epoch < train_cfg.epochs and trial.should_prune():
             raise optuna.TrialPruned(f"val_accuracy {metrics['val_accuracy']:.4f} after epoch {epoch}")
 
     tags = {MLFLOW_PARENT_RUN_ID: parent.info.run_id, "trial_number": str(trial.number),
