@@ -139,7 +139,7 @@ def comparison(rows: list[dict]):
     expected = [(i, r["doc_accuracy"]) for i, r in enumerate(rows) if "doc_accuracy" in r]
     if expected:
         axes[0].scatter(*zip(*expected), marker="_", s=900, color="black", zorder=3, label="pipeline doc")
-        axes[0].legend(fontsize=7, loc="lower right")
+        axes[0].legend(fontsize=7, loc="upper left")
     if rows:
         low = min(r["test_accuracy"] for r in rows)
         axes[0].set_ylim(max(0.0, low - 0.02), 1.0)  # the differences are in the last percent

@@ -1,7 +1,9 @@
 """The robustness conditions (mnistflow/robustness.py), their scores, and bench/robustness.py."""
 import os
+import re
 import sys
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,18 @@ def test_the_bench_refuses_a_model_it_cannot_load_in_one_line(store, tiny_data):
 def test_the_bench_refuses_bad_numbers_and_paths_before_loading_anything(tiny_data, monkeypatch, capsys,
                                                                         args, message):
     assert refused_script(monkeypatch, capsys, BENCH, "--data_dir", tiny_data, *args) == message
+
+
+def test_the_readme_command_scores_the_production_model(store, tiny_data):
+    from steps import train
+    train.main(["--data_dir", tiny_data, "--epochs", "1", "--batch_size", "64", "--system_metrics", "false"])
+    run = mlflow.last_active_run()
+    [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("MNIST_CNN")
+    version = client.create_model_version("MNIST_CNN", model.model_uri, run_id=run.info.run_id, model_id=model.model_id)
+    client.set_registered_model_alias("MNIST_CNN", "production", version.version)
+    [command] = re.findall(r"`(python bench/robustness\.py[^`]*)`", open(os.path.join(ROOT, "README.md")).read())
+    result = run_step(*command.split(), "--n", "20", "--data_dir", tiny_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^worst\s+\d+\.\d \w+$", result.stdout, re.MULTILINE), result.stdout
