@@ -165,7 +165,8 @@ def main():
     print(f"{f'{cfg.model}: tracking on / off':<38}{overhead:>10.3f}{'<= 1.05':>10}")
     for augment in augments[1:]:
         ratio = median[f"{cfg.model}: augment {augment}"] / median[f"{cfg.model}: augment shift"]
-        print(f"{f'{cfg.model}: augment {augment} / shift epoch':<38}{ratio:>10.3f}{'<= 1.10':>10}")
+        name = f"{cfg.model}: augment {augment} / shift epoch"
+        print(f"{name:<38}{ratio:>10.3f}{'<= 1.10':>10}" if len(name) <= 38 else f"{name}\n{'':<38}{ratio:>10.3f}{'<= 1.10':>10}")
 
 
 if __name__ == "__main__":

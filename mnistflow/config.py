@@ -174,6 +174,7 @@ class PipelineConfig:
     max_train_samples: int = 0  # 0 = all; passed to train and tune
     model_name: str = ""        # "" = MNIST_CNN or FashionMNIST_CNN
     min_accuracy: float = 0.0   # the register gate's; 0 = the dataset's default
+    recall_margin: float = 0.0  # the register gate's; 0 = the dataset's default
     min_robust_accuracy: float = DATASET_DEFAULT  # the register gate's; -1 = the dataset's default
     storage: str = ""           # the Optuna storage; "" = sqlite:///optuna.db in the project directory
     data_dir: str = ""
@@ -184,6 +185,9 @@ class PipelineConfig:
         for name, low in (("epochs", 1), ("n_trials", 1), ("tune_epochs", 1), ("max_train_samples", 0)):
             _at_least(self, name, low)
         refuse_storage_password(self.storage)
+        # The register step's limits, checked before train and tune spend their time.
+        RegisterConfig(model_name=self.model_name, min_accuracy=self.min_accuracy, recall_margin=self.recall_margin,
+                       min_robust_accuracy=self.min_robust_accuracy).validate()
         return self
 
 

@@ -36,7 +36,7 @@ def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
     study_parent = mlflow.get_run(tune.run.data.tags.get(tuning.STUDY_PARENT_TAG, tune.run.info.run_id))
     best = max((train.run, study_parent), key=lambda run: run.data.metrics.get("test_accuracy", -1.0))
     register = pipeline.get_or_run("register", {"run_id": best.info.run_id, "model_name": cfg.model_name,
-                                                "min_accuracy": cfg.min_accuracy,
+                                                "min_accuracy": cfg.min_accuracy, "recall_margin": cfg.recall_margin,
                                                 "min_robust_accuracy": cfg.min_robust_accuracy, "data_dir": cfg.data_dir},
                                    env, cfg.force)
     plot = pipeline.get_or_run("plot_loss", {"run_id": best.info.run_id}, env, cfg.force)

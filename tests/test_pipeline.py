@@ -4,6 +4,7 @@ import shutil
 import subprocess
 
 import mlflow
+import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
 from conftest import EXPERIMENT, ROOT, run_step, step_env
@@ -50,8 +51,10 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
     project = project_copy(tmp_path / "project")
     pipeline_args = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "n_trials=1",
                      "-P", "tune_epochs=1", "-P", f"data_dir={tiny_data}", "-P", f"storage=sqlite:///{tmp_path}/optuna.db",
-                     "-P", "model_name=Pipeline", "-P", "min_accuracy=0.5",
-                     "-P", "min_robust_accuracy=0"]  # the tiny data's patches are no digits: see test_register
+                     "-P", "model_name=Pipeline", "-P", "min_accuracy=0.5", "-P", "recall_margin=1",
+                     # The tiny data's patches are no digits (see test_register), and MNIST's default
+                     # augmentation moves them far enough to mix up neighbouring ones in 2 epochs.
+                     "-P", "min_robust_accuracy=0"]
 
     def run_pipeline(*extra: str) -> dict:
         result = subprocess.run([*pipeline_args, *extra], cwd=project, capture_output=True, text=True, timeout=600,
@@ -131,9 +134,15 @@ def test_the_working_tree_digest_follows_uncommitted_changes(tmp_path):
     assert pipeline.worktree_digest(str(tmp_path)) is None  # not a git working tree
 
 
-def test_bad_main_parameter_is_one_line(store):
-    result = run_step("python", "-m", "steps.main", "--n_trials", "0")
-    assert result.returncode == 2 and result.stderr == "main: error: n_trials=0 is not allowed; it must be >= 1\n"
+@pytest.mark.parametrize("flag, value, message", [
+    ("n_trials", "0", "n_trials=0 is not allowed; it must be >= 1"),
+    # the register step's limits: refused before train and tune spend their time
+    ("recall_margin", "1.5", "recall_margin=1.5 is not allowed; it must be in [0, 1]"),
+    ("model_name", "a'b", "model_name \"a'b\" is not allowed"),
+])
+def test_bad_main_parameter_is_one_line(store, flag, value, message):
+    result = run_step("python", "-m", "steps.main", f"--{flag}", value)
+    assert result.returncode == 2 and result.stderr.startswith(f"main: error: {message}") and result.stderr.count("\n") == 1
     assert runs_of("main") == [] and mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
 
 
