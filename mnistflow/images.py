@@ -67,7 +67,8 @@ def page_brightness(pixels: np.ndarray) -> np.ndarray:
 
 def to_mnist(image: Image.Image, name: str = "image", dataset: str = "mnist") -> np.ndarray:
     """(28, 28) float32 in [0, 1], light ink on black, fitted into the dataset's box and centered by mass."""
-    box, strokes = CONVENTIONS.get(dataset, CONVENTIONS["mnist"]).values()
+    convention = CONVENTIONS.get(dataset, CONVENTIONS["mnist"])
+    box, strokes = convention["box"], convention["strokes"]
     pixels = grayscale(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 0.5:  # dark ink on light paper: turn it into light ink on black

@@ -192,6 +192,11 @@ def _fail_run_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) ->
         client.set_tag(run_id, "trial_state", "FAIL")
         client.set_terminated(run_id, "FAILED")
     print(f"trial {trial.number}: its worker stopped answering; marked failed and queued again", flush=True)
+    _queue_again(study, trial)
+
+
+def _queue_again(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A copy of the failed trial, with its params, queued for the study's next worker."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
@@ -219,9 +224,7 @@ def retry_interrupted_trials_of(study: optuna.Study, attr: str, value: str) -> N
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if trial.user_attrs.get(attr) == value and run_id and client.get_run(run_id).info.status == "KILLED":
             print(f"trial {trial.number}: stopped by a signal; queued again", flush=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+            _queue_again(study, trial)
 
 
 def existing_parent_run(cfg: TuneConfig, storage) -> str | None:
