@@ -27,7 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_FOLDER = os.path.join(os.path.dirname(HERE), "serverFolder")
 sys.path.insert(0, SERVER_FOLDER)
 import local_postgres  # noqa: E402  (a script, not a package)
+from local_server import positive  # noqa: E402
 from mlflow.utils import find_free_port  # noqa: E402
+from mnistflow.config import OneLineParser  # noqa: E402
 
 BATCH = 50  # metric values per request: an epoch's worth of step-level metrics
 
@@ -80,11 +82,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10, help="length of one round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=4, help="the servers' worker processes")
+    parser = OneLineParser(prog="server_load", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    whole_number, seconds = positive(int, "a whole number"), positive(float, "a number of seconds")
+    parser.add_argument("--clients", type=whole_number, default=4)
+    parser.add_argument("--seconds", type=seconds, default=10, help="length of one round")
+    parser.add_argument("--rounds", type=whole_number, default=3)
+    parser.add_argument("--workers", type=whole_number, default=4, help="the servers' worker processes")
     args = parser.parse_args()
     if not local_postgres.available():
         sys.exit("server_load: PostgreSQL is not installed (apt-get install postgresql)")

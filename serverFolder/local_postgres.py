@@ -5,13 +5,14 @@
     python serverFolder/local_postgres.py --root /tmp/pg --stop
 
 It needs the Debian package (`apt-get install postgresql`), runs the server as the `postgres`
-account when started as root (PostgreSQL refuses root), and creates the databases named (run as
-root, --root must be a directory the postgres account can reach, e.g. under /tmp, not inside
-another root-only one). Connections need the password of the `postgres` user (scram-sha-256):
-PGPASSWORD when it is set, else a new random one written to <root>/pgpass (owner-only, the
-format libpq reads through PGPASSFILE). It is never on a command line, and the URLs printed, one
-SQLAlchemy URL per database (the form MLflow's --backend-store-uri and Optuna's storage take),
-carry none: libpq finds it in PGPASSWORD or PGPASSFILE. Tests and bench/server_load.py use it too.
+account when started as root (PostgreSQL refuses root), and creates the databases named. --root
+must be a new or empty folder, since the postgres account takes it over (run as root, one it can
+reach, e.g. under /tmp, not inside another root-only one). Connections need the password of the
+`postgres` user (scram-sha-256): PGPASSWORD when it is set, else a new random one written to
+<root>/pgpass (owner-only, the format libpq reads through PGPASSFILE). It is never on a command
+line, and the URLs printed, one SQLAlchemy URL per database (the form MLflow's
+--backend-store-uri and Optuna's storage take), carry none: libpq finds it in PGPASSWORD or
+PGPASSFILE. Tests and bench/server_load.py use it too.
 """
 import argparse
 import glob
@@ -23,8 +24,9 @@ import sys
 import tempfile
 import urllib.parse
 
-from local_server import port_number
+from local_server import folder, port_number
 from mnistflow.config import OneLineParser
+from mnistflow.errors import ConfigError
 
 USER = "postgres"
 
@@ -45,6 +47,8 @@ def _as_server_user() -> list[str]:
 def start(root: str, port: int, databases: list[str], password: str) -> list[str]:
     """Create a cluster in root/data whose `postgres` user has `password`, start it on
     127.0.0.1:port and create `databases`; their URLs (without the password)."""
+    if os.path.isdir(root) and os.listdir(root):  # before the folder is handed to the server's account
+        raise ConfigError(f"--root {root} is not empty; give a new or empty folder for the cluster")
     if not available():
         raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
     os.makedirs(root, exist_ok=True)
@@ -99,7 +103,7 @@ def stop(root: str) -> None:
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("databases", nargs="*", default=["mlflow"])
-    parser.add_argument("--root", required=True, help="directory for the cluster and its log")
+    parser.add_argument("--root", type=folder, required=True, help="directory for the cluster and its log")
     parser.add_argument("--port", type=port_number, default=5432)
     parser.add_argument("--stop", action="store_true", help="stop the cluster in --root")
     args = parser.parse_args(argv)
@@ -111,6 +115,8 @@ def main(argv=None) -> None:
     password = os.environ.get("PGPASSWORD") or secrets.token_urlsafe(24)
     try:
         urls = start(root, args.port, args.databases, password)
+    except ConfigError as exc:
+        parser.error(str(exc))
     except RuntimeError as exc:
         sys.exit(f"local_postgres: {exc}")
     print("\n".join(urls))

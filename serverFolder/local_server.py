@@ -5,18 +5,25 @@
     python serverFolder/local_server.py --stop            # the one started with the same --root
 
 It starts `mlflow server` in the background, waits until /health answers, and prints the
-MLFLOW_TRACKING_URI to export. The server writes its log to <root>/server.log and its process
-id to <root>/server.pid. Clients never touch <root>: artifacts go through the server
-(--artifacts-destination), so the same setup works when the server is on another machine.
+MLFLOW_TRACKING_URI to export. The server writes its log to <root>/server.log, its process id
+to <root>/server.pid and when that process started to <root>/server.started: --stop ends that
+process only, never another that got the same id later. Clients never touch <root>: artifacts
+go through the server (--artifacts-destination), so the same setup works when the server is on
+another machine.
 """
 import argparse
+import ipaddress
+import math
 import os
+import re
 import signal
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
+
+import psutil
 
 from mnistflow.config import OneLineParser
 
@@ -31,26 +38,53 @@ def port_number(text: str) -> int:
     return int(text)
 
 
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def is_host(text: str) -> bool:
+    """Whether `text` is a host name (dot-separated labels of letters, digits and '-') or an IP address:
+    nothing a config file or URL it is written into would read as more than a host."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return len(text) <= 253 and bool(HOST_NAME.fullmatch(text))
+    return getattr(ip, "scope_id", None) is None  # an IPv6 zone ("%eth0") may hold any character
+
+
 def address(text: str) -> str:
-    """HOST:PORT, checked (tls_proxy.py's --listen and --upstream)."""
+    """HOST:PORT, checked (tls_proxy.py's --listen and --upstream); an IPv6 host in brackets."""
     host, _, port = text.rpartition(":")
-    if not host:
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (is_host(bare) and (":" in bare) == (bare != host)):
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give HOST:PORT, e.g. 127.0.0.1:8443")
     port_number(port)
     return text
 
 
 def positive(kind: type, noun: str):
-    """An argparse type: `kind` of `text`, above 0 (`noun` says what, for the message)."""
+    """An argparse type: `kind` of `text`, finite and above 0 (`noun` says what, for the message)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = 0
-        if not value > 0:
+        if not (math.isfinite(value) and value > 0):
             raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give {noun} above 0")
         return value
     return parse
+
+
+def folder(text: str) -> str:
+    """An argparse type for --root: a folder, or a path where one can be made."""
+    existing = os.path.abspath(text)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; this user cannot write in {existing}")
+    return text
 
 
 def server_parser(description: str, root: str, workers: int) -> argparse.ArgumentParser:
@@ -58,7 +92,7 @@ def server_parser(description: str, root: str, workers: int) -> argparse.Argumen
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1 = this machine only)")
     parser.add_argument("--port", type=port_number, default=5000)
-    parser.add_argument("--root", default=root, help="directory for the log, pid and default stores")
+    parser.add_argument("--root", type=folder, default=root, help="directory for the log, pid and default stores")
     parser.add_argument("--backend-store-uri", default="",
                         help="runs and models; default $MLFLOW_BACKEND_STORE_URI, else sqlite:///<root>/mlflow.db")
     parser.add_argument("--artifacts-destination", default="", help="default <root>/artifacts; or s3://bucket/path")
@@ -89,14 +123,12 @@ def launch(name: str, command: list[str], root: str, url: str, timeout: float, e
     with open(os.path.join(root, "server.log"), "ab") as log:
         # A session of its own: the server outlives this script and a Ctrl-C in its terminal.
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    pid_file = os.path.join(root, "server.pid")
-    with open(pid_file, "w") as f:
-        f.write(str(server.pid))
+    write_pid(root, server.pid)
     deadline = time.monotonic() + timeout
     while not healthy(url, host, cafile):
         if server.poll() is not None or time.monotonic() > deadline:
             stop_process(server.pid)
-            os.remove(pid_file)  # no stale pid for a later --stop to signal
+            remove_pid(root)  # no stale pid for a later --stop to signal
             sys.exit(f"{name}: the server did not come up at {url}; see {root}/server.log")
         time.sleep(0.5)
     print(f"{name}: up at {url} (pid {server.pid}; files in {root})")
@@ -132,16 +164,55 @@ def stop_process(pid: int) -> None:
         pass
 
 
-def stop(name: str, root: str) -> None:
-    """Stop the server whose pid is in <root>/server.pid."""
-    pid_file = os.path.join(os.path.abspath(root), "server.pid")
+# <root>/server.pid: the server's process id, which is also its process group's (a session of its own).
+# <root>/server.started: when that process started; a pid alone may name another process once it ended.
+PID_FILES = ("server.pid", "server.started")
+
+
+def started(pid: int) -> str:
+    """When process `pid` started, a value no later change of the clock moves; "" when there is no such process."""
     try:
-        with open(pid_file) as f:
-            pid = int(f.read())
-    except (OSError, ValueError):
-        sys.exit(f"{name}: no server.pid in {os.path.abspath(root)}; nothing to stop")
-    stop_process(pid)
-    os.remove(pid_file)
+        if sys.platform == "linux":  # psutil's time adds the boot time, which moves with the clock
+            with open(f"/proc/{pid}/stat") as f:
+                # Field 22, clock ticks from boot to the start; the command name before ')' may hold spaces.
+                return f.read().rpartition(")")[2].split()[19]
+        return repr(psutil.Process(pid).create_time())  # macOS: the start time the kernel keeps
+    except (OSError, psutil.Error):
+        return ""
+
+
+def write_pid(root: str, pid: int) -> None:
+    for name, value in zip(PID_FILES, (str(pid), started(pid))):
+        with open(os.path.join(root, name), "w") as f:
+            f.write(value)
+
+
+def remove_pid(root: str) -> None:
+    for name in PID_FILES:
+        if os.path.exists(os.path.join(root, name)):
+            os.remove(os.path.join(root, name))
+
+
+def recorded(root: str, name: str) -> str:
+    """What the file <root>/<name> holds; "" when there is none."""
+    try:
+        with open(os.path.join(root, name)) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def stop(name: str, root: str) -> None:
+    """Stop the server whose pid is in <root>/server.pid, if that process is still the one launched there."""
+    root = os.path.abspath(root)
+    pid, start_time = (recorded(root, file) for file in PID_FILES)
+    if not pid.isdigit():
+        sys.exit(f"{name}: no server.pid in {root}; nothing to stop")
+    if not start_time or started(int(pid)) != start_time:
+        sys.exit(f"{name}: pid {pid} in {root}/server.pid is not the server started there (it ended, or the "
+                 "pid now names another process); nothing stopped")
+    stop_process(int(pid))
+    remove_pid(root)
     print(f"stopped the server with pid {pid}")
 
 

@@ -26,10 +26,11 @@ import argparse
 import configparser
 import os
 import sys
-import urllib.parse
 
 from local_server import HERE, NO_JOBS, launch, server_command, server_parser, stop, store_env
 from mnistflow import keystore
+from mnistflow.config import refuse_storage_password
+from mnistflow.errors import ConfigError
 
 REQUIRED_ENV = {
     "MLFLOW_AUTH_ADMIN_PASSWORD": "the password of the admin user (created on first start)",
@@ -56,7 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"users and permissions; default ${AUTH_DB_ENV}, else sqlite:///<root>/basic_auth.db")
     args = parser.parse_args(argv)
     for option, uri in (("--backend-store-uri", args.backend_store_uri), ("--auth-db-uri", args.auth_db_uri)):
-        if urllib.parse.urlsplit(uri).password:
+        try:
+            refuse_storage_password(uri)  # the steps' check: a password in the user part or the query
+        except ConfigError:
             parser.error(f"{option} carries a password, which every user of this machine can read on a command "
                          f"line; leave it out (PGPASSWORD, ~/.pgpass) or pass the whole URI in "
                          f"{'MLFLOW_BACKEND_STORE_URI' if option == '--backend-store-uri' else AUTH_DB_ENV}")

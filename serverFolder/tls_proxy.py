@@ -18,12 +18,15 @@ import re
 import shutil
 import sys
 
-from local_server import HERE, address, launch, stop
+from local_server import HERE, address, folder, is_host, launch, positive, stop
 from mnistflow.config import OneLineParser
 
 # When started as root, nginx's workers run as this account, with Debian's own temporary
 # directories (owned by it), not as root.
 WORKER_USER, WORKER_TEMP = "www-data", "/var/lib/nginx"
+# nginx.conf takes the values written into it as they are: a space, ';', '{', quote, '$' or '#' in a
+# path would end it or add directives of its own. The paths given are kept to these characters.
+NGINX_PATH = re.compile(r"[\w./@+-]+")
 
 
 def body_size(text: str) -> str:
@@ -52,10 +55,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--key", default=os.path.join(HERE, "tls", "server.key"))
     parser.add_argument("--cafile", default="", help="CA to verify the proxy with while waiting for it; "
                                                      "default: the system's, or ca.crt beside --cert")
-    parser.add_argument("--root", default=os.path.join(HERE, "tls_proxy"), help="directory for the config, logs, pid")
-    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--root", type=folder, default=os.path.join(HERE, "tls_proxy"),
+                        help="directory for the config, logs, pid")
+    parser.add_argument("--timeout", type=positive(float, "a number of seconds"), default=60,
+                        help="seconds to wait for the proxy to answer")
     parser.add_argument("--stop", action="store_true", help="stop the proxy started with this --root")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    refusal = "" if args.stop else unusable(args)
+    if refusal:
+        parser.error(refusal)
+    return args
+
+
+def unusable(args: argparse.Namespace) -> str:
+    """Why the server name or a path cannot go into nginx.conf ("" when they all can)."""
+    if not is_host(args.server_name):
+        return f"--server-name {args.server_name!r} is not allowed; give a host name or an IP address"
+    for option, path in (("--cert", args.cert), ("--key", args.key), ("--root", args.root)):
+        if not NGINX_PATH.fullmatch(os.path.abspath(path)):
+            return (f"{option} {path!r} is not allowed; nginx.conf takes a path of letters, digits "
+                    "and _ . - / + @ only")
+    for option, path in (("--cert", args.cert), ("--key", args.key)):
+        if not os.path.isfile(path):
+            return f"{option} {path} is not a file; make the certificate and key with serverFolder/make_certs.sh"
+    return ""
 
 
 def render(args: argparse.Namespace, root: str) -> str:
@@ -78,9 +101,6 @@ def start(args: argparse.Namespace) -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(nginx):
         sys.exit("tls_proxy: nginx is not installed (apt-get install nginx-light)")
-    for path in (args.cert, args.key):
-        if not os.path.exists(path):
-            sys.exit(f"tls_proxy: {path} does not exist; make one with serverFolder/make_certs.sh")
     root = os.path.abspath(args.root)
     if os.geteuid() == 0 and not (has_user(WORKER_USER) and os.path.isdir(WORKER_TEMP)):
         sys.exit(f"tls_proxy: started as root, nginx's workers run as {WORKER_USER} with {WORKER_TEMP}, "
@@ -89,10 +109,10 @@ def start(args: argparse.Namespace) -> None:
     config = render(args, root)
     sibling_ca = os.path.join(os.path.dirname(os.path.abspath(args.cert)), "ca.crt")
     port = args.listen.rsplit(":", 1)[1]
-    launch("tls_proxy", [nginx, "-c", config, "-e", os.path.join(root, "error.log")], root,
-           f"https://{args.server_name}:{port}", args.timeout,
+    url = f"https://[{args.server_name}]:{port}" if ":" in args.server_name else f"https://{args.server_name}:{port}"
+    launch("tls_proxy", [nginx, "-c", config, "-e", os.path.join(root, "error.log")], root, url, args.timeout,
            cafile=args.cafile or (sibling_ca if os.path.exists(sibling_ca) else ""))
-    print(f"export MLFLOW_TRACKING_URI=https://{args.server_name}:{port}")
+    print(f"export MLFLOW_TRACKING_URI={url}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import sqlalchemy
 
-from conftest import ROOT, free_port, require, run_step, step_env
+from conftest import ROOT, free_port, refused_script, require, run_step, step_env
 import local_postgres
 
 
@@ -61,3 +61,16 @@ def test_a_bad_port_is_one_line_and_starts_nothing(tmp_path):
     assert result.stderr == "local_postgres.py: error: argument --port: port '0' is not allowed; " \
                             "give a number from 1 to 65535\n"
     assert not (tmp_path / "pg").exists()
+
+
+def test_a_folder_in_use_is_refused_before_its_owner_or_contents_change(tmp_path, monkeypatch, capsys):
+    """Run as root, local_postgres.py hands --root to the postgres account: never one that holds something."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine\n")
+    owner = os.stat(root).st_uid
+    line = refused_script(monkeypatch, capsys, os.path.join(ROOT, "serverFolder", "local_postgres.py"),
+                          "--root", str(root), "--port", str(free_port()))
+    assert line == f"local_postgres.py: error: --root {root} is not empty; give a new or empty folder for the cluster"
+    assert os.stat(root).st_uid == owner and os.listdir(root) == ["notes.txt"]
+    assert (root / "notes.txt").read_text() == "mine\n" and os.stat(root / "notes.txt").st_uid == owner
