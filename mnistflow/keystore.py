@@ -32,6 +32,8 @@ def _hash(key: str) -> str:
 
 def create_store(path: str) -> None:
     """Create the key store at `path` (owner-only) unless it exists; shared_server.py does this at start."""
+    if os.path.exists(path):
+        check_store(path)  # another file is neither made owner-only nor given a table
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     os.chmod(path, 0o600)  # a store made by an older version may be readable by others
     with _connect(path):
@@ -39,10 +41,24 @@ def create_store(path: str) -> None:
 
 
 def check_store(path: str) -> None:
-    """KeyStoreError unless `path` is a key store file (a mistyped path never makes a new, empty one)."""
+    """KeyStoreError unless `path` is a key store file: an SQLite database with no table but api_keys
+    (a mistyped path never makes a new, empty one, nor adds the table to another database)."""
     if not os.path.isfile(path):
         raise KeyStoreError(f"no key store at {path}; shared_server.py creates it "
                             f"(<root>/api_keys.db, or ${KEYS_DB_ENV})")
+    db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as exc:  # unreadable, or locked for longer than sqlite3's wait
+        raise KeyStoreError(f"cannot read the key store {path}: {exc}") from None
+    except sqlite3.DatabaseError:
+        raise KeyStoreError(f"{path} is not a key store: it is not an SQLite database") from None
+    finally:
+        db.close()
+    others = sorted(name for name in tables - {"api_keys"} if not name.startswith("sqlite_"))
+    if others:
+        raise KeyStoreError(f"{path} is not a key store: it is another SQLite database (tables "
+                            f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -72,10 +88,16 @@ def user_exists(auth_config: str, username: str) -> bool:
     import sqlalchemy
 
     config = configparser.ConfigParser()  # with interpolation ('%%' is '%'), as MLflow reads it
-    if not config.read(auth_config) or not config.has_option("mlflow", "database_uri"):
-        raise KeyStoreError(f"no server auth config at {auth_config}; shared_server.py writes it as "
-                            "<root>/basic_auth.ini (or set MLFLOW_AUTH_CONFIG_PATH)")
-    uri = config["mlflow"]["database_uri"]
+    try:
+        if not config.read(auth_config) or not config.has_option("mlflow", "database_uri"):
+            raise KeyStoreError(f"no server auth config at {auth_config}; shared_server.py writes it as "
+                                "<root>/basic_auth.ini (or set MLFLOW_AUTH_CONFIG_PATH)")
+        uri = config["mlflow"]["database_uri"]
+    except configparser.InterpolationError as exc:  # its message would show the value: a password, maybe
+        raise KeyStoreError(f"{auth_config}: {exc.option} has a '%' not written '%%' (MLflow reads the file "
+                            "with interpolation)") from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise KeyStoreError(f"{auth_config} is not an ini file MLflow can read ({type(exc).__name__})") from None
     database = sqlalchemy.engine.make_url(uri).database
     if uri.startswith("sqlite:") and not os.path.isfile(database or ""):
         raise KeyStoreError(f"the server's user store {database} does not exist; start shared_server.py first")

@@ -13,7 +13,9 @@ import tempfile
 import pytest
 
 from conftest import ROOT, free_port, refused_script
-import local_server  # serverFolder/'s scripts (conftest puts the folder on sys.path)
+import api_keys  # serverFolder/'s scripts (conftest puts the folder on sys.path)
+import local_server
+from mnistflow import keystore
 
 SCRIPTS = os.path.join(ROOT, "serverFolder")
 
@@ -142,6 +144,40 @@ def test_stop_ends_the_server_it_started(tmp_path):
     _, status = os.waitpid(pid, 0)  # it is this process's child
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert not (tmp_path / "server.pid").exists() and not (tmp_path / "server.started").exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "mlflow"])
+@pytest.mark.parametrize("args", [["list"], ["revoke", "alice"], ["issue", "alice"]])
+def test_api_keys_refuses_a_file_that_is_not_a_key_store(tmp_path, request, capsys, kind, args):
+    if kind == "mlflow":  # a real MLflow tracking store: an SQLite file with tables of its own
+        path = request.getfixturevalue("store").removeprefix("sqlite:///")
+    else:
+        path = str(tmp_path / "notes.txt")
+        (tmp_path / "notes.txt").write_text("not a database\n")
+    before, mode = files_under(tmp_path), os.stat(path).st_mode
+    capsys.readouterr()  # what making the MLflow store printed
+    with pytest.raises(SystemExit) as exit:
+        api_keys.main([*args, "--db", path])
+    reason = "it is not an SQLite database" if kind == "text" else "it is another SQLite database (tables "
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith(f"api_keys: error: {path} is not a key "
+                                                                       f"store: {reason}")
+    assert files_under(tmp_path) == before
+    with pytest.raises(keystore.KeyStoreError):  # shared_server.py's start, with $MNISTFLOW_API_KEYS_DB
+        keystore.create_store(path)
+    assert files_under(tmp_path) == before and os.stat(path).st_mode == mode
+
+
+def test_api_keys_names_a_percent_the_auth_ini_must_escape(tmp_path, capsys):
+    """MLflow reads the ini with interpolation, where a '%' is written '%%'; the line does not show the value."""
+    keys = str(tmp_path / "api_keys.db")
+    keystore.create_store(keys)
+    (tmp_path / "basic_auth.ini").write_text("[mlflow]\ndatabase_uri = postgresql://auth:pw%41x@127.0.0.1/auth\n")
+    with pytest.raises(SystemExit) as exit:
+        api_keys.main(["issue", "alice", "--db", keys, "--auth-config", str(tmp_path / "basic_auth.ini")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"api_keys: error: {tmp_path}/basic_auth.ini: database_uri has a '%' not " \
+                                      "written '%%' (MLflow reads the file with interpolation)\n"
+    assert keystore.list_keys(keys) == []
 
 
 @pytest.mark.parametrize("args, message", [
