@@ -97,6 +97,8 @@ def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
      "argument --upstream: 'localhost' is not allowed; give HOST:PORT, e.g. 127.0.0.1:8443"),
     ("tls_proxy", ["--max-body-size", "0"], "argument --max-body-size: '0' is not allowed; give a size above 0 in "
                                             "bytes, or with k, m or g (nginx's client_max_body_size), e.g. 2g"),
+    ("tls_proxy", ["--login-rate", "5"], "argument --login-rate: '5' is not allowed; give requests per second or per "
+                                         "minute (nginx's limit_req_zone rate), e.g. 5r/s or 30r/m"),
     ("local_server", ["--port", "70000"], "argument --port: port '70000' is not allowed; give a number from 1 to 65535"),
     ("local_server", ["--workers", "0"], "argument --workers: '0' is not allowed; give a whole number above 0"),
     ("local_server", ["--timeout", "-5"], "argument --timeout: '-5' is not allowed; give a number of seconds above 0"),
