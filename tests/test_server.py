@@ -2,15 +2,15 @@
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
 import pytest
 
-from conftest import ROOT, free_port, run_step, step_env
+from conftest import ROOT, free_port, run_step, step_env, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,15 @@ def test_a_second_server_on_a_busy_port_is_refused(local_server, tmp_path):
         assert response.status == 200
 
 
+def refuses_connections(port: int) -> bool:
+    """Whether nothing listens on the port: a killed server's processes have all exited."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
     """The server is killed and started again while the train step logs: MLflow's client retries
     until it is back, the run finishes and every epoch's metrics are there."""
@@ -75,7 +84,7 @@ def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
             if line.startswith("epoch 2/"):
                 break
         os.killpg(int((root / "server.pid").read_text()), signal.SIGKILL)  # no chance to finish anything
-        time.sleep(2)
+        wait_until(lambda: refuses_connections(port), "the killed server to let go of its port", timeout=60)
         assert run_step(*start).returncode == 0
         output = training.stdout.read()
         assert training.wait(timeout=300) == 0, output[-3000:]
