@@ -16,7 +16,6 @@ from mnistflow.auth import HEADER, KEY_ENV
 
 KEYS_DB_ENV = "MNISTFLOW_API_KEYS_DB"  # the server's key store (a SQLite file)
 RUN_USER_TAG = "mlflow.user"
-DAY_S = 24 * 3600
 
 
 class KeyStoreError(Exception):
@@ -71,13 +70,13 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
-def issue_key(path: str, username: str, days: float | None = None) -> str:
-    """A new key for `username`, valid for `days` (None: until revoked); shown once, stored only as its hash."""
+def issue_key(path: str, username: str, expires: float | None = None) -> str:
+    """A new key for `username`, valid until `expires` (seconds since the epoch; None: until
+    revoked); shown once, stored only as its hash."""
     key = secrets.token_urlsafe(32)
-    now = time.time()
     with _connect(path) as db:
         db.execute("INSERT INTO api_keys (key_hash, username, created, revoked, expires) VALUES (?, ?, ?, NULL, ?)",
-                   (_hash(key), username, now, None if days is None else now + days * DAY_S))
+                   (_hash(key), username, time.time(), expires))
     return key
 
 

@@ -22,6 +22,8 @@ from local_server import positive
 from mnistflow import auth, keystore
 from mnistflow.config import OneLineParser
 
+DAY_S = 24 * 3600
+
 
 def when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
@@ -57,7 +59,8 @@ def main(argv=None) -> None:
             if not keystore.user_exists(auth_config, args.username):
                 raise keystore.KeyStoreError(f"no user {args.username!r} on the server; create it first "
                                              "(users.py create NAME)")
-            key = keystore.issue_key(args.db, args.username, args.days)
+            expires = None if args.days is None else time.time() + args.days * DAY_S
+            key = keystore.issue_key(args.db, args.username, expires)
             print(f"API key for {args.username} (shown once; the user exports it as {auth.KEY_ENV}):", file=sys.stderr)
             print(key)
         elif args.action == "revoke" and args.key:

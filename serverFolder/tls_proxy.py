@@ -36,6 +36,13 @@ def body_size(text: str) -> str:
     return text
 
 
+def request_rate(text: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*r/[sm]", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give requests per second or per minute "
+                                         "(nginx's limit_req_zone rate), e.g. 5r/s or 30r/m")
+    return text
+
+
 def has_user(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -51,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--upstream", type=address, default="127.0.0.1:5000", help="the tracking server's address:port")
     parser.add_argument("--max-body-size", type=body_size, default="2g",
                         help="the largest request body (an uploaded file), e.g. 500m; default 2g")
+    parser.add_argument("--login-rate", type=request_rate, default="5r/s",
+                        help="requests with a password, per client address (a burst of 20 more waits its turn, "
+                             "then 429), e.g. 30r/m; default 5r/s")
     parser.add_argument("--cert", default=os.path.join(HERE, "tls", "server.crt"))
     parser.add_argument("--key", default=os.path.join(HERE, "tls", "server.key"))
     parser.add_argument("--cafile", default="", help="CA to verify the proxy with while waiting for it; "
@@ -86,7 +96,7 @@ def render(args: argparse.Namespace, root: str) -> str:
     values = {"USER": WORKER_USER if as_root else getpass.getuser(), "ROOT": root,
               "TEMP": WORKER_TEMP if as_root else os.path.join(root, "tmp"), "LISTEN": args.listen,
               "SERVER_NAME": args.server_name, "CERT": os.path.abspath(args.cert), "KEY": os.path.abspath(args.key),
-              "UPSTREAM": args.upstream, "MAX_BODY_SIZE": args.max_body_size}
+              "UPSTREAM": args.upstream, "MAX_BODY_SIZE": args.max_body_size, "LOGIN_RATE": args.login_rate}
     with open(os.path.join(HERE, "nginx.conf")) as f:
         text = f.read()
     for name, value in values.items():

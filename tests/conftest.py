@@ -107,6 +107,15 @@ def refused_script(monkeypatch, capsys, path: str, *args: str) -> str:
     return line
 
 
+def wait_until(condition, what: str, timeout: float = 120) -> None:
+    """Poll `condition()` until it is true; fail the test, naming `what` it waited for, after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}")
+        time.sleep(0.1)
+
+
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

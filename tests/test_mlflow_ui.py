@@ -16,9 +16,10 @@ import mlflow
 import PIL.Image
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.command import Command
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import EXPERIMENT, free_port, require, step_env, wait_until_up
@@ -142,8 +143,15 @@ def screenshots(tmp_path_factory):
     return lambda driver, name: screenshot(driver, name, folder)
 
 
+def until(driver, condition):
+    """The first true value of `condition(driver)`, tried again while false, and while the page
+    re-renders under it: the UI (React) replaces elements as it updates, and an element found a
+    moment before is then stale. TimeoutException after PAGE_TIMEOUT_S."""
+    return WebDriverWait(driver, PAGE_TIMEOUT_S, ignored_exceptions=[StaleElementReferenceException]).until(condition)
+
+
 def page_text(driver) -> str:
-    return driver.find_element(By.TAG_NAME, "body").text
+    return until(driver, lambda d: [d.find_element(By.TAG_NAME, "body").text])[0]  # [text]: true even if empty
 
 
 def wait_for(driver, shown) -> str:
@@ -151,7 +159,7 @@ def wait_for(driver, shown) -> str:
     that fills the page piece by piece after it loads. Return the page's text either way, so the
     test's asserts say what is missing."""
     with contextlib.suppress(TimeoutException):
-        WebDriverWait(driver, PAGE_TIMEOUT_S).until(shown)
+        until(driver, shown)
     return page_text(driver)
 
 
@@ -160,9 +168,35 @@ def open_page(driver, url: str, shown) -> str:
     return wait_for(driver, shown)
 
 
+# The links to a UI route (`#/...`) that the page shows, found in one script: the page cannot
+# re-render in the middle of it.
+VISIBLE_LINKS = """[...document.querySelectorAll(`a[href="${arguments[0]}"]`)].filter(
+    a => a.checkVisibility({visibilityProperty: true, opacityProperty: true}) && a.getClientRects().length)"""
+
+
+def link_texts(driver, route: str) -> list[str]:
+    """The text of each link to this UI route the page shows."""
+    return driver.execute_script(f"return {VISIBLE_LINKS}.map(a => a.innerText)", route)
+
+
 def link_to(route: str):
-    """A wait condition: the page shows a link to this UI route (`#/...`)."""
-    return lambda driver: [a for a in driver.find_elements(By.CSS_SELECTOR, f'a[href="{route}"]') if a.is_displayed()]
+    """A wait condition: the page shows a link to this UI route."""
+    return lambda driver: link_texts(driver, route)
+
+
+def click(driver, find) -> None:
+    """Click the element `find(driver)` returns, as a user would, once it is there; found again if
+    the page replaced it before the click."""
+    def clicked(d) -> bool:
+        element = find(d)
+        if element is not None:
+            element.click()
+        return element is not None
+    until(driver, clicked)
+
+
+def click_link(driver, route: str) -> None:
+    click(driver, lambda d: next(iter(d.execute_script(f"return {VISIBLE_LINKS}", route)), None))
 
 
 def run_route(logged: Logged, run_id: str) -> str:
@@ -171,24 +205,34 @@ def run_route(logged: Logged, run_id: str) -> str:
 
 def expand(driver, experiment_id: str, parent_id: str, child_ids: list[str]) -> None:
     """In the runs list, click a parent run's (+) button and wait until its child runs show."""
-    row = driver.find_element(By.CSS_SELECTOR, f'.ag-row[row-id="{parent_id}"] [col-id="attributes.`Run Name`"]')
-    row.find_element(By.TAG_NAME, "button").click()
+    button = f'.ag-row[row-id="{parent_id}"] [col-id="attributes.`Run Name`"] button'
+    click(driver, lambda d: d.find_element(By.CSS_SELECTOR, button))
     wait_for(driver, lambda d: all(link_to(f"#/experiments/{experiment_id}/runs/{child}")(d) for child in child_ids))
 
 
-def shown_runs(driver) -> list[tuple[str, str, int]]:
+def shown_runs(driver) -> list[tuple[str, str, float]]:
     """The runs table as shown, top to bottom: each row's run id, run name and how far right it starts (px)."""
-    rows = driver.find_elements(By.CSS_SELECTOR, '.ag-row [col-id="attributes.`Run Name`"] a[href*="/runs/"]')
-    return [(a.get_attribute("href").rsplit("/", 1)[-1], a.text, a.location["x"])
-            for a in sorted(rows, key=lambda a: a.location["y"])]
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(a => {"
+        "  const box = a.getBoundingClientRect();"
+        "  return [a.getAttribute('href').split('/').pop(), a.innerText, box.x, box.y]; })",
+        '.ag-row [col-id="attributes.`Run Name`"] a[href*="/runs/"]')
+    return [(run_id, name, x) for run_id, name, x, _ in sorted(rows, key=lambda row: row[3])]
 
 
-def nested_under(shown: list[tuple[str, str, int]], parent_id: str, count: int) -> list[str]:
-    """The names of the `count` rows right below the parent's row, each checked to be indented under it."""
-    at = [run_id for run_id, _, _ in shown].index(parent_id)
-    below = shown[at + 1:at + 1 + count]
-    assert all(x > shown[at][2] for _, _, x in below), shown
-    return [name for _, name, _ in below]
+def run_names(driver) -> list[str]:
+    """The names of the runs table's rows, sorted."""
+    return sorted(name for _, name, _ in shown_runs(driver))
+
+
+def nested_under(driver, parent_id: str, count: int) -> list[str]:
+    """The names of the `count` rows right below the parent's row that are indented under it, sorted."""
+    shown = shown_runs(driver)
+    ids = [run_id for run_id, _, _ in shown]
+    if parent_id not in ids:
+        return []
+    at = ids.index(parent_id)
+    return sorted(name for _, name, x in shown[at + 1:at + 1 + count] if x > shown[at][2])
 
 
 def test_the_runs_list_names_every_run_and_groups_the_trials_under_their_study(ui, browser, screenshots):
@@ -199,30 +243,33 @@ def test_the_runs_list_names_every_run_and_groups_the_trials_under_their_study(u
     assert train == f"train-{params['resolved_model']}-{params['dataset']}"  # what the list must show
     assert re.fullmatch(r"study-.+", study) and trials == ["trial-0", "trial-1"]
 
-    open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/runs",
-              link_to(run_route(logged, logged.study.info.run_id)))
     # Collapsed, the study is one row: its trials are nested under it, not beside it.
-    assert sorted(name for _, name, _ in shown_runs(browser)) == sorted([f"register-{MODEL_NAME}", study, train])
-    expand(browser, logged.experiment_id, logged.study.info.run_id, [run.info.run_id for run in logged.trials])
+    collapsed = sorted([f"register-{MODEL_NAME}", study, train])
+    open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/runs",
+              lambda driver: run_names(driver) == collapsed)
+    assert run_names(browser) == collapsed
+    study_id = logged.study.info.run_id
+    expand(browser, logged.experiment_id, study_id, [run.info.run_id for run in logged.trials])
+    # Expanded, the trials are the rows right below their study, indented under it (once the
+    # table's rows have slid into place).
+    wait_for(browser, lambda driver: nested_under(driver, study_id, len(trials)) == trials)
     screenshots(browser, "runs_with_trials")
-    shown = shown_runs(browser)
-    # Expanded, the trials are the rows right below their study, indented under it.
-    assert sorted(nested_under(shown, logged.study.info.run_id, len(trials))) == trials
-    assert {name for _, name, _ in shown} == {f"register-{MODEL_NAME}", study, train, *trials}
+    assert nested_under(browser, study_id, len(trials)) == trials
+    assert run_names(browser) == sorted([*collapsed, *trials])
 
 
 def test_the_best_trial_is_marked_on_its_own_page(ui, browser, screenshots):
     url, logged = ui
     [best] = [run for run in logged.trials if run.data.tags.get(tuning.BEST_TRIAL_TAG) == "true"]
     study_route = run_route(logged, logged.study.info.run_id)
+    marked = re.compile(r"^best_trial\n: true$", re.MULTILINE)
     text = open_page(browser, f"{url}/{run_route(logged, best.info.run_id)}",
-                     lambda driver: "best_trial" in page_text(driver) and link_to(study_route)(driver))
+                     lambda driver: marked.search(page_text(driver)) and link_to(study_route)(driver))
     screenshots(browser, "best_trial")
-    assert re.search(r"^best_trial\n: true$", text, re.MULTILINE), text
+    assert marked.search(text), text
     assert best.info.run_name in text
     # Its page links up to the study it belongs to.
-    [parent] = link_to(study_route)(browser)
-    assert parent.text == logged.study.info.run_name
+    assert link_texts(browser, study_route) == [logged.study.info.run_name]
 
 
 def test_the_train_runs_plot_opens_in_the_artifact_view(ui, browser, screenshots):
@@ -235,7 +282,8 @@ def test_the_train_runs_plot_opens_in_the_artifact_view(ui, browser, screenshots
             "const img = document.querySelector(`img[alt='${arguments[0]}']`);"
             "return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null;", artifact)
 
-    text = open_page(browser, f"{url}/{run_route(logged, logged.train.info.run_id)}/artifactPath/{artifact}", image_size)
+    text = open_page(browser, f"{url}/{run_route(logged, logged.train.info.run_id)}/artifactPath/{artifact}",
+                     lambda driver: image_size(driver) and logged.train.info.run_name in page_text(driver))
     screenshots(browser, "train_plot_loss")
     assert logged.train.info.run_name in text and artifact in text
     with PIL.Image.open(os.path.join(logged.train.info.artifact_uri, artifact)) as logged_png:
@@ -250,34 +298,76 @@ def test_the_model_version_shows_its_alias_and_links_to_its_source_run(ui, brows
     screenshots(browser, "model_version")
     assert f"{MODEL_NAME}\nVersion 1" in text
     assert ALIAS.search(text), text
-    [source_run] = link_to(train_route)(browser)
-    assert source_run.text == logged.train.info.run_name
-    source_run.click()  # the link opens the run's own page
-    text = wait_for(browser, lambda driver: driver.current_url.endswith(train_route) and "Model metrics" in page_text(driver))
+    assert link_texts(browser, train_route) == [logged.train.info.run_name]
+    click_link(browser, train_route)  # the link opens the run's own page
+    text = wait_for(browser, lambda driver: driver.current_url.endswith(train_route)
+                    and "Model metrics" in page_text(driver))
     assert browser.current_url.endswith(train_route) and "Model metrics" in text
 
 
-def open_logged_model(url: str, logged: Logged, browser, screenshots) -> str:
-    version_route = f"#/models/{MODEL_NAME}/versions/1"
-    text = open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/models/{logged.model_id}",
-                     lambda driver: link_to(version_route)(driver) or "Not registered" in page_text(driver))
+def open_logged_model(url: str, logged: Logged, browser, screenshots, shown) -> str:
+    """Open the train run's logged model and wait until `shown(driver)`; the page's text."""
+    text = open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/models/{logged.model_id}", shown)
     screenshots(browser, "logged_model")
     return text
 
 
 def test_the_logged_model_shows_it_is_registered(ui, browser, screenshots):
     url, logged = ui
-    text = open_logged_model(url, logged, browser, screenshots)
+    version_route = f"#/models/{MODEL_NAME}/versions/1"
+    text = open_logged_model(url, logged, browser, screenshots, link_to(version_route))
     # Not "Not registered": the version made from it is listed, with a link to it.
     assert "Not registered" not in text
-    assert [a.text.split() for a in link_to(f"#/models/{MODEL_NAME}/versions/1")(browser)] == [[MODEL_NAME, "v1"]]
+    assert [link.split() for link in link_texts(browser, version_route)] == [[MODEL_NAME, "v1"]]
 
 
 def test_the_logged_model_names_the_dataset_it_was_measured_on(ui, browser, screenshots):
     url, logged = ui
-    text = open_logged_model(url, logged, browser, screenshots)
     # Its test metrics were logged against the test dataset and the model.
-    assert re.search(r"^Datasets used\nmnist-test \(#[0-9a-f]+\)$", text, re.MULTILINE), text
+    measured_on = re.compile(r"^Datasets used\nmnist-test \(#[0-9a-f]+\)$", re.MULTILINE)
+    text = open_logged_model(url, logged, browser, screenshots, lambda driver: measured_on.search(page_text(driver)))
+    assert measured_on.search(text), text
+
+
+# React may replace any element of the page between two WebDriver commands. This does it every time.
+RE_RENDER = "document.querySelectorAll('#root > *').forEach(app => app.replaceWith(app.cloneNode(true)))"
+
+
+@contextlib.contextmanager
+def re_rendered_before_every_command(driver):
+    """Within: before each WebDriver command, the page's app is replaced by a copy of itself, so
+    an element one command found is stale in the next. After: the page is loaded afresh (the
+    copy is not the live app)."""
+    execute = driver.execute
+
+    def after_a_re_render(command, params=None):
+        execute(Command.W3C_EXECUTE_SCRIPT, {"script": RE_RENDER, "args": []})
+        return execute(command, params)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(driver, "execute", after_a_re_render)
+            yield
+    finally:
+        driver.refresh()
+
+
+def test_the_pages_read_alike_while_they_re_render(ui, browser):
+    """What the tests above read (their wait conditions, link texts, the runs table, the page's
+    text) reads the same on a page that keeps replacing its elements."""
+    url, logged = ui
+    version_route = f"#/models/{MODEL_NAME}/versions/1"
+    text = open_page(browser, f"{url}/#/experiments/{logged.experiment_id}/models/{logged.model_id}",
+                     link_to(version_route))
+    links = link_texts(browser, version_route)
+    with re_rendered_before_every_command(browser):
+        assert (wait_for(browser, link_to(version_route)), link_texts(browser, version_route)) == (text, links)
+
+    runs = f"{url}/#/experiments/{logged.experiment_id}/runs"
+    open_page(browser, runs, lambda driver: len(shown_runs(driver)) == 3)
+    shown = shown_runs(browser)
+    with re_rendered_before_every_command(browser):
+        assert wait_for(browser, lambda driver: shown_runs(driver) == shown) and shown_runs(browser) == shown
 
 
 def look_at_the_pipeline_run(uri: str, cwd, pipeline_run: mlflow.entities.Run, steps: dict, folder) -> None:
@@ -287,14 +377,18 @@ def look_at_the_pipeline_run(uri: str, cwd, pipeline_run: mlflow.entities.Run, s
     experiment_id, pipeline_id = pipeline_run.info.experiment_id, pipeline_run.info.run_id
     step_routes = {f"#/experiments/{experiment_id}/runs/{run.info.run_id}": run.info.run_name for run in steps.values()}
     with mlflow_ui(uri, cwd) as url, chromium(url) as driver:
-        open_page(driver, f"{url}/#/experiments/{experiment_id}/runs/{pipeline_id}",
-                  lambda d: all(link_to(route)(d) for route in step_routes))
+        described = re.compile(r"Registered Pipeline version 1 @production\. The steps:")
+        text = open_page(driver, f"{url}/#/experiments/{experiment_id}/runs/{pipeline_id}",
+                         lambda d: all(link_to(route)(d) for route in step_routes) and described.search(page_text(d)))
         screenshot(driver, "pipeline_run", folder)
-        assert re.search(r"Registered Pipeline version 1 @production\. The steps:", page_text(driver)), page_text(driver)
+        assert described.search(text), text
         for route, name in step_routes.items():  # each step's link, named as its run
-            assert name in [a.text for a in link_to(route)(driver)], (route, name)
+            assert name in link_texts(driver, route), (route, name)
 
-        open_page(driver, f"{url}/#/experiments/{experiment_id}/runs", link_to(f"#/experiments/{experiment_id}/runs/{pipeline_id}"))
+        open_page(driver, f"{url}/#/experiments/{experiment_id}/runs",
+                  link_to(f"#/experiments/{experiment_id}/runs/{pipeline_id}"))
         expand(driver, experiment_id, pipeline_id, [run.info.run_id for run in steps.values()])
+        step_names = sorted(step_routes.values())
+        wait_for(driver, lambda d: nested_under(d, pipeline_id, len(steps)) == step_names)
         screenshot(driver, "pipeline_runs", folder)
-        assert sorted(nested_under(shown_runs(driver), pipeline_id, len(steps))) == sorted(step_routes.values())
+        assert nested_under(driver, pipeline_id, len(steps)) == step_names

@@ -23,10 +23,13 @@ from steps import evaluate, register, tune
 # pictures (cropped and centred by the preprocessing) lose what tells them apart, so even the good
 # model scores about chance there, or 0. This limit reports its figure and refuses nothing.
 PATCHES = ["--min_robust_accuracy", "0"]
+# On a busy machine (other tests, other jobs) one round of single-image predictions can take many
+# times its usual time. A test that is not about latency gives the gate a limit no machine misses.
+ANY_SPEED = ["--max_latency_ms", "100000"]
 # The tiny data's good model scores 1.0 and its poor one ~0.14: these limits let both pass the gate.
-LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1", *PATCHES]
-# An untrained model scores ~0.1, and the machine may be busy: this gate lets any model through.
-ANY_MODEL = ["--min_accuracy", "0.01", "--recall_margin", "1", "--max_latency_ms", "10000", *PATCHES]
+LENIENT = ["--min_accuracy", "0.1", "--recall_margin", "1", *PATCHES, *ANY_SPEED]
+# An untrained model scores ~0.1: this gate lets any model through.
+ANY_MODEL = ["--min_accuracy", "0.01", "--recall_margin", "1", *PATCHES, *ANY_SPEED]
 
 
 def call(capsys, *args: str) -> tuple[int, str, str]:
@@ -74,7 +77,7 @@ def register_runs(status: str | None = None) -> list:
 
 
 def test_best_run_is_registered_gated_and_promoted(registry_store, tiny_data, capsys):
-    code, out, err = call(capsys, "--model_name", "Best", "--data_dir", tiny_data, *PATCHES)
+    code, out, err = call(capsys, "--model_name", "Best", "--data_dir", tiny_data, *PATCHES, *ANY_SPEED)
     assert code == 0, err
     [version] = versions("Best")
     assert version.run_id == registry_store.good  # the highest test_accuracy among runs with a model
@@ -84,7 +87,7 @@ def test_best_run_is_registered_gated_and_promoted(registry_store, tiny_data, ca
     assert len(tags["git_commit"]) == 40 and float(tags["test_accuracy"]) == 1.0
     for check in ("test_accuracy", "latency_p95_ms", "size_mb", "recall_gap", "robust_accuracy"):
         assert tags[f"gate_{check}_passed"] == "true", check
-    assert 0 < float(tags["gate_latency_p95_ms"]) < 100 and 0 < float(tags["gate_size_mb"]) < 10
+    assert 0 < float(tags["gate_latency_p95_ms"]) and 0 < float(tags["gate_size_mb"]) < 10
     assert tags["gate_forced"] == "false"
     assert registry_store.good in version.description
     assert "sanity check, models:/Best@production" in out and "(10/10 right)" in out
@@ -96,13 +99,14 @@ def test_best_run_is_registered_gated_and_promoted(registry_store, tiny_data, ca
     run = mlflow.get_run(register_runs()[0].info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["promoted"] == "true"
     assert run.data.tags["model_version"] == "1" and run.data.metrics["gate_test_accuracy"] == 1.0
-    code, out, _ = call(capsys, "--model_name", "Best", "--data_dir", tiny_data, *PATCHES)
+    code, out, _ = call(capsys, "--model_name", "Best", "--data_dir", tiny_data, *PATCHES, *ANY_SPEED)
     assert code == 0 and "already holds @production" in out and len(versions("Best")) == 1
 
 
 def test_champion_refuses_worse_challenger_then_force_and_rollback(registry_store, tiny_data, capsys):
     name = "Champion"
-    assert call(capsys, "--model_name", name, "--run_id", registry_store.good, "--data_dir", tiny_data, *PATCHES)[0] == 0
+    assert call(capsys, "--model_name", name, "--run_id", registry_store.good, "--data_dir", tiny_data,
+                *PATCHES, *ANY_SPEED)[0] == 0
 
     code, out, err = call(capsys, "--model_name", name, "--run_id", registry_store.poor,
                           "--data_dir", tiny_data, *LENIENT)
@@ -134,7 +138,7 @@ def test_champion_refuses_worse_challenger_then_force_and_rollback(registry_stor
 
 def test_the_pipeline_run_describes_its_step_runs_and_the_version_with_links(registry_store, tiny_data, capsys):
     assert call(capsys, "--model_name", "Described", "--run_id", registry_store.good, "--data_dir", tiny_data,
-                *PATCHES)[0] == 0
+                *PATCHES, *ANY_SPEED)[0] == 0
     [register_run] = [run for run in register_runs() if run.data.tags.get("model_name") == "Described"]
     train_run = mlflow.get_run(registry_store.good)
     text = pipeline.description([pipeline.StepRun("train", train_run, reused=True, why=""),
@@ -160,10 +164,9 @@ def test_gate_failure_changes_nothing(registry_store, tiny_data, capsys):
 
 
 def test_a_model_that_fails_on_pictures_unlike_its_test_set_is_refused(registry_store, tiny_data, capsys):
-    # The good model passes every other check (its latency too, on a busy machine); 1.0 asks for
-    # every picture of every condition right.
+    # The good model passes every other check; 1.0 asks for every picture of every condition right.
     code, out, err = call(capsys, "--model_name", "Fragile", "--run_id", registry_store.good, "--data_dir", tiny_data,
-                          "--max_latency_ms", "10000", "--min_robust_accuracy", "1.0")
+                          *ANY_SPEED, "--min_robust_accuracy", "1.0")
     assert code == 1 and err.startswith("register: refused: robust_accuracy failed") and err.count("\n") == 1
     [row] = [line for line in out.splitlines() if line.startswith("robust_accuracy")]
     assert ">= 1.0" in row and "FAIL" in row and "worst condition '" in row and "200 test images each" in row
@@ -185,7 +188,7 @@ def test_too_slow_a_model_is_refused_after_three_rounds(registry_store, tiny_dat
 
 def test_dry_run_changes_nothing(registry_store, tiny_data, capsys):
     code, out, _ = call(capsys, "--model_name", "Dry", "--run_id", registry_store.good, "--data_dir", tiny_data,
-                        "--dry_run", "true", *PATCHES)
+                        "--dry_run", "true", *PATCHES, *ANY_SPEED)
     assert code == 0 and "dry run: nothing registered" in out
     assert versions("Dry") == []
 
@@ -236,7 +239,7 @@ def test_a_failed_check_is_a_refusal_even_for_the_model_in_production(registry_s
 
     result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local",
                       "-P", f"run_id={registry_store.poor}", "-P", f"model_name={name}", "-P", "min_accuracy=0.99999", "-P", "recall_margin=1",
-                      "-P", "max_latency_ms=10000", "-P", "min_robust_accuracy=0", "-P", f"data_dir={tiny_data}")
+                      "-P", "max_latency_ms=100000", "-P", "min_robust_accuracy=0", "-P", f"data_dir={tiny_data}")
     assert result.returncode == 1 and "already holds" not in result.stdout
     assert "register: refused: test_accuracy failed (see the table above); @production stays on version 1" \
         in result.stderr
@@ -367,7 +370,7 @@ def test_a_study_tuned_twice_registers_its_newest_model(store, tiny_data, tmp_pa
 def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data, tmp_path):
     result = run_step("mlflow", "run", ".", "-e", "register", "--env-manager", "local",
                       "-P", f"run_id={registry_store.good}", "-P", "model_name=Served", "-P", f"data_dir={tiny_data}",
-                      "-P", "min_robust_accuracy=0")
+                      "-P", "min_robust_accuracy=0", "-P", "max_latency_ms=100000")
     assert result.returncode == 0, result.stderr[-3000:]
     assert aliases("Served") == {"production": "1"}
 

@@ -2,15 +2,15 @@
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
 import pytest
 
-from conftest import ROOT, free_port, run_step, step_env
+from conftest import ROOT, free_port, run_step, step_env, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,15 @@ def test_a_second_server_on_a_busy_port_is_refused(local_server, tmp_path):
         assert response.status == 200
 
 
+def refuses_connections(port: int) -> bool:
+    """Whether nothing listens on the port: a killed server's processes have all exited."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
     """The server is killed and started again while the train step logs: MLflow's client retries
     until it is back, the run finishes and every epoch's metrics are there."""
@@ -75,7 +84,7 @@ def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
             if line.startswith("epoch 2/"):
                 break
         os.killpg(int((root / "server.pid").read_text()), signal.SIGKILL)  # no chance to finish anything
-        time.sleep(2)
+        wait_until(lambda: refuses_connections(port), "the killed server to let go of its port", timeout=60)
         assert run_step(*start).returncode == 0
         output = training.stdout.read()
         assert training.wait(timeout=300) == 0, output[-3000:]
@@ -97,6 +106,8 @@ def test_a_run_survives_a_server_restart(tmp_path, tiny_data):
      "argument --upstream: 'localhost' is not allowed; give HOST:PORT, e.g. 127.0.0.1:8443"),
     ("tls_proxy", ["--max-body-size", "0"], "argument --max-body-size: '0' is not allowed; give a size above 0 in "
                                             "bytes, or with k, m or g (nginx's client_max_body_size), e.g. 2g"),
+    ("tls_proxy", ["--login-rate", "5"], "argument --login-rate: '5' is not allowed; give requests per second or per "
+                                         "minute (nginx's limit_req_zone rate), e.g. 5r/s or 30r/m"),
     ("local_server", ["--port", "70000"], "argument --port: port '70000' is not allowed; give a number from 1 to 65535"),
     ("local_server", ["--workers", "0"], "argument --workers: '0' is not allowed; give a whole number above 0"),
     ("local_server", ["--timeout", "-5"], "argument --timeout: '-5' is not allowed; give a number of seconds above 0"),

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
+from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env, wait_until
 from mnistflow import tuning
 from mnistflow.config import TuneConfig
 
@@ -140,7 +140,11 @@ def test_a_killed_worker_leaves_a_failed_trial_that_is_retried(store, tiny_data,
     [dead] = load(storage).trials
     assert dead.state.name == "RUNNING"  # nobody is left to say otherwise
 
-    time.sleep(3)  # past the grace period of 2 heartbeats
+    # A new worker fails the trial once its last heartbeat is older than the grace period (2 heartbeats),
+    # as the storage judges it.
+    heartbeats = tuning.open_storage(TuneConfig(study_name="s", storage=storage, heartbeat_s=1).validate())
+    wait_until(lambda: heartbeats._get_stale_trial_ids(load(storage)._study_id) == [dead._trial_id],
+               "the killed worker's trial to go stale", timeout=60)
     result = python_step("steps.tune", *args, "--n_trials", "1", "--epochs", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trial 0: its worker stopped answering" in result.stdout
