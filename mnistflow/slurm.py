@@ -2,12 +2,14 @@
 
 The tune step (launcher=slurm) writes the batch script into a job folder under the current
 directory, which the cluster's nodes must share, has `sbatch --test-only` check it before anything
-is written anywhere else, then writes the workers' settings beside it and submits it. Task i of
+is written anywhere else, then writes the workers' settings beside it, submits it and waits for it
+(cancelling an array that is held, or not ended within the time it may take). Task i of
 the array runs `python -m mnistflow.slurm <job folder>`: worker i of the study (tuning.work).
 The storage URL and tracking credentials reach the tasks through the environment (sbatch exports
 it), never through a file.
 """
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -48,18 +50,29 @@ def _at_least_one(value) -> bool:
 
 
 def _flags(value) -> bool:
-    """sbatch_flags: options only (a bare word would be taken for the script to submit), none holding
-    a control character (a newline would end the comment the batch script shows them in)."""
+    """sbatch_flags: options only (a bare word would be taken for the script to submit), none the step
+    sets itself, none holding a control character (a newline would end the comment the batch script
+    shows them in)."""
     try:
         flags = shlex.split(value) if isinstance(value, str) else None
     except ValueError:  # an unclosed quote
         return False
-    return flags is not None and all(re.match(r"--?[A-Za-z]", flag) and not re.search(CONTROL, flag)
-                                     for flag in flags)
+    return flags is not None and all(re.match(r"--?[A-Za-z]", flag) and not _own(flag)
+                                     and not re.search(CONTROL, flag) for flag in flags)
 
 
+def _own(flag: str) -> bool:
+    """Whether a flag is one of the step's own, also abbreviated (sbatch takes --arr for --array)."""
+    name = flag.split("=", 1)[0]
+    if name.startswith("--"):
+        return any(own.startswith(name) for own in OWN_FLAGS if own.startswith("--"))
+    return name[:2] in OWN_FLAGS
+
+
+# sbatch options the step gives the job itself: its tasks, where their output goes, how it submits.
+OWN_FLAGS = ("--array", "-a", "--output", "-o", "--parsable", "--export", "--test-only")
 # What a slurm_config YAML file may set. Every value reaches sbatch, so each is held to what Slurm
-# accepts there: no whitespace, newline or quote can end a #SBATCH line early or start another.
+# takes there: none can end a #SBATCH line and start a command, or hand sbatch a script of its own.
 OPTIONS = {
     "partition": Option("one or more partition names (letters, digits, '_', '.', '-'), comma-separated",
                         _matches(f"{NAME}(,{NAME})*")),
@@ -68,7 +81,8 @@ OPTIONS = {
                    _matches(f"{DURATION}|UNLIMITED|INFINITE")),
     "cpus_per_task": Option("a whole number, at least 1", _at_least_one),
     "gpus_per_task": Option("a whole number, at least 1 (leave it out for none)", _at_least_one),
-    "sbatch_flags": Option("sbatch options on one line, each written as --name=value or -Xvalue", _flags),
+    "sbatch_flags": Option("sbatch options on one line, each written as --name=value or -Xvalue, none of "
+                           f"{', '.join(OWN_FLAGS)} (the step sets those)", _flags),
     "max_wait": Option("a duration such as \"12:00:00\" or \"2-00:00:00\"", _matches(DURATION)),
 }
 # Task states after which a task will not run again (squeue's long names).
@@ -265,7 +279,7 @@ def wait(job_id: str, allowed_s: float) -> dict[str, str]:
         while not ended(states := task_states(job_id)):
             why = stuck(job_id, states)
             if not why and time.monotonic() > deadline:
-                why = (f"Slurm job {job_id} did not end within {allowed_s:.0f} s "
+                why = (f"Slurm job {job_id} did not end within {datetime.timedelta(seconds=round(allowed_s))} "
                        "(max_wait in slurm_config sets how long the step waits)")
             if why:
                 cancel(job_id)

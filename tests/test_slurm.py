@@ -241,11 +241,15 @@ BAD_OPTIONS = [
     ("gpus_per_task: 1; touch {marker}", "gpus_per_task must be a whole number, at least 1 (leave it out for none), "
                                          "not '1; touch "),
     ('sbatch_flags: "--mem=1G\\ntouch {marker}"', "sbatch_flags must be sbatch options on one line, each written as "
-                                                 "--name=value or -Xvalue, not '--mem=1G\\ntouch "),
+                                                 "--name=value or -Xvalue, none of --array, -a, --output, -o, "
+                                                 "--parsable, --export, --test-only (the step sets those), "
+                                                 "not '--mem=1G\\ntouch "),
     ("sbatch_flags: --mem=1G {marker}.sh", "sbatch_flags must be sbatch options on one line"),  # sbatch's script
-    ("sbatch_flags: --mem 16G", "sbatch_flags must be sbatch options on one line, each written as --name=value or "
-                                "-Xvalue, not '--mem 16G'"),
+    ("sbatch_flags: --mem 16G", "(the step sets those), not '--mem 16G'"),
     ("sbatch_flags: --comment='unclosed", "sbatch_flags must be sbatch options on one line"),
+    ("sbatch_flags: --arr=0-99", "none of --array, -a, --output, -o, --parsable, --export, --test-only (the step "
+                                 "sets those), not '--arr=0-99'"),
+    ("sbatch_flags: -o/tmp/elsewhere", "(the step sets those), not '-o/tmp/elsewhere'"),
     ("max_wait: forever", "max_wait must be a duration such as \"12:00:00\" or \"2-00:00:00\", not 'forever'"),
 ]
 
@@ -295,7 +299,8 @@ def test_a_refused_job_through_mlflow_run_leaves_its_run_failed(cluster, store, 
                       "-P", f"slurm_config={tmp_path / 'slurm.yaml'}", "-P", f"storage={postgres_url}",
                       "-P", f"data_dir={tiny_data}", "-P", "n_trials=1", "-P", "epochs=1")
     assert result.returncode != 0
-    assert f"tune: error: {message}" in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("tune: error: ")]
+    assert message in line
     assert [run.info.status for run in runs()] == ["FAILED"]
     assert jobs() == "" and job_folders() == []
 
@@ -319,7 +324,7 @@ def until(condition, what: str, timeout: float = 120):
 @pytest.mark.parametrize("case, message", [
     ("requeued held", "is PENDING (held), which it leaves only when someone acts on it; cancelled job"),
     ("special exit", "is SPECIAL_EXIT, which it leaves only when someone acts on it; cancelled job"),
-    ("overdue", "did not end within 0 s (max_wait in slurm_config sets how long the step waits); cancelled job"),
+    ("overdue", "did not end within 0:00:00 (max_wait in slurm_config sets how long the step waits); cancelled job"),
 ])
 def test_waiting_on_a_stuck_or_overdue_array_cancels_it_with_one_line(cluster, case, message):
     if case == "overdue":
