@@ -102,7 +102,7 @@ def on_slurm(cfg: TuneConfig, space: dict, study, parent_run_id: str, counts: li
     job_id = slurm.submit(job_folder, cfg, space, parent_run_id, counts)
     print(f"Slurm array job {job_id}: {len(counts)} tasks, one worker each; waiting for it", flush=True)
     try:
-        states = slurm.wait(job_id)
+        states = slurm.wait(job_id, slurm.time_allowed(job_id, cfg, len(counts)))
     finally:  # also after Ctrl-C, which cancelled the array: its tasks have ended
         tuning.fail_trials_of(study, tuning.SLURM_JOB_ATTR, job_id)
         tuning.retry_interrupted_trials_of(study, tuning.SLURM_JOB_ATTR, job_id)

@@ -3,6 +3,7 @@
 test PostgreSQL: a study, a worker killed mid-trial, `scancel` of the array, and bad input."""
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from conftest import EXPERIMENT, ROOT, python_step, refused_script, require, run_step, step_env
 import local_slurm
 from mnistflow import slurm, tuning
-from mnistflow.errors import ConfigError
+from mnistflow.errors import ConfigError, StepFailed
 
 SMALL = ["--epochs", "1", "--pruner", "none", "--system_metrics", "false"]
 
@@ -44,14 +45,27 @@ def test_the_documented_slurm_options_make_the_batch_script(tmp_path):
     with open(os.path.join(ROOT, "docs", "cluster.md")) as f:
         [example] = re.findall(r"```yaml\n(.*?)```", f.read(), re.S)
     (tmp_path / "slurm.yaml").write_text(example)
-    script = slurm.batch_script(slurm.load_options(str(tmp_path / "slurm.yaml")), 8, "/jobs/tune-1")
+    options = slurm.load_options(str(tmp_path / "slurm.yaml"))
+    script = slurm.batch_script(options, 8, "/jobs/tune 1")
     assert [line for line in script.splitlines() if line.startswith("#SBATCH")] == [
-        "#SBATCH --job-name=mnistflow-tune", "#SBATCH --array=0-7", "#SBATCH --output=/jobs/tune-1/task-%a.out",
+        "#SBATCH --job-name=mnistflow-tune", "#SBATCH --array=0-7", '#SBATCH --output="/jobs/tune 1/task-%a.out"',
         "#SBATCH --partition=gpu", "#SBATCH --account=my-project", "#SBATCH --time=2:00:00",
-        "#SBATCH --cpus-per-task=4", "#SBATCH --gpus-per-task=1", "#SBATCH --mem=16G --qos=normal"]
-    (tmp_path / "slurm.yaml").write_text("cpus_per_task: four\n")
-    with pytest.raises(ConfigError, match="cpus_per_task must be a whole number, not 'four'"):
-        slurm.load_options(str(tmp_path / "slurm.yaml"))
+        "#SBATCH --cpus-per-task=4", "#SBATCH --gpus-per-task=1"]
+    assert slurm.sbatch_flags(options) == ["--mem=16G", "--qos=normal"]  # sbatch's arguments, not the script's
+    assert "exec " + shlex.quote(sys.executable) + " -m mnistflow.slurm '/jobs/tune 1'" in script
+    assert slurm.seconds(options["max_wait"]) == 2 * 24 * 3600
+
+
+@pytest.mark.parametrize("text, options", [
+    ("time: 2:00:00\n", {"time": "2:00:00"}),  # YAML 1.1 reads an unquoted 2:00:00 as the number 7200
+    ("time: 90:00\nmax_wait: 1-12:00\n", {"time": "90:00", "max_wait": "1-12:00"}),
+    ("time: 30\n", {"time": "30"}),  # minutes, as Slurm takes a bare number
+    ("partition: gpu,debug\nsbatch_flags: --comment='two words' -N1\n",
+     {"partition": "gpu,debug", "sbatch_flags": "--comment='two words' -N1"}),
+])
+def test_slurm_options_are_read_as_slurm_means_them(tmp_path, text, options):
+    (tmp_path / "slurm.yaml").write_text(text)
+    assert slurm.load_options(str(tmp_path / "slurm.yaml")) == options
 
 
 def study_name() -> str:
@@ -117,9 +131,9 @@ def test_mlflow_run_tunes_with_a_slurm_array_of_two_workers(cluster, store, tiny
     assert jobs() == ""
 
 
-def job_folders() -> list[str]:
+def job_folders(project=ROOT) -> list[str]:
     """The job folders the tune step left in the project directory (it removes its own when done)."""
-    folder = os.path.join(ROOT, slurm.JOBS_FOLDER)
+    folder = os.path.join(project, slurm.JOBS_FOLDER)
     return os.listdir(folder) if os.path.isdir(folder) else []
 
 
@@ -212,39 +226,154 @@ def test_a_stopped_array_ends_the_step_with_nothing_left_running(cluster, store,
     assert jobs() == ""
 
 
+# Each value reaches sbatch; one that would end its #SBATCH line (and run what follows in the job), or be
+# taken for the script to submit, is refused before anything is written.
+BAD_OPTIONS = [
+    ('partition: "debug\\ntouch {marker}"', "partition must be one or more partition names (letters, digits, "
+                                            "'_', '.', '-'), comma-separated, not 'debug\\ntouch {marker}'"),
+    ("partition: debug gpu", "partition must be one or more partition names"),
+    ("account: my project", "account must be an account name (letters, digits, '_', '.', '-'), not 'my project'"),
+    ('account: "a\\tb"', "account must be an account name"),
+    ("time: 2 hours", "time must be minutes or a duration such as \"2:00:00\" or \"1-12:00:00\", or UNLIMITED, "
+                      "not '2 hours'"),
+    ('time: "2:00:00\\ntouch {marker}"', "time must be minutes or a duration"),
+    ("cpus_per_task: 0", "cpus_per_task must be a whole number, at least 1, not 0"),
+    ("gpus_per_task: 1; touch {marker}", "gpus_per_task must be a whole number, at least 1 (leave it out for none), "
+                                         "not '1; touch "),
+    ('sbatch_flags: "--mem=1G\\ntouch {marker}"', "sbatch_flags must be sbatch options on one line, each written as "
+                                                 "--name=value or -Xvalue, none of --array, -a, --output, -o, "
+                                                 "--parsable, --export, --test-only (the step sets those), "
+                                                 "not '--mem=1G\\ntouch "),
+    ("sbatch_flags: --mem=1G {marker}.sh", "sbatch_flags must be sbatch options on one line"),  # sbatch's script
+    ("sbatch_flags: --mem 16G", "(the step sets those), not '--mem 16G'"),
+    ("sbatch_flags: --comment='unclosed", "sbatch_flags must be sbatch options on one line"),
+    ("sbatch_flags: --arr=0-99", "none of --array, -a, --output, -o, --parsable, --export, --test-only (the step "
+                                 "sets those), not '--arr=0-99'"),
+    ("sbatch_flags: -o/tmp/elsewhere", "(the step sets those), not '-o/tmp/elsewhere'"),
+    ("max_wait: forever", "max_wait must be a duration such as \"12:00:00\" or \"2-00:00:00\", not 'forever'"),
+]
+
+
 @pytest.mark.parametrize("case, message", [
     ("no sbatch", "launcher=slurm needs Slurm's sbatch, which is not on PATH"),
     ("sqlite", "is SQLite, which workers on other nodes cannot share"),
     ("bad partition", "sbatch refuses the job: invalid partition specified: nope"),
     ("unknown option", "unknown option 'queue'; allowed: partition, account, time"),
+    ("current directory", "holds a backslash or a control character, which Slurm's --output cannot take"),
+    *BAD_OPTIONS,
 ])
 def test_bad_slurm_input_is_one_line_before_anything_is_submitted(cluster, store, tiny_data, postgres_url, tmp_path,
                                                                    monkeypatch, capsys, case, message):
-    name, storage, args = study_name(), postgres_url, []
+    name, storage, args, here = study_name(), postgres_url, [], ROOT
+    marker = tmp_path / "ran"  # what a command smuggled into a value would create
     if case == "no sbatch":
         monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
     elif case == "sqlite":
         storage = f"sqlite:///{tmp_path}/optuna.db"
+    elif case == "current directory":
+        here = tmp_path / "back\\slash"
+        here.mkdir()
+        args = ["--search_space", os.path.join(ROOT, "search_space.yaml")]
     else:
-        (tmp_path / "slurm.yaml").write_text("partition: nope\n" if case == "bad partition" else "queue: gpu\n")
+        yaml_line = {"bad partition": "partition: nope", "unknown option": "queue: gpu"}.get(case, case)
+        (tmp_path / "slurm.yaml").write_text(yaml_line.format(marker=marker) + "\n")
         args = ["--slurm_config", str(tmp_path / "slurm.yaml")]
-    monkeypatch.chdir(ROOT)  # in this process: faster than a new interpreter per case
-    line = refused_script(monkeypatch, capsys, "steps/tune.py", *tune(storage, tiny_data, name, *args, *SMALL)[3:])
-    assert line.startswith("tune: error: ") and message in line
+    monkeypatch.chdir(here)  # in this process: faster than a new interpreter per case
+    line = refused_script(monkeypatch, capsys, os.path.join(ROOT, "steps", "tune.py"),
+                          *tune(storage, tiny_data, name, *args, "--n_trials", "1", *SMALL)[3:])
+    assert line.startswith("tune: error: ")
+    assert message.format(marker=marker) in line
     assert runs() == [] and name not in optuna.get_all_study_names(postgres_url)
-    assert not os.path.exists(tmp_path / "optuna.db")
+    assert not os.path.exists(tmp_path / "optuna.db") and not os.path.exists(marker)
+    assert jobs() == "" and job_folders(here) == []
+
+
+@pytest.mark.parametrize("yaml_line, message", [
+    ("partition: nope", "sbatch refuses the job: invalid partition specified: nope"),
+    ('partition: "debug\\necho {marker}"', "partition must be one or more partition names"),
+])
+def test_a_refused_job_through_mlflow_run_leaves_its_run_failed(cluster, store, tiny_data, postgres_url, tmp_path,
+                                                                yaml_line, message):
+    (tmp_path / "slurm.yaml").write_text(yaml_line.format(marker=tmp_path / "ran") + "\n")
+    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "launcher=slurm",
+                      "-P", f"slurm_config={tmp_path / 'slurm.yaml'}", "-P", f"storage={postgres_url}",
+                      "-P", f"data_dir={tiny_data}", "-P", "n_trials=1", "-P", "epochs=1")
+    assert result.returncode != 0
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("tune: error: ")]
+    assert message in line
+    assert [run.info.status for run in runs()] == ["FAILED"]
     assert jobs() == "" and job_folders() == []
 
 
-def test_a_refused_job_through_mlflow_run_leaves_its_run_failed(cluster, store, tiny_data, postgres_url, tmp_path):
-    (tmp_path / "slurm.yaml").write_text("partition: nope\n")
-    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "launcher=slurm",
-                      "-P", f"slurm_config={tmp_path / 'slurm.yaml'}", "-P", f"storage={postgres_url}",
-                      "-P", f"data_dir={tiny_data}")
-    assert result.returncode != 0
-    assert "tune: error: sbatch refuses the job: invalid partition specified: nope" in result.stderr
-    assert [run.info.status for run in runs()] == ["FAILED"]
-    assert jobs() == ""
+def submitted(*sbatch_args: str) -> str:
+    """A job submitted straight to the cluster (its output discarded); its id."""
+    done = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", *sbatch_args],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def until(condition, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"{what} did not happen within {timeout} s")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("requeued held", "is PENDING (held), which it leaves only when someone acts on it; cancelled job"),
+    ("special exit", "is SPECIAL_EXIT, which it leaves only when someone acts on it; cancelled job"),
+    ("overdue", "did not end within 0:00:00 (max_wait in slurm_config sets how long the step waits); cancelled job"),
+])
+def test_waiting_on_a_stuck_or_overdue_array_cancels_it_with_one_line(cluster, case, message):
+    if case == "overdue":
+        job = submitted("--array=0-1", "--wrap=sleep 600")
+    else:  # scontrol puts a job that ran back in the queue, held, as a node's health check or an admin may
+        job = submitted("--array=0", "--wrap=true")
+        until(lambda: slurm.task_states(job) == {"0": "COMPLETED"}, "the job's end")
+        subprocess.run(["scontrol", "requeuehold", *(["State=SpecialExit"] if case == "special exit" else []), job],
+                       check=True)
+    with pytest.raises(StepFailed) as failed:
+        slurm.wait(job, 0 if case == "overdue" else 3600)
+    assert message in str(failed.value) and len(str(failed.value).splitlines()) == 1
+    assert slurm.ended(slurm.task_states(job)) and jobs() == ""
+
+
+def test_a_tune_whose_array_is_held_ends_with_one_line_and_nothing_left_running(cluster, store, tiny_data,
+                                                                               postgres_url, tmp_path):
+    (tmp_path / "slurm.yaml").write_text("sbatch_flags: --hold\n")  # held until released: never, here
+    name = study_name()
+    result = python_step(*tune(postgres_url, tiny_data, name, "--slurm_config", str(tmp_path / "slurm.yaml"),
+                               *SMALL)[2:], timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("tune: error: Slurm task ") and "is PENDING (held)" in line and "; cancelled job" in line
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    assert mlflow.get_run(study.user_attrs[tuning.PARENT_RUN_ATTR]).info.status == "FAILED"
+    no_run_or_trial_left_running(postgres_url, name)
+    assert jobs() == "" and job_folders() == []
+
+
+def test_a_tune_from_a_project_path_with_a_space_runs_on_slurm(cluster, store, tiny_data, postgres_url, tmp_path):
+    project = tmp_path / "my project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", slurm.JOBS_FOLDER, "__pycache__"))
+    # with an unquoted time (a number to YAML 1.1) and a flag whose value holds a space
+    (project / "slurm.yaml").write_text('time: 2:00:00\nsbatch_flags: --comment="from my project"\n')
+    name = study_name()
+    result = subprocess.run(tune(postgres_url, tiny_data, name, "--slurm_config", "slurm.yaml", "--n_trials", "1",
+                                 *SMALL), cwd=project, env=step_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    [trial] = study.trials
+    assert trial.state.name == "COMPLETE"
+    job = trial.user_attrs[tuning.SLURM_JOB_ATTR]
+    assert f"Slurm task {job}_0: COMPLETED" in result.stdout
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    assert "Comment=from my project" in shown and "TimeLimit=02:00:00" in shown
+    parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
+    assert "slurm/task-0.out" in {f.path for f in mlflow.MlflowClient().list_artifacts(parent_id, "slurm")}
+    assert job_folders(project) == []
 
 
 def test_a_step_as_a_slurm_job_logs_to_the_same_store_tagged_with_the_job(cluster, store, tiny_data, tmp_path):
