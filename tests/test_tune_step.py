@@ -11,9 +11,10 @@ import numpy as np
 import optuna
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
 from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
-from mnistflow import config, tuning
+from mnistflow import tuning
 from mnistflow.config import TuneConfig
 
 PLOTS = {f"plots/{name}.png" for name in tuning.STUDY_PLOTS}
@@ -119,7 +120,7 @@ def test_two_workers_on_postgresql_run_exactly_the_asked_trials(store, tiny_data
 def test_a_plain_postgresql_url_takes_the_installed_driver_and_a_longer_name_than_it_holds_is_refused(
         store, tiny_data, postgres_url):
     plain = postgres_url.replace("postgresql+psycopg2://", "postgresql://")  # SQLAlchemy's default is psycopg 3
-    longest = f"pg-{time.time_ns()}-".ljust(config.STUDY_NAME_MAX, "n")
+    longest = f"pg-{time.time_ns()}-".ljust(MAX_INDEXED_STRING_LENGTH, "n")  # the study_name column's size
     cfg = TuneConfig(storage=plain, study_name=longest).validate()
     assert tuning.open_study(cfg, tuning.open_storage(cfg)).study_name == longest
     result = python_step("steps.tune", *tune_args(plain, tiny_data), "--study_name", longest + "n")
