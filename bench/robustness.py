@@ -16,11 +16,12 @@ import datetime
 import socket
 import sys
 import time
+from typing import NoReturn
 
 from mnistflow import data as datasets
 from mnistflow import logged_model, plots, robustness
-from mnistflow.config import OneLineParser, parse_bool, unwritable
-from mnistflow.errors import DataError, ModelError
+from mnistflow.config import SEEDS, OneLineParser, parse_bool, unwritable_image
+from mnistflow.errors import DataError, ModelError, OutputError
 
 DEFAULT_MODEL = "models:/MNIST_CNN@production"
 
@@ -39,8 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model_uris = args.model_uris or [DEFAULT_MODEL]
     if args.n < 1:
         parser.error(f"--n {args.n} is not allowed; it must be >= 1")
-    if unwritable(args.plot):
-        parser.error(f"--plot {args.plot}: cannot write this file ({unwritable(args.plot)})")
+    if not 0 <= args.seed < SEEDS:
+        parser.error(f"--seed {args.seed} is not allowed; it must be in [0, {SEEDS - 1}]")
+    if unwritable_image(args.plot):
+        parser.error(f"--plot {args.plot}: cannot write this file ({unwritable_image(args.plot)})")
     return args
 
 
@@ -69,14 +72,18 @@ def table(results: dict, dataset: str) -> str:
     return "\n".join(rows)
 
 
+def refuse(exc: Exception) -> NoReturn:
+    print(f"robustness: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         models, dataset = load_models(args)
         data = datasets.load(dataset, args.data_dir)
     except (ModelError, DataError) as exc:
-        print(f"robustness: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        refuse(exc)
     start = time.perf_counter()
     results = {uri: robustness.scores(model, data, args.n, args.seed) for uri, model in models.items()}
     took = time.perf_counter() - start
@@ -87,8 +94,12 @@ def main(argv=None) -> None:
     if args.plot:
         figure = plots.conditions(robustness.examples(data, args.seed),
                                   f"{dataset}: one test image under each condition (seed {args.seed})")
-        figure.savefig(args.plot, dpi=100)
-        plots.close(figure)
+        try:
+            plots.save(figure, args.plot)
+        except OutputError as exc:
+            refuse(exc)
+        finally:
+            plots.close(figure)
         print(f"\nwrote {args.plot}")
 
 

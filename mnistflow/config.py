@@ -4,6 +4,7 @@ Every field is a command-line flag (`--epochs 5`) and an MLproject parameter (`-
 """
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -42,6 +43,13 @@ ALIAS = re.compile(r"[A-Za-z0-9_-]+")
 # would end the filter strings they are put into.
 MODEL_NAME = re.compile(r"\w[\w.\- ]*")
 METRIC = re.compile(r"[\w./\- :]+")
+# Upper limits, where a larger number breaks something rather than only taking longer.
+MAX_LR = 10.0                # far above any rate that trains these nets (fit stops a run that diverges)
+MAX_WEIGHT_DECAY = 1.0       # beyond it the decay outweighs the data whatever the rate
+SEEDS = 2**32                # numpy and Optuna's samplers take seeds in [0, 2**32)
+MAX_HEARTBEAT_S = 86_400     # a day; a wait longer than threading allows ends Optuna's heartbeat thread silently
+MAX_WORKERS = 1000           # Slurm's default MaxArraySize allows 1001 tasks; as many local processes would thrash
+STUDY_NAME_MAX = 512         # the study_name column of Optuna's RDB storage (tests/test_config.py keeps them equal)
 
 
 @dataclass
@@ -75,6 +83,7 @@ class TrainConfig:
     resume: str = ""            # a run id to continue
 
     def validate(self) -> "TrainConfig":
+        _check_numbers(self)
         if self.resume:
             return self  # the run's own settings apply; `resumed` checks the flags given against them
         for name, allowed in (("dataset", DATASETS), ("model", ("auto", *MODELS)), ("optimizer", OPTIMIZERS),
@@ -89,10 +98,12 @@ class TrainConfig:
             if getattr(self, name) == "auto":
                 setattr(self, name, value)
         for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("max_train_samples", 0),
-                          ("log_every", 1), ("weight_decay", 0)):
+                          ("log_every", 1)):
             _at_least(self, name, low)
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} is not allowed; it must be > 0")
+        if not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"lr={self.lr} is not allowed; it must be in (0, {MAX_LR:g}]")
+        _in_range(self, "weight_decay", 0, MAX_WEIGHT_DECAY)
+        _in_range(self, "seed", 0, SEEDS - 1)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction} is not allowed; it must be in (0, 1)")
         if not 0 <= self.label_smoothing < 1:
@@ -144,19 +155,27 @@ class TuneConfig:
     system_metrics: bool = True  # MLflow's system metrics (CPU, memory, GPU) on each trial's run
 
     def validate(self) -> "TuneConfig":
+        _check_numbers(self)
         _choose(self, "dataset", DATASETS)
         _choose(self, "sampler", SAMPLERS)
         _choose(self, "pruner", PRUNERS)
         _choose(self, "launcher", LAUNCHERS)
         if self.slurm_config and self.launcher != "slurm":
             raise ConfigError(f"slurm_config={self.slurm_config} is for launcher=slurm, not launcher={self.launcher}")
-        for name, low in (("n_trials", 0), ("timeout", 0), ("epochs", 1), ("workers", 1),
-                          ("max_train_samples", 0), ("heartbeat_s", 1)):
+        for name, low in (("n_trials", 0), ("timeout", 0), ("epochs", 1), ("max_train_samples", 0)):
             _at_least(self, name, low)
         if self.n_trials < 1 and not self.timeout:
             raise ConfigError(f"n_trials={self.n_trials} with no timeout would never stop; "
                               "give n_trials >= 1 or a timeout in seconds")
+        _in_range(self, "workers", 1, MAX_WORKERS)
+        _in_range(self, "heartbeat_s", 1, MAX_HEARTBEAT_S)
+        if not 0 <= self.seed <= SEEDS - self.workers:  # worker i seeds its sampler with seed + i
+            raise ConfigError(f"seed={self.seed} is not allowed; with workers={self.workers} it must be in "
+                              f"[0, {SEEDS - self.workers}] (worker i seeds its sampler with seed + i)")
         self.study_name = self.study_name or f"{self.dataset}-cnn"
+        if len(self.study_name) > STUDY_NAME_MAX:
+            raise ConfigError(f"study_name {self.study_name[:40]!r}... ({len(self.study_name)} characters) is not "
+                              f"allowed; an Optuna storage holds names of at most {STUDY_NAME_MAX} characters")
         refuse_storage_password(self.storage)
         return self
 
@@ -181,6 +200,7 @@ class PipelineConfig:
     force: bool = False         # rerun every step, even one that already ran with the same parameters
 
     def validate(self) -> "PipelineConfig":
+        _check_numbers(self)
         _choose(self, "dataset", DATASETS)
         for name, low in (("epochs", 1), ("n_trials", 1), ("tune_epochs", 1), ("max_train_samples", 0)):
             _at_least(self, name, low)
@@ -200,6 +220,7 @@ class ProgressiveConfig:
     force: bool = False
 
     def validate(self) -> "ProgressiveConfig":
+        _check_numbers(self)
         _choose(self, "dataset", DATASETS)
         _at_least(self, "epochs", 1)
         _at_least(self, "max_train_samples", 0)
@@ -241,6 +262,7 @@ class RegisterConfig:
     allow_pickled_models: bool = False  # load models mnistflow did not log (they may run code on load)
 
     def validate(self) -> "RegisterConfig":
+        _check_numbers(self)
         if self.dataset:
             _choose(self, "dataset", DATASETS)
         if self.model_name and not MODEL_NAME.fullmatch(self.model_name):
@@ -298,14 +320,16 @@ class PredictConfig:
     allow_pickled_models: bool = False  # load models mnistflow did not log (they may run code on load)
 
     def validate(self) -> "PredictConfig":
+        _check_numbers(self)
         # `mlflow run -P images="a.png b.png"` passes one argument; split those that name no file.
         self.images = [path for arg in self.images for path in ([arg] if os.path.exists(arg) else arg.split())]
         if not self.images:
             raise ConfigError("images: give at least one image file")
         if not 1 <= self.top <= 10:
             raise ConfigError(f"top={self.top} is not allowed; it must be in 1..10")
-        for name in ("plot", "payload"):  # before any work: nothing is done for an output that cannot be written
-            _writable(self, name)
+        # Before any work: nothing is done for an output that cannot be written.
+        _writable(self, "plot", unwritable_image)
+        _writable(self, "payload")
         return self
 
 
@@ -318,7 +342,7 @@ class PlotLossConfig:
         if not self.run_id:
             raise ConfigError("run_id: give the id of a train run or a tune parent run")
         self.out = self.out or f"plot_loss_{self.run_id}.png"
-        _writable(self, "out")
+        _writable(self, "out", unwritable_image)
         return self
 
 
@@ -327,16 +351,26 @@ def _choose(cfg, name: str, allowed) -> None:
         raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; choose from {', '.join(allowed)}")
 
 
+def _check_numbers(cfg) -> None:
+    """Every int and float setting holds a number of its kind, and a finite one. argparse reads
+    `nan` and `inf` as floats (NaN fails every comparison, so a range check alone lets it
+    through), and a YAML file or a caller may give any type."""
+    for setting in dataclasses.fields(cfg):
+        value = getattr(cfg, setting.name)
+        if setting.type is int and type(value) is not int:
+            raise ConfigError(f"{setting.name}={value!r} is not allowed; it must be a whole number")
+        if setting.type is float and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise ConfigError(f"{setting.name}={value!r} is not allowed; it must be a finite number")
+
+
 def _at_least(cfg, name: str, low) -> None:
-    if getattr(cfg, name) < low:
+    if not getattr(cfg, name) >= low:
         raise ConfigError(f"{name}={getattr(cfg, name)} is not allowed; it must be >= {low}")
 
 
-def _writable(cfg, name: str) -> None:
-    path = getattr(cfg, name)
-    reason = unwritable(path)
-    if reason:
-        raise ConfigError(f"{name}={path}: cannot write this file ({reason})")
+def _in_range(cfg, name: str, low, high) -> None:
+    if not low <= getattr(cfg, name) <= high:
+        raise ConfigError(f"{name}={getattr(cfg, name)} is not allowed; it must be in [{low}, {high}]")
 
 
 def unwritable(path: str) -> str:
@@ -350,11 +384,37 @@ def unwritable(path: str) -> str:
         return f"no folder {folder}"
     if os.path.exists(path) and not os.access(path, os.W_OK):
         return "the file is read-only"
+    name_max = os.pathconf(folder, "PC_NAME_MAX")
+    if len(os.fsencode(os.path.basename(path))) > name_max:
+        return f"its name is longer than the {name_max} bytes {folder} allows"
     try:
         tempfile.TemporaryFile(dir=folder).close()  # what the folder allows, even to root on a read-only disk
     except OSError as exc:
         return f"{folder}: {exc.strerror}"
     return ""
+
+
+def unwritable_image(path: str) -> str:
+    """Why no figure can be saved at `path` ("" when one can, or when no path is given): what
+    `unwritable` says, or a name that does not end in a format matplotlib writes (without one,
+    matplotlib would add .png to the name)."""
+    if not path:
+        return ""
+    # Imported here: reading the flags of steps that draw nothing needs no matplotlib.
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if os.path.splitext(path)[1][1:].lower() not in formats:
+        return "its name must end in a format matplotlib writes: " + ", ".join(f".{name}" for name in formats)
+    return unwritable(path)
+
+
+def _writable(cfg, name: str, check=unwritable) -> None:
+    """ConfigError when the file that setting `name` names cannot be written, as `check` tells."""
+    path = getattr(cfg, name)
+    reason = check(path)
+    if reason:
+        raise ConfigError(f"{name}={path}: cannot write this file ({reason})")
 
 
 # The Optuna storage URL when it holds a password: read by the tune step, never logged or printed.

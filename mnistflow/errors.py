@@ -33,6 +33,15 @@ class DataError(StepError):
     """The dataset's files are missing or cannot be read."""
 
 
+class OutputError(StepError):
+    """An output file (a plot, a payload) that could not be written where it was asked for."""
+
+
+class Diverged(StepError):
+    """Training stopped: its loss became NaN or infinite, and so would every later epoch's."""
+    exit_code = 1
+
+
 class ImageError(StepError):
     """An image file that is missing, empty, not an image, too large, or shows nothing."""
 

@@ -51,7 +51,7 @@ def save_and_log(run_id: str, path: str) -> None:
     """Draw the run's plot_loss, save it at `path`, then log it to that run as ARTIFACT."""
     figure = draw(run_id)
     try:
-        figure.savefig(path, dpi=100)
+        plots.save(figure, path)
         mlflow.MlflowClient().log_figure(run_id, figure, ARTIFACT)
     finally:
         plots.close(figure)

@@ -5,9 +5,20 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mnistflow.errors import OutputError  # noqa: E402
+
 
 def close(figure) -> None:
     plt.close(figure)
+
+
+def save(figure, path: str) -> None:
+    """Write a figure to the file `path` (its format by the name's ending, which
+    config.unwritable_image checks first); OutputError if the file cannot be written."""
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def confusion_matrix(cm: np.ndarray, classes: list[str]):

@@ -4,6 +4,7 @@
 callables it is given, so tuning, benchmarks and tests reuse the same loop.
 """
 import copy
+import math
 import os
 import random
 import time
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistflow.config import TrainConfig
-from mnistflow.errors import ConfigError
+from mnistflow.errors import ConfigError, Diverged
 from mnistflow import augment
 from mnistflow.data import Data, Split
 
@@ -145,9 +146,20 @@ def train_epoch(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.de
         seen += len(y)
         step = (epoch - 1) * steps + i + 1
         if step % cfg.log_every == 0:
-            log_metrics({"loss": plain_loss.item()}, step)
+            loss_value = plain_loss.item()
+            log_metrics({"loss": loss_value}, step)
+            stop_if_diverged(epoch, loss=loss_value)  # read for the log anyway: no extra wait for a GPU
     return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
             "images_per_s": seen / (time.perf_counter() - start)}
+
+
+def stop_if_diverged(epoch: int, **losses: float) -> None:
+    """Diverged when a loss is NaN or infinite: the weights are no longer numbers, and no later
+    epoch brings them back."""
+    lost = ", ".join(f"{name}={value}" for name, value in losses.items() if not math.isfinite(value))
+    if lost:
+        raise Diverged(f"training diverged in epoch {epoch} ({lost}); no model is kept: "
+                       "try a lower lr or weight_decay")
 
 
 def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
@@ -159,7 +171,8 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
 
     After each epoch: save a checkpoint if asked, log its metrics, and call `on_epoch_end`
     (tuning uses it to prune). Returns the final state, with the weights of the best epoch
-    loaded into `model`.
+    loaded into `model`. Diverged as soon as a loss is NaN or infinite, before that epoch is
+    checkpointed.
     """
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -179,6 +192,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         start = time.perf_counter()
         trained = train_epoch(cfg, model, data, device, optimizer, scheduler, shuffle, epoch, log_metrics)
         val_loss, val_accuracy, _ = evaluate(model, data.val, device)
+        stop_if_diverged(epoch, train_loss=trained["train_loss"], val_loss=val_loss)
         metrics = {"train_loss": trained["train_loss"], "train_accuracy": trained["train_accuracy"],
                    "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": optimizer.param_groups[0]["lr"],
                    "epoch_time_s": time.perf_counter() - start, "images_per_s": trained["images_per_s"]}

@@ -141,7 +141,7 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
     lock up front (BEGIN IMMEDIATE) and waits for it: otherwise two workers that read, then
     write, fail with "database is locked". PostgreSQL needs none of this and spans machines.
     """
-    url = storage_url(cfg)
+    url = with_installed_driver(storage_url(cfg))
     try:
         sqlite = sqlalchemy.engine.make_url(url).get_backend_name() == "sqlite"
         with warnings.catch_warnings():
@@ -165,6 +165,13 @@ def storage_url(cfg: TuneConfig) -> str:
     """The storage parameter, else the whole URL in $MNISTFLOW_OPTUNA_STORAGE (which may hold a
     password), else SQLite in the current directory."""
     return cfg.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def with_installed_driver(url: str) -> str:
+    """A PostgreSQL URL that names no driver, with the one the project installs: SQLAlchemy would
+    pick psycopg 3 (`postgresql+psycopg://`), the project has psycopg2."""
+    scheme, separator, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if separator and scheme.lower() == "postgresql" else url
 
 
 def storage_label(cfg: TuneConfig) -> str:

@@ -12,7 +12,7 @@ import helpers
 from mnistflow import data as datasets
 from mnistflow import logged_model, models, report, tracking
 from mnistflow.config import TrainConfig
-from mnistflow.errors import StepError
+from mnistflow.errors import Diverged, StepError
 from mnistflow.train import evaluate, fit, seed_everything, select_device
 
 config = helpers.load_config("ex1.yaml")
@@ -41,7 +41,10 @@ with mlflow.start_run(run_name=f"example1-{train_cfg.model}") as run:
     def log_metrics(metrics: dict, step: int) -> None:
         mlflow.log_metrics(metrics, step=step)
 
-    state = fit(train_cfg, net, data, device, log_metrics=log_metrics)
+    try:
+        state = fit(train_cfg, net, data, device, log_metrics=log_metrics)
+    except Diverged as exc:  # leaving the `with` block on an error ends the run FAILED
+        helpers.error(str(exc), exc.exit_code)
 
     test_loss, test_accuracy, _ = evaluate(net, data.test, device)
     mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})

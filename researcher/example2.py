@@ -13,20 +13,20 @@ import optuna
 import helpers
 from mnistflow import data as datasets
 from mnistflow import models, tracking
-from mnistflow.config import TrainConfig
-from mnistflow.errors import ConfigError, StepError
+from mnistflow.config import MAX_LR, TrainConfig
+from mnistflow.errors import ConfigError, Diverged, StepError
 from mnistflow.train import fit, seed_everything, select_device
 
 config = helpers.load_config("ex2.yaml")
 try:  # every setting checked and the data read before MLflow gets anything
     if config["trials"] < 1:
         raise ConfigError(f"trials={config['trials']} is not allowed; it must be >= 1")
-    if not 0 < config["lr_low"] < config["lr_high"]:
+    if not 0 < config["lr_low"] < config["lr_high"] <= MAX_LR:
         raise ConfigError(f"lr_low={config['lr_low']}, lr_high={config['lr_high']} are not allowed; "
-                          "they must be 0 < lr_low < lr_high")
+                          f"they must be 0 < lr_low < lr_high <= {MAX_LR:g}")
     if not config["batch_sizes"] or not all(type(size) is int and size >= 1 for size in config["batch_sizes"]):
         raise ConfigError(f"batch_sizes={config['batch_sizes']} is not allowed; give a list of whole numbers >= 1")
-    TrainConfig(dataset=config["dataset"], model=config["model"], epochs=config["epochs"],
+    TrainConfig(dataset=config["dataset"], model=config["model"], epochs=config["epochs"], seed=config["seed"],
                 max_train_samples=config["max_train_samples"]).validate()  # the train step's own rules
     data = datasets.load(config["dataset"], config["data_dir"], seed=config["seed"],
                          max_train_samples=config["max_train_samples"])
@@ -60,7 +60,10 @@ with mlflow.start_run(run_name="example2-study") as parent:
     mlflow.set_tags(tracking.run_tags("tuning", config["dataset"], note="researcher example 2"))
     # A seeded sampler makes the same config search the same settings again.
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config["seed"]))
-    study.optimize(objective, n_trials=config["trials"])
+    try:
+        study.optimize(objective, n_trials=config["trials"])
+    except Diverged as exc:  # leaving the `with` blocks on an error ends the trial's run and this one FAILED
+        helpers.error(str(exc), exc.exit_code)
     # The outcome belongs to the parent: the best value as a metric, the best settings as params.
     mlflow.log_metric("best_val_accuracy", study.best_value)
     mlflow.log_params({f"best_{name}": value for name, value in study.best_params.items()})

@@ -8,6 +8,7 @@ epoch boundaries marked; a parent run (a tune study, example 2) its trials' vali
 overlaid. The same code runs as the project's `plot_loss` step: mnistflow/plot_loss.py.
 """
 import helpers
+from mnistflow.config import unwritable_image
 from mnistflow.errors import StepError
 from mnistflow.plot_loss import ARTIFACT, save_and_log
 
@@ -16,10 +17,10 @@ helpers.use_tracking(config)
 if not config["run_id"]:
     helpers.error("give a run id: --run-id <id>")
 out = config["out"] or f"plot_loss_{config['run_id']}.png"
+if unwritable_image(out):  # before any drawing
+    helpers.error(f"out={out}: cannot write this file ({unwritable_image(out)})")
 try:
     save_and_log(config["run_id"], out)  # saved first: logged only once written
 except StepError as exc:
     helpers.error(str(exc))
-except OSError as exc:
-    helpers.error(f"cannot write {out}: {exc.strerror or exc}")
 print(f"wrote {out} and logged it to run {config['run_id']} as {ARTIFACT}")

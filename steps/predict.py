@@ -16,12 +16,22 @@ import numpy as np
 
 from mnistflow import cli, images, logged_model, plots
 from mnistflow.config import PredictConfig
+from mnistflow.errors import OutputError
 
 
 def class_names(model) -> list[str]:
     # Models logged by mnistflow carry their class names; others are shown by index.
     metadata = model.metadata.metadata or {}
     return metadata.get("classes") or [str(i) for i in range(10)]
+
+
+def write_payload(path: str, inputs: np.ndarray) -> None:
+    """The inputs as the JSON body `mlflow models serve` takes; OutputError if the file cannot be written."""
+    try:
+        with open(path, "w") as f:
+            json.dump({"inputs": inputs.round(4).tolist()}, f)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def predict(cfg: PredictConfig) -> None:
@@ -41,12 +51,13 @@ def predict(cfg: PredictConfig) -> None:
         print(predictions[-1], flush=True)
     if cfg.plot:
         figure = plots.predictions(originals, inputs, probs, names, [os.path.basename(p) for p in cfg.images])
-        figure.savefig(cfg.plot, dpi=100)
-        plots.close(figure)
+        try:
+            plots.save(figure, cfg.plot)
+        finally:
+            plots.close(figure)
         print(f"wrote {cfg.plot}")
     if cfg.payload:
-        with open(cfg.payload, "w") as f:
-            json.dump({"inputs": inputs.round(4).tolist()}, f)
+        write_payload(cfg.payload, inputs)
         print(f"wrote {cfg.payload} ({len(inputs)} images) for POST /invocations")
     cli.describe_launcher(launcher_run, f"predict-{len(cfg.images)}-images",
                           f"classified with {cfg.model_uri}:\n\n" + "\n".join(f"- {line}" for line in predictions))

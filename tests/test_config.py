@@ -5,11 +5,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
+import mlflow
 import pytest
 import yaml
+from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
-from conftest import ROOT
+from conftest import EXPERIMENT, ROOT, run_step
 from mnistflow import augment, config, data, models
 
 CONFIGS = {
@@ -93,3 +96,79 @@ def test_every_flag_takes_its_dashed_spelling_too():
     cfg = config.parse(config.TrainConfig, "train", "", ["--max-train-samples", "7", "--max_train_samples", "8"])
     assert cfg.max_train_samples == 8
     assert config.parse(config.PlotLossConfig, "plot_loss", "", ["--run-id", "abc"]).run_id == "abc"
+
+
+def test_the_limits_config_checks_are_the_ones_of_the_libraries():
+    assert config.STUDY_NAME_MAX == MAX_INDEXED_STRING_LENGTH  # its study_name column
+    assert 2 * config.MAX_HEARTBEAT_S < threading.TIMEOUT_MAX  # the grace period is twice the heartbeat
+
+
+# What each entry point needs besides the flag under test.
+REQUIRED = {"predict": ["--images", "digit.png"], "plot_loss": ["--run_id", "abc"]}
+TOO_LONG = "s" * 9000
+
+
+@pytest.mark.parametrize("entry_point, args, message", [
+    ("train", ["--lr", "inf"], "lr=inf is not allowed; it must be a finite number"),
+    ("train", ["--lr", "nan"], "lr=nan is not allowed; it must be a finite number"),
+    ("train", ["--lr", "1e30"], "lr=1e+30 is not allowed; it must be in (0, 10]"),
+    ("train", ["--weight_decay", "inf"], "weight_decay=inf is not allowed; it must be a finite number"),
+    ("train", ["--weight_decay", "nan"], "weight_decay=nan is not allowed; it must be a finite number"),
+    ("train", ["--weight_decay", "5"], "weight_decay=5.0 is not allowed; it must be in [0, 1.0]"),
+    ("train", ["--momentum", "nan"], "momentum=nan is not allowed; it must be a finite number"),
+    ("train", ["--label_smoothing=-inf"], "label_smoothing=-inf is not allowed; it must be a finite number"),
+    ("train", ["--val_fraction", "nan"], "val_fraction=nan is not allowed; it must be a finite number"),
+    ("train", ["--seed", "-1"], "seed=-1 is not allowed; it must be in [0, 4294967295]"),
+    ("train", ["--seed", "12345678901234567890"], "seed=12345678901234567890 is not allowed; it must be in [0, "),
+    ("train", ["--batch_size", "1e3"], "argument --batch_size/--batch-size: invalid int value: '1e3'"),
+    ("tune", ["--seed", "-1"], "seed=-1 is not allowed; with workers=1 it must be in [0, 4294967295]"),
+    ("tune", ["--seed", "4294967295", "--workers", "2"],
+     "seed=4294967295 is not allowed; with workers=2 it must be in [0, 4294967294] (worker i seeds its sampler "
+     "with seed + i)"),
+    ("tune", ["--heartbeat_s", "100000000000"], "heartbeat_s=100000000000 is not allowed; it must be in [1, 86400]"),
+    ("tune", ["--heartbeat_s", "1e11"], "argument --heartbeat_s/--heartbeat-s: invalid int value: '1e11'"),
+    ("tune", ["--workers", "100000000"], "workers=100000000 is not allowed; it must be in [1, 1000]"),
+    ("tune", ["--study_name", TOO_LONG], "study_name 'ssssssssssssssssssssssssssssssssssssssss'... (9000 characters) "
+                                         "is not allowed; an Optuna storage holds names of at most 512 characters"),
+    ("main", ["--min_accuracy", "nan"], "min_accuracy=nan is not allowed; it must be a finite number"),
+    ("main", ["--recall_margin", "inf"], "recall_margin=inf is not allowed; it must be a finite number"),
+    ("main", ["--min_robust_accuracy", "nan"], "min_robust_accuracy=nan is not allowed; it must be a finite number"),
+    ("main", ["--epochs", "-3"], "epochs=-3 is not allowed; it must be >= 1"),
+    ("register", ["--max_latency_ms", "inf"], "max_latency_ms=inf is not allowed; it must be a finite number"),
+    ("register", ["--max_size_mb", "nan"], "max_size_mb=nan is not allowed; it must be a finite number"),
+    ("register", ["--min_accuracy=-inf"], "min_accuracy=-inf is not allowed; it must be a finite number"),
+    ("progressive", ["--max_train_samples", "-1"], "max_train_samples=-1 is not allowed; it must be >= 0"),
+    ("predict", ["--top", "0"], "top=0 is not allowed; it must be in 1..10"),
+])
+def test_a_number_that_is_not_one_or_out_of_range_is_one_line(capsys, entry_point, args, message):
+    """Every flag that takes a number, in this process: the steps read their flags through
+    config.parse before any work (their command lines are run below)."""
+    with pytest.raises(SystemExit) as exited:
+        config.parse(CONFIGS[entry_point], entry_point, "", [*REQUIRED.get(entry_point, []), *args])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and line.startswith(f"{entry_point}: error: {message}"), line
+
+
+# Each entry point once through `mlflow run`, which passes every parameter as text.
+@pytest.mark.parametrize("entry_point, parameters, message", [
+    ("train", ["lr=inf"], "train: error: lr=inf is not allowed; it must be a finite number"),
+    ("tune", ["seed=-1"], "tune: error: seed=-1 is not allowed"),
+    ("main", ["min_accuracy=nan"], "main: error: min_accuracy=nan is not allowed; it must be a finite number"),
+    ("progressive", ["epochs=1.5"], "progressive: error: argument --epochs: invalid int value: '1.5'"),
+    ("register", ["max_size_mb=inf"], "register: error: max_size_mb=inf is not allowed; it must be a finite number"),
+    ("predict", ["images=digit.png", "plot=preds.txt"], "predict: error: plot=preds.txt: cannot write this file "
+                                                        "(its name must end in a format matplotlib writes: "),
+    ("plot_loss", ["run_id=abc", "out=loss.txt"], "plot_loss: error: out=loss.txt: cannot write this file "
+                                                  "(its name must end in a format matplotlib writes: "),
+])
+def test_a_bad_number_or_output_through_mlflow_run_is_one_line_and_no_running_run(store, entry_point, parameters,
+                                                                                 message):
+    result = run_step("mlflow", "run", ".", "-e", entry_point, "--env-manager", "local",
+                      *[arg for parameter in parameters for arg in ("-P", parameter)])
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith(f"{entry_point}: ")]
+    assert line.startswith(message), line
+    # Only the run `mlflow run` opened, ended FAILED; nothing else, no file.
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert not {"preds.txt", "loss.txt"} & set(os.listdir(ROOT))

@@ -95,3 +95,34 @@ def test_bad_run_ids_are_one_line_and_log_nothing(registry_store, tmp_path, caps
                                     filter_string="tags.`mlflow.project.entryPoint` = 'plot_loss'"
                                                   f" and params.run_id = '{bare.info.run_id}'")
     assert launcher.info.status == "FAILED" and "mlflow.note.content" not in launcher.data.tags
+
+
+
+def run_with_losses() -> str:
+    with mlflow.start_run() as run:
+        for epoch in (1, 2):
+            mlflow.log_metrics({"train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch}, step=epoch)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("loss.txt", "its name must end in a format matplotlib writes: "),
+    ("l" * 300 + ".png", "its name is longer than the 255 bytes "),
+])
+def test_an_out_that_cannot_be_saved_is_refused_before_drawing(store, tmp_path, capsys, name, reason):
+    run_id, out = run_with_losses(), tmp_path / "plots" / name
+    out.parent.mkdir()
+    with pytest.raises(SystemExit) as exited:
+        plot_loss.main(["--run_id", run_id, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"plot_loss: error: out={out}: cannot write this file ({reason}")
+    assert err.count("\n") == 1 and list(out.parent.iterdir()) == [] and logged(run_id) == set()
+
+
+def test_an_out_that_fails_to_write_is_one_line_and_logs_nothing(store, tmp_path, capsys):
+    run_id, out = run_with_losses(), tmp_path / "loss.png"
+    out.symlink_to("/dev/full")  # writable by every check made before drawing, full when written
+    with pytest.raises(SystemExit) as exited:
+        plot_loss.main(["--run_id", run_id, "--out", str(out)])
+    assert exited.value.code == 2 and logged(run_id) == set()
+    assert capsys.readouterr().err == f"plot_loss: error: cannot write {out}: No space left on device\n"

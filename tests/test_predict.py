@@ -186,6 +186,11 @@ def test_predict_unknown_model_is_one_line_and_exit_2(registry_store, tmp_path):
     ("--plot", "/no/such/folder/p.png", "no folder /no/such/folder"),
     ("--payload", "{tmp}", "it is a folder"),
     ("--plot", "/sys/p.png", "/sys: "),  # sysfs takes no new files, not even from root
+    # matplotlib picks the format by the name's ending; with none it writes to <name>.png
+    ("--plot", "{tmp}/preds.txt", "its name must end in a format matplotlib writes: .avif, .eps, "),
+    ("--plot", "/dev/full", "its name must end in a format matplotlib writes: "),
+    ("--plot", "{tmp}/" + "p" * 296 + ".png", "its name is longer than the 255 bytes "),
+    ("--payload", "{tmp}/" + "p" * 300, "its name is longer than the 255 bytes "),
 ])
 def test_predict_output_that_cannot_be_written_is_refused_before_any_work(registry_store, tmp_path, capsys,
                                                                           flag, path, reason):
@@ -197,6 +202,18 @@ def test_predict_output_that_cannot_be_written_is_refused_before_any_work(regist
     assert exited.value.code == 2 and out.out == ""  # no model loaded, nothing predicted
     assert out.err.startswith(f"predict: error: {flag[2:]}={path}: cannot write this file ({reason}")
     assert out.err.count("\n") == 1 and sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("flag, name", [("--plot", "predictions.png"), ("--payload", "payload.json")])
+def test_predict_output_that_fails_to_write_is_one_line_and_exit_2(registry_store, tmp_path, capsys, flag, name):
+    full = tmp_path / name  # writable by every check made before the work, full when written
+    full.symlink_to("/dev/full")
+    with pytest.raises(SystemExit) as exited:
+        predict.main(["--model_uri", f"runs:/{registry_store.good}/model", "--images", write_pngs(tmp_path)[0],
+                      flag, str(full)])
+    out = capsys.readouterr()
+    assert exited.value.code == 2 and "digit0.png: " in out.out and "wrote" not in out.out
+    assert out.err == f"predict: error: cannot write {full}: No space left on device\n"
 
 
 def test_mlflow_run_predict_refuses_an_unwritable_payload(registry_store, tmp_path):

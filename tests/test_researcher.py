@@ -65,6 +65,16 @@ def test_a_bad_override_is_refused(store, tiny_data):
     ("example2.py", ["--batch_sizes", "[0, 64]"], "batch_sizes=[0, 64] is not allowed; give a list of whole numbers >= 1"),
     ("example2.py", ["--batch_sizes", "64"], "argument --batch-sizes/--batch_sizes: '64' is not a list"),
     ("example2.py", ["--lr_low", "0.1"], "lr_low=0.1, lr_high=0.03 are not allowed; they must be 0 < lr_low < lr_high"),
+    ("example1.py", ["--lr", "inf"], "lr=inf is not allowed; it must be a finite number"),
+    ("example1.py", ["--lr", "nan"], "lr=nan is not allowed; it must be a finite number"),
+    ("example1.py", ["--seed", "-1"], "seed=-1 is not allowed; it must be in [0, 4294967295]"),
+    ("example1.py", ["--seed", "12345678901234567890"], "seed=12345678901234567890 is not allowed"),
+    ("example2.py", ["--seed", "-1"], "seed=-1 is not allowed; it must be in [0, 4294967295]"),
+    ("example2.py", ["--lr_high", "inf"], "lr_low=0.001, lr_high=inf are not allowed; they must be 0 < lr_low < "
+                                          "lr_high <= 10"),
+    ("example2.py", ["--lr_low", "nan"], "lr_low=nan, lr_high=0.03 are not allowed"),
+    ("log_plot.py", ["--run-id", "abc", "--out", "loss.txt"], "out=loss.txt: cannot write this file (its name must "
+                                                              "end in a format matplotlib writes: "),
     ("log_plot.py", [], "give a run id: --run-id <id>"),
     ("log_plot.py", ["--run-id", "nope"], "unknown run_id 'nope'"),
 ])
@@ -75,6 +85,47 @@ def test_bad_input_is_one_line_and_writes_nothing(store, tiny_data, monkeypatch,
     monkeypatch.syspath_prepend(os.path.join(ROOT, "researcher"))
     line = refused_script(monkeypatch, capsys, os.path.join(ROOT, "researcher", script), *args)
     assert line.startswith(f"{script}: error: ") and message in line
+    assert mlflow.get_experiment_by_name("not-created") is None and runs() == []
+
+
+def edit(old: str, new: str):
+    return lambda default: default.replace(old, new)
+
+
+# How a --config file is made from the script's own cfg/ file, and the error that names it.
+@pytest.mark.parametrize("script, make, message", [
+    ("example1.py", lambda _: "- epochs: 3\n", "config {file} must be a mapping of key: value, as {cfg}/ex1.yaml is"),
+    ("example1.py", lambda _: "just text\n", "config {file} must be a mapping of key: value"),
+    ("example1.py", lambda _: "", "config {file} must be a mapping of key: value"),
+    ("example1.py", lambda _: "epochs: [3\n", "config {file} is not valid YAML: while parsing a flow sequence"),
+    ("example1.py", edit("epochs: 3", ""), "config {file}: no key 'epochs'; it needs every key of {cfg}/ex1.yaml"),
+    ("example1.py", lambda default: default + "epoch: 5\n",
+     "config {file}: unknown key 'epoch'; the keys are those of {cfg}/ex1.yaml: tracking_uri, experiment, "),
+    ("example1.py", edit("epochs: 3", "epochs: three"),
+     "config {file}: epochs='three' is not allowed; it must be a whole number, like 3"),
+    ("example1.py", edit("lr: 0.01", "lr: .nan"), "lr=nan is not allowed; it must be a finite number"),  # train's rule
+    ("example1.py", edit("lr: 0.01", "lr: 1"), "data not found"),  # a whole number is a number: the data is read
+    ("example2.py", edit("trials: 5", "trials: 5.5"),
+     "config {file}: trials=5.5 is not allowed; it must be a whole number"),
+    ("example2.py", edit("batch_sizes: [64, 128, 256]", "batch_sizes: 64"),
+     "config {file}: batch_sizes=64 is not allowed; it must be a list"),
+    ("log_plot.py", edit("run_id: \"\"", ""), "config {file}: no key 'run_id'"),
+    ("log_plot.py", edit("run_id: \"\"", "run_id: 0123"),
+     "config {file}: run_id=83 is not allowed; it must be text (quoted where YAML would read a number)"),
+])
+def test_a_config_file_that_does_not_fit_is_one_line_naming_file_and_key(store, tmp_path, monkeypatch, capsys,
+                                                                          script, make, message):
+    cfg = os.path.join(ROOT, "researcher", "cfg")
+    default_file = {"example1.py": "ex1.yaml", "example2.py": "ex2.yaml", "log_plot.py": "log_plot.yaml"}[script]
+    with open(os.path.join(cfg, default_file)) as f:
+        content = make(f.read())
+    # No data there and an experiment of its own: a file that passes gets as far as reading the data, no further.
+    config_file = tmp_path / "my.yaml"
+    config_file.write_text(content.replace('data_dir: ""', f'data_dir: "{tmp_path}"')
+                           .replace("experiment: researcher-examples", "experiment: not-created"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "researcher"))
+    line = refused_script(monkeypatch, capsys, os.path.join(ROOT, "researcher", script), "--config", str(config_file))
+    assert line.startswith(f"{script}: error: ") and message.format(cfg=cfg, file=config_file) in line, line
     assert mlflow.get_experiment_by_name("not-created") is None and runs() == []
 
 
@@ -92,5 +143,6 @@ def test_log_plot_to_an_unwritable_out_is_one_line_and_logs_nothing(store, tmp_p
     out = tmp_path / "no-such-dir" / "loss.png"
     result = run_step("python", "researcher/log_plot.py", "--run-id", run.info.run_id, "--out", str(out))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"log_plot.py: error: cannot write {out}: No such file or directory"]
+    assert result.stderr.strip().splitlines() == [f"log_plot.py: error: out={out}: cannot write this file "
+                                                  f"(no folder {out.parent})"]
     assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == [] and not out.parent.exists()

@@ -166,6 +166,10 @@ def test_the_bench_refuses_a_model_it_cannot_load_in_one_line(store, tiny_data):
     (["--n", "0"], "robustness: error: --n 0 is not allowed; it must be >= 1"),
     (["--plot", "/no/such/folder/c.png"], "robustness: error: --plot /no/such/folder/c.png: cannot write this file "
                                           "(no folder /no/such/folder)"),
+    (["--plot", "cond.txt"], "robustness: error: --plot cond.txt: cannot write this file (its name must end in a "
+                             "format matplotlib writes: .avif, .eps, .gif, .jpeg, .jpg, .pdf, .pgf, .png, .ps, .raw, "
+                             ".rgba, .svg, .svgz, .tif, .tiff, .webp)"),
+    (["--seed", "-1"], "robustness: error: --seed -1 is not allowed; it must be in [0, 4294967295]"),
 ])
 def test_the_bench_refuses_bad_numbers_and_paths_before_loading_anything(tiny_data, monkeypatch, capsys,
                                                                         args, message):

@@ -6,7 +6,7 @@ import torch
 
 from mnistflow import data, models
 from mnistflow.config import TrainConfig
-from mnistflow.errors import ConfigError
+from mnistflow.errors import ConfigError, Diverged
 from mnistflow.train import fit, seed_everything, select_device
 
 CPU = torch.device("cpu")
@@ -75,9 +75,21 @@ def test_early_stopping_keeps_the_best_epoch(tiny):
     assert torch.equal(net.state_dict()["4.weight"], state["best"]["model"]["4.weight"])
 
 
+# Caught in the loss read for the step-level log, or else in the epoch's.
+@pytest.mark.parametrize("log_every, loss", [(1, "loss"), (50, "train_loss")])
+def test_a_loss_that_is_no_longer_a_number_stops_fit_before_its_epoch_is_kept(tiny, log_every, loss):
+    # Within the config's limits, yet far too fast for this net: its weights overflow in the first epoch.
+    cfg = TrainConfig(model="simple", optimizer="sgd", lr=10, lr_schedule="none", epochs=2, batch_size=64,
+                      log_every=log_every)
+    checkpoints, logged = [], []
+    with pytest.raises(Diverged, match=rf"training diverged in epoch 1 \({loss}=(nan|inf)"):
+        train(cfg, tiny, checkpoints=checkpoints, logged=logged)
+    assert checkpoints == [] and not [metrics for _, metrics in logged if "val_loss" in metrics]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 0}, "epochs=0 is not allowed; it must be >= 1"),
-    ({"lr": -0.1}, "lr=-0.1 is not allowed; it must be > 0"),
+    ({"lr": -0.1}, "lr=-0.1 is not allowed; it must be in (0, 10]"),
     ({"model": "resnet"}, "unknown model 'resnet'; choose from auto, fast, wide, baseline"),
     ({"dataset": "cifar"}, "unknown dataset 'cifar'; choose from mnist, fashion_mnist"),
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; choose from adamw, adam, sgd"),

@@ -79,7 +79,9 @@ def test_mlflow_run_train_tracks_everything(store, tiny_data):
 
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "epochs=0 is not allowed; it must be >= 1"),
-    (["--lr", "-1"], "lr=-1.0 is not allowed; it must be > 0"),
+    (["--lr", "-1"], "lr=-1.0 is not allowed; it must be in (0, 10]"),
+    (["--lr", "inf"], "lr=inf is not allowed; it must be a finite number"),
+    (["--seed", "-1"], "seed=-1 is not allowed; it must be in [0, 4294967295]"),
     (["--model", "resnet"], "unknown model 'resnet'; choose from auto, fast, wide, baseline, enhanced, cnn_bn, simple"),
     (["--dataset", "cifar10"], "unknown dataset 'cifar10'; choose from mnist, fashion_mnist"),
     (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'; choose from adamw, adam, sgd"),
@@ -93,6 +95,21 @@ def test_bad_input_fails_in_one_line_without_a_run(store, tiny_data, args, messa
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert runs() == []
+
+
+def test_a_run_whose_loss_diverges_ends_failed_in_one_line_and_registers_nothing(store, tiny_data):
+    # Within the config's limits, yet far too fast for this net: its weights overflow in the first epoch.
+    result = python_step("steps.train", "--data_dir", tiny_data, "--model", "simple", "--optimizer", "sgd",
+                         "--lr", "10", "--lr_schedule", "none", "--epochs", "2", "--batch_size", "64",
+                         "--register", "true", "--system_metrics", "false")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("train: ")]
+    assert line.startswith("train: error: training diverged in epoch 1 (train_loss=nan, val_loss=nan); "
+                           "no model is kept: try a lower lr or weight_decay"), line
+    [run] = runs()
+    assert run.info.status == "FAILED" and "FINISHED" not in result.stdout
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list") == []
+    assert mlflow.MlflowClient().search_registered_models() == []
 
 
 @pytest.mark.parametrize("make_dir", ["empty", "wrong"])

@@ -11,6 +11,7 @@ import numpy as np
 import optuna
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
 from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env, wait_until
 from mnistflow import tuning
@@ -114,6 +115,20 @@ def test_two_workers_on_sqlite_run_exactly_the_asked_trials(store, tiny_data, tm
 
 def test_two_workers_on_postgresql_run_exactly_the_asked_trials(store, tiny_data, postgres_url):
     two_workers(postgres_url, tiny_data, f"pg-workers-{time.time_ns()}")
+
+
+def test_a_plain_postgresql_url_takes_the_installed_driver_and_a_longer_name_than_it_holds_is_refused(
+        store, tiny_data, postgres_url):
+    plain = postgres_url.replace("postgresql+psycopg2://", "postgresql://")  # SQLAlchemy's default is psycopg 3
+    longest = f"pg-{time.time_ns()}-".ljust(MAX_INDEXED_STRING_LENGTH, "n")  # the study_name column's size
+    cfg = TuneConfig(storage=plain, study_name=longest).validate()
+    assert tuning.open_study(cfg, tuning.open_storage(cfg)).study_name == longest
+    result = python_step("steps.tune", *tune_args(plain, tiny_data), "--study_name", longest + "n")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"tune: error: study_name {longest[:40]!r}... (513 characters) is not allowed; "
+                                    "an Optuna storage holds names of at most 512 characters")
+    assert longest + "n" not in optuna.get_all_study_names(postgres_url)
+    assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
 
 
 def test_a_killed_worker_leaves_a_failed_trial_that_is_retried(store, tiny_data, tmp_path):
