@@ -211,7 +211,8 @@ def _still_holds(run: mlflow.entities.Run, number: int, holder: Holder, now: flo
     if run.data.tags.get(RELEASED_TAG) == str(number):
         return None
     if holder.machine and holder.machine == _machine():
-        return "it is running on this machine" if _process_start(holder.pid) == holder.started else None
+        start = _process_start(holder.pid)
+        return "it is running on this machine" if start and start == holder.started else None
     beat_number, _, beat_time = run.data.tags.get(HEARTBEAT_TAG, "").partition(" ")
     heard = max(holder.since, float(beat_time) if beat_number == str(number) else 0)
     if now - heard < LEASE_EXPIRY_S:
