@@ -29,23 +29,37 @@ CHECKPOINT_TAG = "checkpoint_epoch"
 
 def resumable_config(run_id: str) -> dict:
     """The config.yaml of a train run that `--resume` may continue; ConfigError saying why not.
+    It writes nothing: `take_for_resume` takes the run once every flag is checked.
 
-    Only a run the train step started has checkpoints; a FINISHED run is done; a RUNNING run
-    whose process may still be writing to it would be trained twice at once (`still_alive`).
+    Only a run the train step started has checkpoints; a FINISHED run is done.
     """
     run = tracking.existing_run(run_id, "resume run id")
     if TRAIN_RUN_PARAM not in run.data.params:
         raise ConfigError(f"run {run_id} ({run.info.run_name}) was not started by the train step, so it has "
                           "no checkpoints to resume; give the id of a train run")
-    if run.info.status == "FINISHED":
-        raise ConfigError(f"run {run_id} already FINISHED; only a FAILED, KILLED or RUNNING run can be resumed")
-    alive = tracking.still_alive(run) if run.info.status == "RUNNING" else None
-    if alive:
-        raise ConfigError(f"run {run_id} is still RUNNING ({alive}); resume it once its process has stopped")
+    _refuse_finished(run)
     try:
         return tracking.logged_config(run_id)
     except (MlflowException, OSError) as exc:
         raise StoreError(f"cannot read config.yaml of run {run_id} from {run.info.artifact_uri}: {_first_sentence(exc)}")
+
+
+def take_for_resume(run_id: str) -> tracking.Lease:
+    """Make this process the run's one writer (`tracking.take_lease`: refused while another process
+    may still write to it); refused too when the run FINISHED after `resumable_config` read it."""
+    lease = tracking.take_lease(run_id)
+    try:
+        _refuse_finished(mlflow.get_run(run_id))
+    except ConfigError:
+        lease.release()
+        raise
+    return lease
+
+
+def _refuse_finished(run: mlflow.entities.Run) -> None:
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run.info.run_id} already FINISHED; "
+                          "only a FAILED, KILLED or RUNNING run can be resumed")
 
 
 def checkpoint_name(epoch: int) -> str:

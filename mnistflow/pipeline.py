@@ -1,8 +1,10 @@
 """Chaining entry points: run one through `mlflow.projects.run` as a child of the active run, or
 reuse its earlier run when nothing that matters has changed (the MLflow multistep-workflow way):
-the same parameters, the same git commit and the same uncommitted changes.
+the same parameters, the same data and study storage they resolve to, the same git commit and the
+same uncommitted changes.
 """
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -11,13 +13,18 @@ from dataclasses import dataclass
 
 import mlflow
 import pandas
+import sqlalchemy
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_PROJECT_ENV
 
-from mnistflow import tracking
+from mnistflow import data as datasets, tracking, tuning
+from mnistflow.config import TuneConfig
 from mnistflow.plot_loss import ARTIFACT as PLOT_LOSS_ARTIFACT
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKTREE_TAG = "git_worktree_sha256"  # on a step run: worktree_digest() when it was launched
+# On a step run: what its parameters resolved to where they leave it to the environment (the data
+# directory, the study storage), as JSON.
+RESOLVED_TAG = "resolved_inputs"
 
 
 @dataclass
@@ -53,10 +60,32 @@ def env_manager(run: mlflow.entities.Run) -> str:
     return run.data.tags.get(MLFLOW_PROJECT_ENV, "local")
 
 
+def data_dir(parameter: str) -> str:
+    """The data directory a step reads for its data_dir parameter (data.resolve_data_dir: it, else
+    $MNISTFLOW_DATA_DIR, else the download cache); a relative one from the project directory, where steps run."""
+    given = parameter or os.environ.get(datasets.DATA_DIR_ENV, "")
+    root, _ = datasets.resolve_data_dir(os.path.join(PROJECT_DIR, os.path.expanduser(given)) if given else "")
+    return os.path.realpath(root)
+
+
+def study_storage(parameter: str) -> str:
+    """The Optuna storage the tune step opens for its storage parameter (tuning.storage_url), without
+    its password; a relative SQLite path from the project directory, where steps run."""
+    url = tuning.storage_url(TuneConfig(storage=parameter))
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return "an unreadable URL"  # the tune step says so; no part of it is kept
+    if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
+        parsed = parsed.set(database=os.path.join(PROJECT_DIR, parsed.database))
+    return parsed.render_as_string(hide_password=True)
+
+
 def reusable_run(entry_point: str, parameters: dict, experiment_id: str, commit: str,
-                 digest: str | None) -> tuple[mlflow.entities.Run | None, str]:
-    """The newest FINISHED run of this entry point with these parameters, from this git commit and
-    working tree (`digest`), or None; and why, for the summary.
+                 digest: str | None, resolved: dict) -> tuple[mlflow.entities.Run | None, str]:
+    """The newest FINISHED run of this entry point with these parameters, which resolved to the same
+    inputs (`resolved`), from this git commit and working tree (`digest`), or None; and why, for the
+    summary.
 
     Parameters are compared as MLflow stores those of `mlflow run`: as shell-quoted strings
     (an empty value is stored as '').
@@ -68,6 +97,12 @@ def reusable_run(entry_point: str, parameters: dict, experiment_id: str, commit:
         if all(run.data.params.get(key) == value for key, value in expected.items())]
     if not candidates:
         return None, "no earlier run with these parameters"
+    same_inputs = [run for run in candidates if json.loads(run.data.tags.get(RESOLVED_TAG, "{}")) == resolved]
+    if not same_inputs:
+        theirs = json.loads(candidates[0].data.tags.get(RESOLVED_TAG, "{}"))
+        changed = [name for name in resolved if theirs.get(name) != resolved[name]]
+        return None, f"{' and '.join(changed)} changed since run {candidates[0].info.run_id[:8]}"
+    candidates = same_inputs
     same_commit = [run for run in candidates if run.data.tags.get(MLFLOW_GIT_COMMIT) == commit]
     if not same_commit:
         return None, f"commit {commit[:8]} differs from run {candidates[0].info.run_id[:8]}'s"
@@ -77,22 +112,25 @@ def reusable_run(entry_point: str, parameters: dict, experiment_id: str, commit:
     return None, f"working tree differs from run {same_commit[0].info.run_id[:8]}'s"
 
 
-def get_or_run(entry_point: str, parameters: dict, env: str, force: bool = False) -> StepRun:
+def get_or_run(entry_point: str, parameters: dict, resolved: dict, env: str, force: bool = False) -> StepRun:
     """Run an entry point of this project as a child of the active run, unless an identical run
-    FINISHED before (and not `force`). Raises mlflow's ExecutionException when the step fails."""
+    FINISHED before (and not `force`). `resolved`: what the step's parameters resolve to where they
+    leave it to the environment ({"data_dir": data_dir(...)}), which must be the same too.
+    Raises mlflow's ExecutionException when the step fails."""
     parameters = {key: str(value) for key, value in parameters.items()}
     parent = mlflow.active_run()
     commit, digest = tracking.git_commit(), worktree_digest()
     earlier, why = (None, "force") if force else \
-        reusable_run(entry_point, parameters, parent.info.experiment_id, commit, digest)
+        reusable_run(entry_point, parameters, parent.info.experiment_id, commit, digest, resolved)
     if earlier is not None:
         print(f"== {entry_point}: reusing run {earlier.info.run_id} ({why})", flush=True)
         return StepRun(entry_point, earlier, reused=True, why=why)
     print(f"== {entry_point}: running ({why}) {' '.join(f'{k}={v}' for k, v in parameters.items())}", flush=True)
     submitted = mlflow.projects.run(PROJECT_DIR, entry_point, parameters=parameters, env_manager=env,
                                     experiment_id=parent.info.experiment_id, synchronous=True)
+    # Set once the step FINISHED (mlflow.projects.run returns no earlier): a run without them is never reused.
+    mlflow.MlflowClient().set_tag(submitted.run_id, RESOLVED_TAG, json.dumps(resolved))
     if digest is not None:
-        # Set once the step FINISHED (mlflow.projects.run returns no earlier): a run without it is never reused.
         mlflow.MlflowClient().set_tag(submitted.run_id, WORKTREE_TAG, digest)
     return StepRun(entry_point, mlflow.get_run(submitted.run_id), reused=False, why=why)
 

@@ -1,15 +1,20 @@
 """A run's life cycle and what makes it reproducible: start and end it (FINISHED, FAILED or
-KILLED), log metrics without blocking, and record who ran what, with which config, data and code.
+KILLED), log metrics without blocking, let one process at a time write a train run (its lease),
+and record who ran what, with which config, data and code.
 """
 import dataclasses
 import getpass
+import json
 import logging
 import os
 import platform
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 
@@ -21,17 +26,12 @@ from mlflow.exceptions import MlflowException
 
 from mnistflow.config import AUTO
 from mnistflow.data import Data
-from mnistflow.errors import NotFound, first_line
+from mnistflow.errors import ConfigError, NotFound, StoreError, first_line
 from mnistflow.models import count_params
 
 # The system metrics monitor says at INFO that it starts and stops, and that there is no GPU:
 # four lines around every train run and tune trial, between the step's own.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-
-# A RUNNING run is taken for alive while its newest metric is younger than twice its longest
-# epoch, and never less than this: the final test and model logging write no metric for a while.
-SILENCE_FLOOR_S = 60
-
 
 class AsyncMetrics:
     """Logs metrics without blocking the training loop; `flush` waits and raises on any failed write."""
@@ -127,36 +127,189 @@ def existing_run(run_id: str, what: str = "run_id") -> mlflow.entities.Run:
         raise NotFound(f"unknown {what} {run_id!r}: no such run in {mlflow.get_tracking_uri()}") from None
 
 
-def process_tags() -> dict:
-    """Where the train step's process runs, so that `still_alive` can ask it."""
-    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+# --- one writer per run -------------------------------------------------------------------------
+# A process writes to a train run only while it holds the run's newest lease: the param lease_<n>
+# with the highest n. A param is written once: the store keeps one value per run and key (the
+# primary key of SQLite's and PostgreSQL's params table, behind a tracking server too), so of the
+# processes that find lease_<n> free, exactly one logs lease_<n+1> and the others read another
+# value back. (A file store, ./mlruns, checks and writes a param in two steps: it cannot arbitrate.)
+LEASE_PARAM = "lease_"
+HEARTBEAT_TAG = "lease_heartbeat"  # "<n> <unix time>": when lease n's holder last said it is alive
+RELEASED_TAG = "lease_released"    # "<n>": lease n's holder writes no more
+HEARTBEAT_S = 10
+# A holder that cannot be asked (another machine or container) counts as stopped after this long
+# without a heartbeat; it covers clocks that are a little apart.
+LEASE_EXPIRY_S = 60
+# A RUNNING run from before leases is taken for alive while its newest metric is younger than twice
+# its longest epoch, and never less than this: the final test and model logging write no metric for a while.
+SILENCE_FLOOR_S = 60
 
 
-def still_alive(run: mlflow.entities.Run, now: float | None = None) -> str | None:
-    """Why a RUNNING run may still have a process writing to it, or None when it went silent.
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """The process a lease names, as its param records it."""
+    host: str
+    pid: int
+    started: str   # when the process started, in clock ticks after boot: a reused pid has another
+    machine: str   # this boot of the machine and its pid namespace: where the pid can be asked ("" off Linux)
+    since: float   # when it took the lease, by its own clock
+    token: str     # unique to this claim
 
-    On the machine that runs it, its process (tags `host` and `pid`) says so. Elsewhere, and for
-    runs from before those tags, it counts as alive while its newest metric is younger than twice
-    its longest epoch so far, and at least SILENCE_FLOOR_S.
+    @classmethod
+    def this_process(cls) -> "Holder":
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), _machine(), time.time(),
+                   uuid.uuid4().hex)
+
+    @classmethod
+    def parse(cls, value: str) -> "Holder":
+        return cls(**json.loads(value))
+
+    def value(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    def __str__(self) -> str:
+        return f"process {self.pid} on {self.host}"
+
+
+def _machine() -> str:
+    """This boot of this machine and this process's pid namespace ("" where /proc cannot say):
+    a pid names the same process only where both are the same. Host names can be shared."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """When process `pid` started, in clock ticks after boot; "" for no such process or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # the fields after the command's name
+    except OSError:
+        return ""
+    state, start = fields[0], fields[19]
+    return "" if state == "Z" else start
+
+
+def _newest_lease(run: mlflow.entities.Run) -> tuple[int, Holder | None]:
+    """The number of the run's newest lease and its holder; (0, None) for a run without one."""
+    numbers = [int(key[len(LEASE_PARAM):]) for key in run.data.params
+               if key.startswith(LEASE_PARAM) and key[len(LEASE_PARAM):].isdigit()]
+    if not numbers:
+        return 0, None
+    newest = max(numbers)
+    return newest, Holder.parse(run.data.params[f"{LEASE_PARAM}{newest}"])
+
+
+def _still_holds(run: mlflow.entities.Run, number: int, holder: Holder, now: float) -> str | None:
+    """Why lease `number`'s holder may still write to the run, or None when it is done or dead.
+
+    Where its pid can be asked, the process with that pid and start time says so; elsewhere it
+    counts as alive while it took the lease or sent a heartbeat less than LEASE_EXPIRY_S ago.
     """
-    tags = run.data.tags
-    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
-        try:
-            os.kill(int(tags["pid"]), 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # another user's process: it exists
-        return f"its process {tags['pid']} on this machine is alive"
+    if run.data.tags.get(RELEASED_TAG) == str(number):
+        return None
+    if holder.machine and holder.machine == _machine():
+        start = _process_start(holder.pid)
+        return "it is running on this machine" if start and start == holder.started else None
+    beat_number, _, beat_time = run.data.tags.get(HEARTBEAT_TAG, "").partition(" ")
+    heard = max(holder.since, float(beat_time) if beat_number == str(number) else 0)
+    if now - heard < LEASE_EXPIRY_S:
+        return (f"it runs on another machine or in another container, and said it is alive {now - heard:.0f} s "
+                f"ago; it counts as stopped after {LEASE_EXPIRY_S} s of silence")
+    return None
+
+
+def _recent_writes(run: mlflow.entities.Run, now: float) -> str | None:
+    """Why a RUNNING run from before leases may still have a process writing to it, or None when it
+    went silent: it counts as alive while its newest metric is younger than twice its longest epoch
+    so far, and at least SILENCE_FLOOR_S."""
     client = mlflow.MlflowClient()
     newest_ms = max([run.info.start_time] + [m.timestamp for key in run.data.metrics
                                              for m in client.get_metric_history(run.info.run_id, key)])
     longest_epoch_s = max([m.value for m in client.get_metric_history(run.info.run_id, "epoch_time_s")], default=0)
     window_s = max(2 * longest_epoch_s, SILENCE_FLOOR_S)
-    silent_s = (now or time.time()) - newest_ms / 1000
+    silent_s = now - newest_ms / 1000
     if silent_s < window_s:
         return f"its last write was {silent_s:.0f} s ago, less than {window_s:.0f} s"
     return None
+
+
+def take_lease(run_id: str, new_run: bool = False) -> "Lease":
+    """Make this process the one writer of a run, before it writes anything to it; ConfigError
+    naming the holder when another process may still write to it, or has just taken it.
+
+    `new_run`: this process has just started the run, so nobody can hold it yet.
+    """
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    number, holder = _newest_lease(run)
+    if not new_run:
+        if holder is None:
+            why = _recent_writes(run, time.time()) if run.info.status == "RUNNING" else None
+            if why:
+                raise ConfigError(f"run {run_id} is still RUNNING ({why}); resume it once its process has stopped")
+        else:
+            why = _still_holds(run, number, holder, time.time())
+            if why:
+                raise ConfigError(f"run {run_id} is held by {holder} ({why}); resume it once that process has stopped")
+    mine, key = Holder.this_process(), f"{LEASE_PARAM}{number + 1}"
+    try:
+        client.log_param(run_id, key, mine.value())
+        failure = None
+    except MlflowException as exc:  # another value there, or the store failed: reading it back tells
+        failure = exc
+    won = client.get_run(run_id).data.params.get(key)
+    if won is None:
+        raise StoreError(f"cannot take run {run_id} in {mlflow.get_tracking_uri()}: {first_line(failure)}")
+    if won != mine.value():
+        raise ConfigError(f"run {run_id} is held by {Holder.parse(won)} (it took the run just now); "
+                          "resume it once that process has stopped")
+    return Lease(run_id, number + 1)
+
+
+class Lease:
+    """This process's hold on a run (`take_lease`): it sends heartbeats until released. Should
+    another process take the run over (this one was silent too long), this one stops at once."""
+
+    def __init__(self, run_id: str, number: int):
+        self.run_id, self.number = run_id, number
+        self._released = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"lease {run_id}", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        client = mlflow.MlflowClient()
+        while not self._released.wait(HEARTBEAT_S):
+            try:
+                newest, holder = _newest_lease(client.get_run(self.run_id))
+                if newest != self.number:
+                    # Not even the end of the run may be written now: the new holder writes to it.
+                    # (On a line of its own, after the epoch's progress bar.)
+                    print(f"\nrun {self.run_id} was taken over by {holder} while this process was silent; "
+                          "stopping without another write", file=sys.stderr, flush=True)
+                    os._exit(1)
+                client.set_tag(self.run_id, HEARTBEAT_TAG, f"{self.number} {time.time():.0f}")
+            except MlflowException as exc:  # the next one may get through
+                print(f"warning: no heartbeat for run {self.run_id}: {first_line(exc)}", flush=True)
+
+    def release(self) -> None:
+        """Stop the heartbeat and say that this process writes no more (once its run has ended)."""
+        self._released.set()
+        self._heartbeat.join()
+        try:
+            with interrupts_held():
+                mlflow.MlflowClient().set_tag(self.run_id, RELEASED_TAG, str(self.number))
+        except MlflowException as exc:
+            print(f"warning: run {self.run_id} could not be released ({first_line(exc)}); "
+                  "it is free once this process has exited", flush=True)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 def git_commit() -> str:

@@ -9,9 +9,10 @@ Each step is launched with mlflow.projects.run, in the environment manager this 
 with: under conda or uv, MLflow names the environment it builds by a hash of conda.yaml, so each
 step finds the one main runs in and reuses it. Run ids are passed on: register gets the better of
 the train run and the tune parent run (by test accuracy), plot_loss the run that was registered.
-A step whose earlier run FINISHED with the same parameters, at the same git commit and with the
-same uncommitted changes, is reused instead of rerun; the summary says why each step ran or was
-reused.
+A step whose earlier run FINISHED with the same parameters, on the same data directory and study
+storage (where a parameter left empty leaves them to $MNISTFLOW_DATA_DIR or
+$MNISTFLOW_OPTUNA_STORAGE), at the same git commit and with the same uncommitted changes, is reused
+instead of rerun; the summary says why each step ran or was reused.
 """
 import dataclasses
 
@@ -30,16 +31,19 @@ def study_name(cfg: PipelineConfig) -> str:
 
 def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
     common = {"dataset": cfg.dataset, "max_train_samples": cfg.max_train_samples, "data_dir": cfg.data_dir}
-    train = pipeline.get_or_run("train", {**common, "epochs": cfg.epochs}, env, cfg.force)
+    # What "" leaves to the environment: a step run on other data or another study is not reused.
+    data = {"data_dir": pipeline.data_dir(cfg.data_dir)}
+    train = pipeline.get_or_run("train", {**common, "epochs": cfg.epochs}, data, env, cfg.force)
     tune = pipeline.get_or_run("tune", {**common, "n_trials": cfg.n_trials, "epochs": cfg.tune_epochs,
-                                        "study_name": study_name(cfg), "storage": cfg.storage}, env, cfg.force)
+                                        "study_name": study_name(cfg), "storage": cfg.storage},
+                               {**data, "storage": pipeline.study_storage(cfg.storage)}, env, cfg.force)
     study_parent = mlflow.get_run(tune.run.data.tags.get(tuning.STUDY_PARENT_TAG, tune.run.info.run_id))
     best = max((train.run, study_parent), key=lambda run: run.data.metrics.get("test_accuracy", -1.0))
     register = pipeline.get_or_run("register", {"run_id": best.info.run_id, "model_name": cfg.model_name,
                                                 "min_accuracy": cfg.min_accuracy, "recall_margin": cfg.recall_margin,
                                                 "min_robust_accuracy": cfg.min_robust_accuracy, "data_dir": cfg.data_dir},
-                                   env, cfg.force)
-    plot = pipeline.get_or_run("plot_loss", {"run_id": best.info.run_id}, env, cfg.force)
+                                   data, env, cfg.force)
+    plot = pipeline.get_or_run("plot_loss", {"run_id": best.info.run_id}, {}, env, cfg.force)
     return [train, dataclasses.replace(tune, run=study_parent), register, plot]
 
 

@@ -47,9 +47,9 @@ def progressive(cfg: ProgressiveConfig) -> None:
             tracking.log_config(cfg)
             mlflow.set_tags(tracking.run_tags("development", cfg.dataset))
             env = pipeline.env_manager(mlflow.get_run(run.info.run_id))
-            rows = []
+            rows, data = [], {"data_dir": pipeline.data_dir(cfg.data_dir)}
             for name, settings in RUNS.items():
-                step = pipeline.get_or_run("train", {**common, **settings, "note": name}, env, cfg.force)
+                step = pipeline.get_or_run("train", {**common, **settings, "note": name}, data, env, cfg.force)
                 # Runs 2 and 3 train the same net, which the train step's own run name says, not the run.
                 mlflow.MlflowClient().update_run(step.run.info.run_id, name=name)
                 rows.append(row(name, step))

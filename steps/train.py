@@ -5,10 +5,12 @@
     python -m steps.train --resume <run_id>      # continue a FAILED or KILLED run where it stopped
 
 A resumed run continues from its newest readable checkpoint with the settings it began with;
-other flags given with --resume must match them (data_dir may differ). A RUNNING run is resumed
-only once its process has stopped: on the same machine the process is asked; elsewhere the run
-must have written nothing for twice its longest epoch (at least a minute).
+other flags given with --resume must match them (data_dir may differ). One process trains a run at
+a time, the one holding its lease: a resume is refused while the holder may still write to the run
+(on its machine the process itself is asked; elsewhere it counts as alive until it has been silent
+for a minute).
 """
+import contextlib
 import tempfile
 import time
 
@@ -22,55 +24,58 @@ from mnistflow.train import fit, seed_everything, select_device, steps_per_epoch
 
 def train(cfg: TrainConfig) -> None:
     started = time.perf_counter()
-    if cfg.resume:
-        cfg = cfg.resumed(checkpoints.resumable_config(cfg.resume))
-    events = tensorboard_log.EventFiles() if cfg.tensorboard else None  # no tensorboard package: stop here
-    device = select_device(cfg.device)
-    data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
-    state = checkpoints.resume_state(cfg.resume) if cfg.resume else None
-    seed_everything(cfg.seed, cfg.deterministic)
-    net = models.build(cfg.model, cfg.mirror)
-    launcher_run = cli.launcher_run()
+    with contextlib.ExitStack() as lease:  # this process's hold on the run, released once the run has ended
+        if cfg.resume:  # every flag checked, then the run taken before any work: one process trains it
+            cfg = cfg.resumed(checkpoints.resumable_config(cfg.resume))
+            lease.enter_context(checkpoints.take_for_resume(cfg.resume))
+        events = tensorboard_log.EventFiles() if cfg.tensorboard else None  # no tensorboard package: stop here
+        device = select_device(cfg.device)
+        data = datasets.load(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.max_train_samples)
+        state = checkpoints.resume_state(cfg.resume) if cfg.resume else None
+        seed_everything(cfg.seed, cfg.deterministic)
+        net = models.build(cfg.model, cfg.mirror)
+        launcher_run = cli.launcher_run()
 
-    # A resumed run keeps its name; a new one, or the one `mlflow run` opened for it, gets this one.
-    run_name = None if cfg.resume else f"train-{cfg.model}-{cfg.dataset}"
-    with tracking.tracked_run(run_id=cfg.resume or launcher_run, run_name=run_name,
-                              log_system_metrics=cfg.system_metrics) as (run, log_metrics), \
-            tempfile.TemporaryDirectory() as checkpoint_dir:
-        run_id = run.info.run_id
-        if cfg.resume:  # the run `mlflow run` opened, if it did, points here
-            cli.describe_launcher(launcher_run, f"resume-{run.info.run_name}", f"resumed run {run_id}")
-        mlflow.set_tags(tracking.process_tags())
-        if events:  # before metrics_once, so that the epochs a resume writes again reach the event files too
-            log_metrics = events.tee(log_metrics)
-        if cfg.resume:  # a resumed run may have logged more than its checkpoint holds
-            log_metrics = checkpoints.metrics_once(run_id, state["history"] if state else [], log_metrics)
-        if state is None:
-            tracking.log_config(cfg)
-            mlflow.log_params({
-                **tracking.model_params(cfg, net, device),
-                "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
-                "steps_per_epoch": steps_per_epoch(cfg, data),
-            })
-            mlflow.set_tags(tracking.run_tags(cfg.phase, cfg.dataset, cfg.note))
-            tracking.log_datasets(data)
-            mlflow.log_text(models.summary(net), "model_summary.txt")
-            print(f"run {run_id}: {cfg.model} ({models.count_params(net):,} params) on {cfg.dataset}, "
-                  f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
-        else:
-            print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
-        if cfg.checkpoint_models:
-            log_metrics = logged_model.with_checkpoint_models(net, data, log_metrics, steps_per_epoch(cfg, data))
+        # A resumed run keeps its name; a new one, or the one `mlflow run` opened for it, gets this one.
+        run_name = None if cfg.resume else f"train-{cfg.model}-{cfg.dataset}"
+        with tracking.tracked_run(run_id=cfg.resume or launcher_run, run_name=run_name,
+                                  log_system_metrics=cfg.system_metrics) as (run, log_metrics), \
+                tempfile.TemporaryDirectory() as checkpoint_dir:
+            run_id = run.info.run_id
+            if cfg.resume:  # the run `mlflow run` opened, if it did, points here
+                cli.describe_launcher(launcher_run, f"resume-{run.info.run_name}", f"resumed run {run_id}")
+            else:  # a new run: taken before the step writes to it
+                lease.enter_context(tracking.take_lease(run_id, new_run=True))
+            if events:  # before metrics_once, so that the epochs a resume writes again reach the event files too
+                log_metrics = events.tee(log_metrics)
+            if cfg.resume:  # a resumed run may have logged more than its checkpoint holds
+                log_metrics = checkpoints.metrics_once(run_id, state["history"] if state else [], log_metrics)
+            if state is None:
+                tracking.log_config(cfg)
+                mlflow.log_params({
+                    **tracking.model_params(cfg, net, device),
+                    "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
+                    "steps_per_epoch": steps_per_epoch(cfg, data),
+                })
+                mlflow.set_tags(tracking.run_tags(cfg.phase, cfg.dataset, cfg.note))
+                tracking.log_datasets(data)
+                mlflow.log_text(models.summary(net), "model_summary.txt")
+                print(f"run {run_id}: {cfg.model} ({models.count_params(net):,} params) on {cfg.dataset}, "
+                      f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
+            else:
+                print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
+            if cfg.checkpoint_models:
+                log_metrics = logged_model.with_checkpoint_models(net, data, log_metrics, steps_per_epoch(cfg, data))
 
-        epoch_end = {"on_epoch_end": events.on_epoch_end} if events else {}
-        state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
-                    save_checkpoint=checkpoints.saver(checkpoint_dir), **epoch_end)
-        report.log_curves(state["history"])
-        # The net holds the best epoch's weights: the model is that epoch's, at its last optimizer step.
-        model_id = logged_model.log(net, data, step=state["best"]["epoch"] * steps_per_epoch(cfg, data))
-        results = report.log_test_results(net, data, device, model_id)
-        if events:
-            events.close(net, data, device, state["epoch"])
+            epoch_end = {"on_epoch_end": events.on_epoch_end} if events else {}
+            state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
+                        save_checkpoint=checkpoints.saver(checkpoint_dir), **epoch_end)
+            report.log_curves(state["history"])
+            # The net holds the best epoch's weights: the model is that epoch's, at its last optimizer step.
+            model_id = logged_model.log(net, data, step=state["best"]["epoch"] * steps_per_epoch(cfg, data))
+            results = report.log_test_results(net, data, device, model_id)
+            if events:
+                events.close(net, data, device, state["epoch"])
 
     print(f"run {run_id} FINISHED in {time.perf_counter() - started:.0f} s: "
           f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f} "

@@ -106,6 +106,38 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
     look_at_the_pipeline_run(store, tmp_path, pipeline_run, steps, tmp_path / "screenshots")
 
 
+def test_main_runs_a_step_again_on_other_data_or_another_study_storage(store, tiny_data, tmp_path):
+    # data_dir and storage left empty: the environment names them, and reuse must follow it.
+    project = project_copy(tmp_path / "project")
+    other_data = shutil.copytree(tiny_data, tmp_path / "other-data")
+    args = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "n_trials=1", "-P", "tune_epochs=1",
+            "-P", "model_name=PipelineInputs", "-P", "min_accuracy=0.5", "-P", "recall_margin=1",
+            "-P", "min_robust_accuracy=0"]
+
+    def run_pipeline(data_dir, storage: str | None = None) -> dict:
+        env = {**step_env(), "MNISTFLOW_DATA_DIR": str(data_dir)}
+        env.pop("MNISTFLOW_OPTUNA_STORAGE", None)
+        if storage:
+            env["MNISTFLOW_OPTUNA_STORAGE"] = storage
+        result = subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return summary_rows(result.stdout)
+
+    assert all(" new " in row for row in run_pipeline(tiny_data).values())  # its optuna.db in the project
+    [train] = runs_of("train")
+    [tune] = runs_of("tune")
+
+    rows = run_pipeline(other_data)
+    assert rows["train"].endswith(f" data_dir changed since run {train.info.run_id[:8]}")
+    assert rows["tune"].endswith(f" data_dir changed since run {tune.info.run_id[:8]}")
+    tune = next(run for run in runs_of("tune") if run.info.run_id != tune.info.run_id)
+
+    rows = run_pipeline(other_data, storage=f"sqlite:///{tmp_path}/other-optuna.db")
+    assert " reused " in rows["train"]
+    assert rows["tune"].endswith(f" storage changed since run {tune.info.run_id[:8]}")
+    assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 3
+
+
 def test_the_working_tree_digest_follows_uncommitted_changes(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

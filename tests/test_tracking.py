@@ -1,14 +1,20 @@
 """The run life cycle against a real SQLite store: how a run ends, what a failed write or a Ctrl-C
 does, the tags that record it, and the liveness that resuming a run relies on."""
+import dataclasses
 import os
+import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import mlflow
 import pytest
 
 from conftest import ctrl_c_at_the_next_write_commit
 from mnistflow import tracking
+from mnistflow.errors import ConfigError
 
 
 def test_run_ends_finished_failed_or_killed(store):
@@ -84,22 +90,107 @@ def test_importing_mnistflow_sets_mlflow_defaults_but_keeps_the_users():
                               check=True).stdout == expected + "\n"
 
 
-def test_a_running_run_is_alive_while_its_process_lives_or_it_wrote_recently(store):
+def a_run() -> str:
     with mlflow.start_run() as run:
-        mlflow.log_metric("epoch_time_s", 100.0, step=1)
-        mlflow.set_tags(tracking.process_tags())
-        this_process = mlflow.get_run(run.info.run_id)
-        assert "its process" in tracking.still_alive(this_process)
+        pass
+    return run.info.run_id
 
-        dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait()
-        mlflow.set_tag("pid", str(dead.pid))
-        assert tracking.still_alive(mlflow.get_run(run.info.run_id)) is None
 
-        # On another machine: alive while silent less than twice the longest epoch (200 s here).
-        mlflow.set_tag("host", "another-machine")
-        elsewhere = mlflow.get_run(run.info.run_id)
-        assert "less than 200 s" in tracking.still_alive(elsewhere)
-        [last_write] = mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch_time_s")
-        assert tracking.still_alive(elsewhere, now=last_write.timestamp / 1000 + 199) is not None
-        assert tracking.still_alive(elsewhere, now=last_write.timestamp / 1000 + 201) is None
+def holder(**changes) -> tracking.Holder:
+    """What a lease's param says of its process: this one, unless `changes` say otherwise."""
+    return dataclasses.replace(tracking.Holder.this_process(), **changes)
+
+
+def held_by(run_id: str, number: int, lease_holder: tracking.Holder) -> None:
+    """Write lease `number` as its holder would have: another process, maybe on another machine."""
+    mlflow.MlflowClient().log_param(run_id, f"{tracking.LEASE_PARAM}{number}", lease_holder.value())
+
+
+def taken_as(run_id: str) -> int:
+    """Take the run's lease, release it (this test goes on writing leases), and say which it was."""
+    with tracking.take_lease(run_id) as lease:
+        return lease.number
+
+
+def refusal(run_id: str) -> str:
+    with pytest.raises(ConfigError) as refused:
+        tracking.take_lease(run_id)
+    return str(refused.value)
+
+
+def test_of_two_processes_taking_a_run_at_once_exactly_one_gets_it(store):
+    run_id = a_run()
+    together = threading.Barrier(2)
+    outcomes = []
+
+    def take() -> None:
+        together.wait()
+        try:
+            outcomes.append(tracking.take_lease(run_id))
+        except ConfigError as refused:
+            outcomes.append(str(refused))
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [lease] = [o for o in outcomes if isinstance(o, tracking.Lease)]
+    [refused] = [o for o in outcomes if isinstance(o, str)]
+    # Whether it read the lease taken, or lost the write: one line naming the holder.
+    assert refused.startswith(f"run {run_id} is held by process {os.getpid()} on {socket.gethostname()} (")
+    assert [key for key in mlflow.get_run(run_id).data.params] == ["lease_1"]  # the loser wrote nothing
+    lease.release()
+    with tracking.take_lease(run_id) as next_one:  # released: free for the next one
+        assert next_one.number == 2
+
+
+def test_a_lease_holds_while_its_own_process_lives_not_a_pid_alone(store):
+    run_id = a_run()
+    held_by(run_id, 1, holder())
+    assert "is running on this machine" in refusal(run_id)
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    held_by(run_id, 2, holder(pid=dead.pid))
+    assert taken_as(run_id) == 3
+
+    # The pid of a process that died, reused by another one (this one): the start time tells them apart.
+    held_by(run_id, 4, holder(started="1"))
+    assert taken_as(run_id) == 5
+
+
+def test_a_holder_on_another_machine_of_the_same_name_is_alive_while_it_sends_heartbeats(store):
+    run_id = a_run()
+    client = mlflow.MlflowClient()
+    # Same host name, another boot: its pid says nothing here (none such runs here, even).
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    elsewhere = holder(machine="another boot", pid=dead.pid, since=time.time() - 3600)
+    held_by(run_id, 1, elsewhere)
+    client.set_tag(run_id, tracking.HEARTBEAT_TAG, f"1 {time.time() - 5:.0f}")
+    line = refusal(run_id)
+    assert re.fullmatch(f"run {run_id} is held by process {dead.pid} on {socket.gethostname()} "
+                        r"\(it runs on another machine or in another container, and said it is alive \d+ s ago; "
+                        r"it counts as stopped after 60 s of silence\); resume it once that process has stopped", line)
+
+    client.set_tag(run_id, tracking.HEARTBEAT_TAG, f"1 {time.time() - tracking.LEASE_EXPIRY_S - 1:.0f}")
+    assert taken_as(run_id) == 2  # silent too long: taken over
+
+    held_by(run_id, 3, dataclasses.replace(elsewhere, since=time.time()))  # no heartbeat yet: since counts
+    assert "said it is alive" in refusal(run_id)
+    client.set_tag(run_id, tracking.RELEASED_TAG, "3")
+    assert taken_as(run_id) == 4  # its holder said it is done
+
+
+def test_a_running_run_from_before_leases_is_alive_while_it_wrote_recently(store):
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name("tests").experiment_id
+    long_ago_ms = int((time.time() - 3600) * 1000)
+    for last_write_ms, alive in ((int(time.time() * 1000), True), (long_ago_ms, False)):
+        run_id = client.create_run(experiment_id, start_time=long_ago_ms).info.run_id  # RUNNING
+        client.log_metric(run_id, "epoch_time_s", 100.0, timestamp=last_write_ms, step=1)
+        if alive:  # silent for less than twice its longest epoch
+            assert "less than 200 s" in refusal(run_id)
+        else:
+            assert taken_as(run_id) == 1

@@ -1,7 +1,9 @@
 """The train step end to end: the real `mlflow run` CLI and `python -m steps.train` on tiny data."""
+import dataclasses
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -225,7 +227,8 @@ def test_resume_refuses_a_live_run_and_continues_a_killed_one_from_its_newest_re
     with pytest.raises(SystemExit) as refused:
         train_step.main(["--resume", run_id])
     assert refused.value.code == 2
-    one_line_error(capsys.readouterr().err, f"run {run_id} is still RUNNING (its process {proc.pid} on this machine is alive)")
+    one_line_error(capsys.readouterr().err,
+                   f"run {run_id} is held by process {proc.pid} on {socket.gethostname()} (it is running on this machine)")
     while len(glob.glob(checkpoints(tmp_path, run_id))) < 2:  # so that one stays when the newest is torn
         assert proc.poll() is None
         time.sleep(0.05)
@@ -255,7 +258,7 @@ def test_resume_refuses_a_live_run_and_continues_a_killed_one_from_its_newest_re
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) // 2)
     before = int(os.path.basename(newest)[len("epoch_"):-len(".pt")]) - 1
-    assert mlflow.get_run(run_id).data.tags["pid"] == str(proc.pid)
+    assert tracking.Holder.parse(mlflow.get_run(run_id).data.params["lease_1"]).pid == proc.pid  # dead, unreleased
     result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", f"resume={run_id}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {os.path.basename(newest)} of run {run_id} is unreadable" in result.stdout
@@ -292,3 +295,97 @@ def test_resume_of_a_run_the_train_step_did_not_start_is_refused_in_one_line(sto
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert f"run {register_run.info.run_id} (register) was not started by the train step" in line
+
+
+def killed_run(tmp_path, tiny_data, epochs: int) -> str:
+    """A train run whose process was killed (-9) after its first checkpoint, the run left RUNNING; its id."""
+    proc = subprocess.Popen([sys.executable, "-m", "steps.train", "--data_dir", tiny_data, "--epochs", str(epochs),
+                             "--batch_size", "32", "--model", "baseline"], cwd=ROOT, env=step_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_new(checkpoints(tmp_path), set(), proc)
+    proc.kill()
+    proc.wait()
+    [run] = runs()
+    return run.info.run_id
+
+
+def leases(run_id: str) -> list[str]:
+    return sorted(key for key in mlflow.get_run(run_id).data.params if key.startswith(tracking.LEASE_PARAM))
+
+
+def written(run_id: str) -> tuple:
+    data = mlflow.get_run(run_id).data
+    return data.params, data.tags, data.metrics
+
+
+def trained_once(run_id: str, epochs: int) -> None:
+    """The run FINISHED with every epoch logged once and one model."""
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for name in ("val_loss", "epoch_time_s"):
+        assert [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, name)] == list(range(1, epochs + 1))
+    assert len(mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")) == 1
+
+
+# Imports the step, says so, and runs it once a line arrives: two of these start training together.
+RESUME_ON_A_LINE = "import sys; from steps import train; print('ready', flush=True); sys.stdin.readline(); " \
+                   "train.main(sys.argv[1:])"
+
+
+def test_two_resumes_started_together_train_the_run_once(store, tiny_data, tmp_path):
+    run_id = killed_run(tmp_path, tiny_data, epochs=4)
+    resumes = [subprocess.Popen([sys.executable, "-c", RESUME_ON_A_LINE, "--resume", run_id], cwd=ROOT, env=step_env(),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for resume in resumes:
+        assert resume.stdout.readline() == "ready\n", resume.communicate()[1][-2000:]
+    for resume in resumes:
+        resume.stdin.write("\n")
+        resume.stdin.flush()
+    outputs = [resume.communicate(timeout=300) for resume in resumes]
+    [winner] = [resume for resume in resumes if resume.returncode == 0]
+    [loser] = [resume for resume in resumes if resume.returncode == 2]
+    [line] = outputs[resumes.index(loser)][1].strip().splitlines()
+    assert line.startswith(f"train: error: run {run_id} is held by process {winner.pid} on {socket.gethostname()} (")
+    trained_once(run_id, epochs=4)
+    assert leases(run_id) == ["lease_1", "lease_2"]  # the killed process's and the winner's: the loser wrote none
+
+
+def test_resume_trusts_neither_a_host_name_nor_a_pid_alone(store, tiny_data, tmp_path, capsys):
+    run_id = killed_run(tmp_path, tiny_data, epochs=2)
+    client = mlflow.MlflowClient()
+    this_process = tracking.Holder.this_process()
+    # Another machine of the same name took the run over; here its pid is the killed process's.
+    killed = tracking.Holder.parse(mlflow.get_run(run_id).data.params["lease_1"])
+    elsewhere = dataclasses.replace(this_process, machine="another boot", pid=killed.pid)
+    client.log_param(run_id, "lease_2", elsewhere.value())
+    client.set_tag(run_id, tracking.HEARTBEAT_TAG, f"2 {time.time():.0f}")
+    before = written(run_id)
+    result = python_step("steps.train", "--resume", run_id)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f"run {run_id} is held by process {killed.pid} on {socket.gethostname()} (it runs on another machine" in line
+    assert written(run_id) == before  # refused without a write
+
+    # Then a process here took it and died; its pid now names another process (this test's).
+    client.log_param(run_id, "lease_3", dataclasses.replace(this_process, started="1").value())
+    train_step.main(["--resume", run_id])
+    trained_once(run_id, epochs=2)
+
+
+def test_a_holder_whose_run_was_taken_over_stops_without_another_write(store, tiny_data, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "steps.train", "--data_dir", tiny_data, "--epochs", "200",
+                             "--batch_size", "32", "--model", "baseline"], cwd=ROOT, env=step_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_new(checkpoints(tmp_path), set(), proc)
+    [run] = runs()
+    # What a process elsewhere writes when it found this one silent for too long (stopped, cut off).
+    elsewhere = dataclasses.replace(tracking.Holder.this_process(), machine="another boot", pid=1)
+    mlflow.MlflowClient().log_param(run.info.run_id, "lease_2", elsewhere.value())
+    _, stderr = proc.communicate(timeout=120)  # at its next heartbeat
+    assert proc.returncode == 1
+    assert stderr.strip().splitlines()[-1] == (f"run {run.info.run_id} was taken over by process 1 on "
+                                              f"{socket.gethostname()} while this process was silent; "
+                                              "stopping without another write")
+    after = mlflow.get_run(run.info.run_id)
+    assert after.info.status == "RUNNING" and tracking.RELEASED_TAG not in after.data.tags  # left to the new holder
