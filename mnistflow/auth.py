@@ -1,75 +1,132 @@
-"""API keys, the client's side: requests to a tracking server carry `X-Api-Key`.
+"""API keys and logins, the client's side: requests to the tracking server carry `X-Api-Key`, and no
+request to another host carries the key or the login.
 
-MLflow calls `ApiKeyHeaderProvider` before every request to a tracking server (it is registered
-as an `mlflow.request_header_provider` entry point in pyproject.toml), so exporting AM_SC_API_KEY
-is all a user does. The server's side, which maps a key to its user, is mnistflow/keystore.py.
+MLflow prepares every request of its client in one place (mlflow.utils.rest_utils.http_request),
+whatever it is for: the tracking server, or an artifact or model URI a step was given
+(`http://elsewhere/…`). It adds the login (MLFLOW_TRACKING_USERNAME/PASSWORD, or a token) to each,
+then hands the request, with its final URL, to the request auth plugin MLFLOW_TRACKING_AUTH names:
+ours (`TrackingServerAuthProvider`, an `mlflow.request_auth_provider` entry point in pyproject.toml,
+made the default by cli_guard.py). It adds the key from AM_SC_API_KEY to requests for the tracking
+(or registry) server, and takes the login off requests for any other origin (scheme, host and port),
+also where that server redirects one. The server's side, which maps a key to its user, is
+mnistflow/keystore.py.
 
 The key only goes where no one on the way can read it: over HTTPS, or plain HTTP to the addresses
 a tracking server on this machine listens on (localhost, 127.0.0.1, ::1), unless
 MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true says the network in between is trusted. Other loopback
 addresses (127.0.0.2, ...) need that opt-in too: nothing of this project listens there.
 """
+import ipaddress
 import os
 import urllib.parse
 
 import mlflow
 import requests
 from mlflow.exceptions import MlflowException
-from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
+from mlflow.tracking.request_auth.abstract_request_auth_provider import RequestAuthProvider
 
 from mnistflow import cli_guard
-from mnistflow.errors import AccessError
+from mnistflow.errors import AccessError, StepError
 
 KEY_ENV = "AM_SC_API_KEY"
 HEADER = "X-Api-Key"
 PLAIN_HTTP_ENV = "MNISTFLOW_ALLOW_PLAIN_HTTP_KEY"
+AUTH_ENV = "MLFLOW_TRACKING_AUTH"
+CERT_ENVS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # where the key may go over plain HTTP
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class ApiKeyHeaderProvider(RequestHeaderProvider):
+class TrackingServerAuthProvider(RequestAuthProvider):
     def __init__(self):
         self._access_checked = False
 
-    def in_context(self) -> bool:
+    def get_name(self) -> str:
+        return cli_guard.AUTH_PLUGIN
+
+    def get_auth(self) -> "TrackingServerOnly":
         if not self._access_checked and cli_guard.is_mlflow_run_command():
             # `mlflow run` would fail later with a traceback, or retry for minutes: check first.
             # Marked before the check, whose own requests come back here.
             self._access_checked = True
             try:
                 check_access()
-            except AccessError as exc:
+            except StepError as exc:
                 cli_guard.exit_with(exc)
-        return bool(os.environ.get(KEY_ENV)) and not plain_http_destinations()
+        return TrackingServerOnly({origin(uri) for uri in server_uris()} - {None})
 
-    def request_headers(self) -> dict:
-        return {HEADER: os.environ[KEY_ENV]} if self.in_context() else {}
+
+class TrackingServerOnly(requests.auth.AuthBase):
+    """Called by `requests` on each prepared request: the key and the login for `origins` only."""
+
+    def __init__(self, origins: set[tuple]):
+        self.origins = origins
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if origin(request.url) not in self.origins:
+            request.headers.pop("Authorization", None)
+        elif os.environ.get(KEY_ENV) and key_may_travel_to(request.url):
+            request.headers[HEADER] = os.environ[KEY_ENV]
+        request.register_hook("response", self.keep_key_from_other_origins)
+        return request
+
+    def keep_key_from_other_origins(self, response: requests.Response, **_) -> requests.Response:
+        # `requests` follows a redirect with a copy of this request: its own rule drops the login
+        # when the origin changes, not the key.
+        target = urllib.parse.urljoin(response.url, response.headers.get("location", ""))
+        if response.is_redirect and origin(target) not in self.origins:
+            response.request.headers.pop(HEADER, None)
+        return response
+
+
+def origin(url: str) -> tuple | None:
+    """(scheme, host, port) as URLs are compared: scheme and host in any case, a host name's
+    trailing dot, an IPv6 address in any spelling, a default port given or not. None if not http(s)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        scheme, host, port = parts.scheme.lower(), (parts.hostname or "").rstrip("."), parts.port
+    except ValueError:  # a port that is not a number
+        return None
+    if scheme not in DEFAULT_PORTS:
+        return None
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        pass  # a name, already in lower case
+    return scheme, host, port or DEFAULT_PORTS[scheme]
+
+
+def server_uris() -> list[str]:
+    return [mlflow.get_tracking_uri(), mlflow.get_registry_uri()]
+
+
+def key_may_travel_to(url: str) -> bool:
+    server = origin(url)
+    return server is not None and (server[0] == "https" or server[1] in LOCAL_HOSTS
+                                   or os.environ.get(PLAIN_HTTP_ENV, "").lower() == "true")
 
 
 def plain_http_destinations() -> list[str]:
-    """The tracking and registry URIs a key must not be sent to (the provider is not told which
-    of them a request goes to)."""
-    if os.environ.get(PLAIN_HTTP_ENV, "").lower() == "true":
-        return []
-    uris = {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}
-    return sorted(uri for uri in uris if uri and uri.startswith("http://") and not on_this_machine(uri))
+    """The tracking and registry URIs a key must not be sent to."""
+    return sorted({uri for uri in server_uris() if is_http(uri) and not key_may_travel_to(uri)})
 
 
-def on_this_machine(uri: str) -> bool:
-    return (urllib.parse.urlsplit(uri).hostname or "") in LOCAL_HOSTS
+def is_http(uri: str) -> bool:
+    """Whether `uri` is http:// or https://, in any case: a tracking server's."""
+    return origin(uri) is not None
 
 
 def check_access() -> None:
-    """Stop before any work when the API key would travel unencrypted, the tracking server cannot
-    be reached or answers with an error, its TLS certificate is not trusted, or it refuses this
-    client (no key, a wrong or revoked key), with one line that says what to set. Local stores
-    need no check."""
-    blocked = plain_http_destinations() if os.environ.get(KEY_ENV) else []
-    if blocked:
-        raise AccessError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not "
-                          f"localhost, 127.0.0.1 or ::1: use an https:// URI, or set {PLAIN_HTTP_ENV}=true "
-                          "if the network is trusted")
+    """Stop before any work when the tracking URI names no store MLflow knows, the API key would
+    travel unencrypted or not at all, the tracking server cannot be reached or answers with an
+    error, its TLS certificate is not trusted, or it refuses this client (no key, a wrong or revoked
+    key), with one line that says what to set. Local stores need no request."""
+    cli_guard.check_store_uri(mlflow.get_tracking_uri(), "tracking")
+    cli_guard.check_store_uri(mlflow.get_registry_uri(), "registry")
+    if os.environ.get(KEY_ENV):
+        check_key_goes_only_to_the_server()
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    if not is_http(uri):
         return
     check_reachable(uri)
     try:
@@ -83,22 +140,45 @@ def check_access() -> None:
         raise AccessError(f"the tracking server {uri} refused this client (HTTP {status}): {fix}") from None
 
 
+def check_key_goes_only_to_the_server() -> None:
+    blocked = plain_http_destinations()
+    if blocked:
+        raise AccessError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not "
+                          f"localhost, 127.0.0.1 or ::1: use an https:// URI, or set {PLAIN_HTTP_ENV}=true "
+                          "if the network is trusted")
+    chosen = os.environ.get(AUTH_ENV, cli_guard.AUTH_PLUGIN)
+    if chosen != cli_guard.AUTH_PLUGIN:
+        raise AccessError(f"{AUTH_ENV}={chosen} replaces mnistflow's request auth, which sends the API key in "
+                          f"{KEY_ENV}: unset {AUTH_ENV}")
+
+
 def check_reachable(uri: str) -> None:
     # One plain request first: MLflow's client retries a failed connection for minutes, and a
     # certificate it cannot verify is exactly such a failure.
+    if origin(uri)[0] == "https":
+        check_cert_files()
     ca = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
     insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
     try:
         health = requests.get(f"{uri}/health", timeout=30, verify=False if insecure else ca or True)
     except requests.exceptions.SSLError:
         trusted = f"the CA in MLFLOW_TRACKING_SERVER_CERT_PATH ({ca})" if ca else "this machine's CAs"
-        raise AccessError(f"the TLS certificate of {uri} could not be verified with {trusted}: set "
-                          "MLFLOW_TRACKING_SERVER_CERT_PATH to the CA certificate the server's admin gives you") from None
+        fix = "set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA certificate the server's admin gives you"
+        raise AccessError(f"the TLS certificate of {uri} could not be verified with {trusted}: {fix}") from None
     except requests.exceptions.RequestException as exc:
         raise AccessError(f"cannot reach the tracking server {uri}: {type(exc).__name__}; is it running, "
                           "and is MLFLOW_TRACKING_URI right?") from None
     if health.status_code >= 500:  # a proxy without its server, or a server in trouble
         raise server_error(uri, health.status_code)
+
+
+def check_cert_files() -> None:
+    # `requests` reports a missing one only when it connects, with a traceback through MLflow's.
+    for name in CERT_ENVS:
+        path = os.environ.get(name)
+        if path and not os.path.exists(path):
+            raise AccessError(f"{name} names no file: {path!r}; set it to the certificate file the server's "
+                              "admin gives you, or unset it")
 
 
 def server_error(uri: str, status: int) -> AccessError:

@@ -1,24 +1,48 @@
-"""Checks that run inside the `mlflow run` command's own process, before it creates a run.
+"""What MLflow runs of ours in every process that imports it, and the checks that stop `mlflow run`
+before it creates a run.
 
 `mlflow run` creates its run and logs every -P value as a param before any step of ours starts,
 and it talks to the tracking server (with MLflow's retries and tracebacks) before a step can check
 access. Two of MLflow's plugin hooks run in that process earlier, and this project uses both:
 
-- MLflow instantiates every `mlflow.run_context_provider` when it imports its registry, which the
-  `mlflow` command does before it reads its options: `StorageParameterCheck` refuses there a
-  storage parameter that holds a password, so the password is never logged.
-- MLflow asks every `mlflow.request_header_provider` before each request: auth.py's provider runs
-  the access check the first time (for http(s) tracking servers).
+- MLflow instantiates every `mlflow.run_context_provider` when it imports its registry, which
+  `import mlflow` does, before the `mlflow` command reads its options: `MlflowRunCheck` refuses
+  there a tracking URI MLflow has no store for, and a storage parameter that holds a password (so
+  the password is never logged).
+- MLflow hands every request to the `mlflow.request_auth_provider` that MLFLOW_TRACKING_AUTH names:
+  auth.py's runs the access check the first time (for http(s) tracking servers). This module makes
+  it the default, early enough for the first request.
 """
+import importlib.metadata
 import os
 import sys
+import urllib.parse
 
 from mlflow.tracking.context.abstract_context import RunContextProvider
 
 from mnistflow.config import refuse_storage_password
-from mnistflow.errors import ConfigError
+from mnistflow.errors import ConfigError, StepError
 
 PROG = "mlflow run"
+AUTH_PLUGIN = "mnistflow"  # auth.py's request auth provider: the API key and the login only to the tracking server
+# MLflow reads this for each request, so setting it here, when `import mlflow` builds MlflowRunCheck,
+# is before the first one. A user's own choice stays (auth.check_access then says what it costs).
+os.environ.setdefault("MLFLOW_TRACKING_AUTH", AUTH_PLUGIN)
+
+# The stores MLflow builds for a tracking or registry URI ("" is a path); postgresql+psycopg2 etc. too.
+STORE_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                 "databricks-uc", "uc")
+STORE_PLUGINS = {"tracking": "mlflow.tracking_store", "registry": "mlflow.model_registry_store"}  # more schemes
+
+
+def check_store_uri(uri: str, role: str) -> None:
+    """Refuse a tracking or registry URI (`role`) MLflow has no store for (`sqlit:///…`, `bogus://x`),
+    which it would only report with a traceback once a step is under way."""
+    scheme = urllib.parse.urlsplit(uri).scheme.lower().split("+")[0]
+    plugins = {entry.name for entry in importlib.metadata.entry_points(group=STORE_PLUGINS[role])}
+    if scheme not in STORE_SCHEMES and scheme not in plugins:
+        raise ConfigError(f"the {role} URI {uri!r} names no store MLflow knows ({scheme}:); use https://host, "
+                          "http://host, a path, file:, sqlite:, postgresql:, mysql:, mssql: or databricks")
 
 
 def is_mlflow_run_command(argv: list[str] | None = None) -> bool:
@@ -48,17 +72,24 @@ def exit_with(error: Exception) -> None:
     sys.exit(2)
 
 
-class StorageParameterCheck(RunContextProvider):
+class MlflowRunCheck(RunContextProvider):
     """Adds no tags; being built is the hook (see the module docstring). MLflow builds it in every
     process that imports mlflow, which is why config.py imports nothing heavy."""
 
     def __init__(self):
-        storage = run_parameters(sys.argv[2:]).get("storage") if is_mlflow_run_command() else None
-        if storage:
-            try:
+        if not is_mlflow_run_command():
+            return
+        # `mlflow run` has no flag for these: it reads them from the environment, as MLflow does.
+        uris = {"tracking": os.environ.get("MLFLOW_TRACKING_URI"), "registry": os.environ.get("MLFLOW_REGISTRY_URI")}
+        storage = run_parameters(sys.argv[2:]).get("storage")
+        try:
+            for role, uri in uris.items():
+                if uri:
+                    check_store_uri(uri, role)
+            if storage:
                 refuse_storage_password(storage)
-            except ConfigError as exc:
-                exit_with(exc)
+        except StepError as exc:
+            exit_with(exc)
 
     def in_context(self) -> bool:
         return False

@@ -8,7 +8,9 @@ from typing import NoReturn
 import mlflow
 import yaml
 
+from mnistflow import auth
 from mnistflow.config import OneLineParser, parse_bool
+from mnistflow.errors import StepError
 
 CFG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cfg")
 
@@ -108,9 +110,14 @@ def _script_name() -> str:
 
 
 def use_tracking(config: dict) -> None:
-    """Point MLflow at the config's tracking URI and experiment ("" = $MLFLOW_TRACKING_URI or the default)."""
+    """Point MLflow at the config's tracking URI and experiment ("" = $MLFLOW_TRACKING_URI or the default),
+    once the steps' access check passes (a URI MLflow has no store for, a server that is down: one line)."""
     if config.get("tracking_uri"):
         mlflow.set_tracking_uri(config["tracking_uri"])
+    try:
+        auth.check_access()
+    except StepError as exc:
+        error(str(exc))
     if config.get("experiment"):
         mlflow.set_experiment(config["experiment"])
 

@@ -23,7 +23,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # deprecation warnings from inside MLflow's server package
     from mlflow.server.auth.client import AuthServiceClient
 
+from mnistflow import auth
 from mnistflow.config import OneLineParser
+from mnistflow.errors import StepError
 
 PERMISSIONS = ("READ", "EDIT", "MANAGE", "DENY")
 
@@ -62,6 +64,12 @@ def main(argv=None) -> None:
         parser.error(f"permission {args.permission!r} is not allowed; choose from {', '.join(PERMISSIONS)}")
 
     uri = mlflow.get_tracking_uri()
+    if not auth.is_http(uri):
+        parser.error(f"MLFLOW_TRACKING_URI is {uri!r}: set it to the tracking server's https:// URI")
+    try:
+        auth.check_reachable(uri)  # MLflow's client would retry a server that is down for minutes
+    except StepError as exc:
+        parser.error(str(exc))
     admin = AuthServiceClient(uri)
     try:
         if args.command == "grant":

@@ -470,7 +470,7 @@ def users_main(capsys, server, *args: str, stdin: str = "") -> str:
 ])
 def test_mlflow_run_stops_before_its_first_request_with_the_steps_line(server, tiny_data, key, ca, message):
     """`mlflow run`, as the README has users start steps, runs the access check in its own process
-    (mnistflow/auth.py's header plugin), so MLflow's CLI neither fails with a traceback nor retries
+    (mnistflow/auth.py's request auth plugin), so MLflow's CLI neither fails with a traceback nor retries
     for minutes, and creates nothing."""
     if server["backend"].startswith("postgresql"):
         pytest.skip("the client's checks do not depend on the server's backend store")
