@@ -70,7 +70,8 @@ def data_dir(parameter: str) -> str:
 
 def study_storage(parameter: str) -> str:
     """The Optuna storage the tune step opens for its storage parameter (tuning.storage_url), without
-    its password; a relative SQLite path from the project directory, where steps run."""
+    its password (only a digest of it when it comes from the environment); a relative SQLite path
+    from the project directory, where steps run."""
     url = tuning.storage_url(TuneConfig(storage=parameter))
     try:
         parsed = sqlalchemy.engine.make_url(url)
@@ -78,7 +79,12 @@ def study_storage(parameter: str) -> str:
         return "an unreadable URL"  # the tune step says so; no part of it is kept
     if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
         parsed = parsed.set(database=os.path.join(PROJECT_DIR, parsed.database))
-    return parsed.render_as_string(hide_password=True)
+    shown = parsed.render_as_string(hide_password=True)
+    if not parameter and os.environ.get(tuning.STORAGE_ENV):
+        # A storage given in the environment stays out of the store, as in every message
+        # (tuning.storage_label): only a digest, enough to tell one storage from another.
+        return f"${tuning.STORAGE_ENV} sha256:{hashlib.sha256(shown.encode()).hexdigest()[:16]}"
+    return shown
 
 
 def reusable_run(entry_point: str, parameters: dict, experiment_id: str, commit: str,

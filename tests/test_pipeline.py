@@ -138,6 +138,18 @@ def test_main_runs_a_step_again_on_other_data_or_another_study_storage(store, ti
     assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 3
 
 
+def test_the_study_storage_is_compared_by_what_it_resolves_to_and_an_environment_one_only_by_digest(monkeypatch):
+    monkeypatch.delenv("MNISTFLOW_OPTUNA_STORAGE", raising=False)
+    assert pipeline.study_storage("sqlite:///optuna.db") == f"sqlite:///{pipeline.PROJECT_DIR}/optuna.db"
+    assert pipeline.study_storage("postgresql://tuner@db/optuna") == "postgresql://tuner@db/optuna"
+    monkeypatch.setenv("MNISTFLOW_OPTUNA_STORAGE", "postgresql://tuner:pw-7@db.example/optuna")
+    from_env = pipeline.study_storage("")
+    assert from_env.startswith("$MNISTFLOW_OPTUNA_STORAGE sha256:") and "db.example" not in from_env
+    assert pipeline.study_storage("") == from_env
+    monkeypatch.setenv("MNISTFLOW_OPTUNA_STORAGE", "postgresql://tuner:pw-7@db.example/other")
+    assert pipeline.study_storage("") != from_env
+
+
 def test_the_working_tree_digest_follows_uncommitted_changes(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -1,4 +1,5 @@
 """The search-space file, the trial split over workers, and the storage: checked without training."""
+import re
 import sqlite3
 
 import optuna
@@ -40,7 +41,7 @@ def test_the_shipped_search_space_loads():
     ("dropout: 0.5", "dropout: unknown setting; allowed: model, batch_size"),
     ("lr: {type: float, low: 0.1}", "lr: a float range needs low and high"),
     ("lr: {type: float, low: 0.1, high: 0.01}", "lr: low=0.1 must be below high=0.01"),
-    ("lr: {type: float, low: -1, high: 0.01}", "lr: lr=-1.0 is not allowed; it must be > 0"),
+    ("lr: {type: float, low: -1, high: 0.01}", "lr: lr=-1.0 is not allowed; it must be in (0, 10]"),
     ("weight_decay: {type: float, low: 0, high: 0.1, log: true}", "a log range needs low > 0"),
     ("lr: {type: normal, low: 0.1, high: 1}", "type 'normal' is not one of float, int, categorical"),
     ("lr: {type: float, low: 0.1, high: 1, scale: 2}", "unknown key 'scale'"),
@@ -48,10 +49,10 @@ def test_the_shipped_search_space_loads():
     ("optimizer: {type: categorical, choices: [adamw, lion]}", "unknown optimizer 'lion'; choose from adamw"),
     ("batch_size: {type: categorical, choices: [64, big]}", "'big' is not a int"),
     ("model: resnet", "unknown model 'resnet'"),
-    ("lr: -1e-3", "lr: lr=-0.001 is not allowed; it must be > 0"),
+    ("lr: -1e-3", "lr: lr=-0.001 is not allowed; it must be in (0, 10]"),
 ])
 def test_a_bad_search_space_is_refused_naming_the_key(tmp_path, text, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         tuning.load_search_space(write(tmp_path, text))
 
 
@@ -70,10 +71,10 @@ def test_trials_are_shared_exactly_over_the_workers():
     ({"sampler": "grid"}, "unknown sampler 'grid'; choose from tpe, random"),
     ({"pruner": "asha"}, "unknown pruner 'asha'; choose from median, hyperband, none"),
     ({"n_trials": 0}, "n_trials=0 with no timeout would never stop"),
-    ({"workers": 0}, "workers=0 is not allowed; it must be >= 1"),
+    ({"workers": 0}, "workers=0 is not allowed; it must be in [1, 1000]"),
 ])
 def test_bad_tune_settings(change, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         TuneConfig(**change).validate()
 
 
