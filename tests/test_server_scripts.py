@@ -167,16 +167,21 @@ def test_api_keys_refuses_a_file_that_is_not_a_key_store(tmp_path, request, caps
     assert files_under(tmp_path) == before and os.stat(path).st_mode == mode
 
 
-def test_api_keys_names_a_percent_the_auth_ini_must_escape(tmp_path, capsys):
-    """MLflow reads the ini with interpolation, where a '%' is written '%%'; the line does not show the value."""
+@pytest.mark.parametrize("database_uri, message", [
+    # MLflow reads the ini with interpolation, where a '%' is written '%%'.
+    ("postgresql://auth:pw%41x@127.0.0.1/auth", "database_uri has a '%' not written '%%' (MLflow reads the file "
+                                                "with interpolation)"),
+    ("postgresql//auth:secret@127.0.0.1/auth", "database_uri is not a database URL (dialect://user@host/name)"),
+    ("postgresq://auth:secret@127.0.0.1/auth", "database_uri names a database this Python has no driver for"),
+])
+def test_api_keys_names_what_is_wrong_in_the_auth_ini_but_not_its_value(tmp_path, capsys, database_uri, message):
     keys = str(tmp_path / "api_keys.db")
     keystore.create_store(keys)
-    (tmp_path / "basic_auth.ini").write_text("[mlflow]\ndatabase_uri = postgresql://auth:pw%41x@127.0.0.1/auth\n")
+    (tmp_path / "basic_auth.ini").write_text(f"[mlflow]\ndatabase_uri = {database_uri}\n")
     with pytest.raises(SystemExit) as exit:
         api_keys.main(["issue", "alice", "--db", keys, "--auth-config", str(tmp_path / "basic_auth.ini")])
     assert exit.value.code == 2
-    assert capsys.readouterr().err == f"api_keys: error: {tmp_path}/basic_auth.ini: database_uri has a '%' not " \
-                                      "written '%%' (MLflow reads the file with interpolation)\n"
+    assert capsys.readouterr().err == f"api_keys: error: {tmp_path}/basic_auth.ini: {message}\n"
     assert keystore.list_keys(keys) == []
 
 
