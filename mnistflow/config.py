@@ -199,6 +199,7 @@ class PipelineConfig:
     min_accuracy: float = 0.0   # the register gate's; 0 = the dataset's default
     recall_margin: float = 0.0  # the register gate's; 0 = the dataset's default
     min_robust_accuracy: float = DATASET_DEFAULT  # the register gate's; -1 = the dataset's default
+    max_latency_ms: float = 100.0  # the register gate's: p95 of single-image inference
     storage: str = ""           # the Optuna storage; "" = sqlite:///optuna.db in the project directory
     data_dir: str = ""
     force: bool = False         # rerun every step, even one that already ran with the same parameters
@@ -211,7 +212,7 @@ class PipelineConfig:
         refuse_storage_password(self.storage)
         # The register step's limits, checked before train and tune spend their time.
         RegisterConfig(model_name=self.model_name, min_accuracy=self.min_accuracy, recall_margin=self.recall_margin,
-                       min_robust_accuracy=self.min_robust_accuracy).validate()
+                       min_robust_accuracy=self.min_robust_accuracy, max_latency_ms=self.max_latency_ms).validate()
         return self
 
 

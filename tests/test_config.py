@@ -137,6 +137,7 @@ TOO_LONG = "s" * 9000
     ("main", ["--min_accuracy", "nan"], "min_accuracy=nan is not allowed; it must be a finite number"),
     ("main", ["--recall_margin", "inf"], "recall_margin=inf is not allowed; it must be a finite number"),
     ("main", ["--min_robust_accuracy", "nan"], "min_robust_accuracy=nan is not allowed; it must be a finite number"),
+    ("main", ["--max_latency_ms", "0"], "max_latency_ms=0.0 is not allowed; it must be > 0"),
     ("main", ["--epochs", "-3"], "epochs=-3 is not allowed; it must be >= 1"),
     ("register", ["--max_latency_ms", "inf"], "max_latency_ms=inf is not allowed; it must be a finite number"),
     ("register", ["--max_size_mb", "nan"], "max_size_mb=nan is not allowed; it must be a finite number"),
