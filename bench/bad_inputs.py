@@ -24,6 +24,7 @@ written or changed in its folder (or in the project, for `mlflow run`), no proce
 The table has a row per probe, the runs and experiments each created and what it left; the exit
 code is 1 when any probe is not OK.
 """
+import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
 import argparse
 import concurrent.futures
 import contextlib

@@ -11,6 +11,7 @@ dark ink on paper...), each picture going through the preprocessing `predict` gi
 condition, as the user's picture and as the model's input. Models are given in one run so that
 they are compared on the very same pictures; they must share a dataset.
 """
+import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
 import argparse
 import datetime
 import socket

@@ -12,6 +12,7 @@ alternating the three cases in blocks of 50 so that a noisy moment hits all of t
 Prints one table of p50 / p95 latency and images per second, and the HTTP overhead as a ratio.
 The pixels are random: a CNN's compute does not depend on what the image shows.
 """
+import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
 import argparse
 import json
 import os

@@ -10,6 +10,7 @@ as fast as they can for a fixed time (what many training jobs logging at once lo
 Prints one table: requests per second and metric values per second (medians over rounds),
 p50 / p95 request latency, the error count, and PostgreSQL's rate as a ratio of SQLite's.
 """
+import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
 import argparse
 import contextlib
 import io

@@ -16,6 +16,7 @@ Prints one table of medians, measured side by side (interleaved) in one run:
 All run the real `fit` loop; only the source of batches, the logging callbacks or the
 augmentation differ.
 """
+import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
 import argparse
 import dataclasses
 import statistics

@@ -10,6 +10,7 @@ trial code (`tuning.objective`: a nested MLflow run per trial, the real training
 Prints finished (complete or pruned) trials per minute and the best validation accuracy of
 each study, and their ratio (goal: >= 2x at a best accuracy within 0.2 points).
 """
+import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
 import argparse
 import tempfile
 import time

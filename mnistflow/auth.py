@@ -11,8 +11,8 @@ made the default by cli_guard.py). It adds the key from AM_SC_API_KEY to request
 also where that server redirects one. The server's side, which maps a key to its user, is
 mnistflow/keystore.py.
 
-The key only goes where no one on the way can read it: over HTTPS, or plain HTTP to the addresses
-a tracking server on this machine listens on (localhost, 127.0.0.1, ::1), unless
+The key and the login only go where no one on the way can read them: over HTTPS, or plain HTTP to
+the addresses a tracking server on this machine listens on (localhost, 127.0.0.1, ::1), unless
 MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true says the network in between is trusted. Other loopback
 addresses (127.0.0.2, ...) need that opt-in too: nothing of this project listens there.
 """
@@ -32,6 +32,9 @@ KEY_ENV = "AM_SC_API_KEY"
 HEADER = "X-Api-Key"
 PLAIN_HTTP_ENV = "MNISTFLOW_ALLOW_PLAIN_HTTP_KEY"
 AUTH_ENV = "MLFLOW_TRACKING_AUTH"
+# What must not travel in clear, and how an error names it: the key, then MLflow's login.
+SECRETS = ((KEY_ENV, "the API key"), ("MLFLOW_TRACKING_PASSWORD", "the password"),
+           ("MLFLOW_TRACKING_TOKEN", "the token"))
 CERT_ENVS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # where the key may go over plain HTTP
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -63,9 +66,9 @@ class TrackingServerOnly(requests.auth.AuthBase):
         self.origins = origins
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if origin(request.url) not in self.origins:
-            request.headers.pop("Authorization", None)
-        elif os.environ.get(KEY_ENV) and key_may_travel_to(request.url):
+        if origin(request.url) not in self.origins or not secrets_may_travel_to(request.url):
+            request.headers.pop("Authorization", None)  # another host, or in clear over a network
+        elif os.environ.get(KEY_ENV):
             request.headers[HEADER] = os.environ[KEY_ENV]
         request.register_hook("response", self.keep_key_from_other_origins)
         return request
@@ -100,15 +103,15 @@ def server_uris() -> list[str]:
     return [mlflow.get_tracking_uri(), mlflow.get_registry_uri()]
 
 
-def key_may_travel_to(url: str) -> bool:
+def secrets_may_travel_to(url: str) -> bool:
     server = origin(url)
     return server is not None and (server[0] == "https" or server[1] in LOCAL_HOSTS
                                    or os.environ.get(PLAIN_HTTP_ENV, "").lower() == "true")
 
 
 def plain_http_destinations() -> list[str]:
-    """The tracking and registry URIs a key must not be sent to."""
-    return sorted({uri for uri in server_uris() if is_http(uri) and not key_may_travel_to(uri)})
+    """The tracking and registry URIs the key or the login must not be sent to."""
+    return sorted({uri for uri in server_uris() if is_http(uri) and not secrets_may_travel_to(uri)})
 
 
 def is_http(uri: str) -> bool:
@@ -123,8 +126,7 @@ def check_access() -> None:
     key), with one line that says what to set. Local stores need no request."""
     cli_guard.check_store_uri(mlflow.get_tracking_uri(), "tracking")
     cli_guard.check_store_uri(mlflow.get_registry_uri(), "registry")
-    if os.environ.get(KEY_ENV):
-        check_key_goes_only_to_the_server()
+    check_secrets_go_only_to_the_server()
     uri = mlflow.get_tracking_uri()
     if not is_http(uri):
         return
@@ -140,14 +142,16 @@ def check_access() -> None:
         raise AccessError(f"the tracking server {uri} refused this client (HTTP {status}): {fix}") from None
 
 
-def check_key_goes_only_to_the_server() -> None:
+def check_secrets_go_only_to_the_server() -> None:
+    given = [(variable, what) for variable, what in SECRETS if os.environ.get(variable)]
     blocked = plain_http_destinations()
-    if blocked:
-        raise AccessError(f"the API key in {KEY_ENV} would travel unencrypted to {blocked[0]}, which is not "
+    if given and blocked:
+        variable, what = given[0]
+        raise AccessError(f"{what} in {variable} would travel unencrypted to {blocked[0]}, which is not "
                           f"localhost, 127.0.0.1 or ::1: use an https:// URI, or set {PLAIN_HTTP_ENV}=true "
                           "if the network is trusted")
     chosen = os.environ.get(AUTH_ENV, cli_guard.AUTH_PLUGIN)
-    if chosen != cli_guard.AUTH_PLUGIN:
+    if os.environ.get(KEY_ENV) and chosen != cli_guard.AUTH_PLUGIN:
         raise AccessError(f"{AUTH_ENV}={chosen} replaces mnistflow's request auth, which sends the API key in "
                           f"{KEY_ENV}: unset {AUTH_ENV}")
 

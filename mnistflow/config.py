@@ -49,6 +49,7 @@ MAX_WEIGHT_DECAY = 1.0       # beyond it the decay outweighs the data whatever t
 SEEDS = 2**32                # numpy and Optuna's samplers take seeds in [0, 2**32)
 MAX_HEARTBEAT_S = 86_400     # a day; a wait longer than threading allows ends Optuna's heartbeat thread silently
 MAX_WORKERS = 1000           # Slurm's default MaxArraySize allows 1001 tasks; as many local processes would thrash
+NOTE_MAX = 6000              # MLflow's longest param value: `mlflow run` logs -P note=... as one
 STUDY_NAME_MAX = 512         # the study_name column of Optuna's RDB storage (tests/test_config.py keeps them equal)
 
 
@@ -104,6 +105,9 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr} is not allowed; it must be in (0, {MAX_LR:g}]")
         _in_range(self, "weight_decay", 0, MAX_WEIGHT_DECAY)
         _in_range(self, "seed", 0, SEEDS - 1)
+        if len(self.note) > NOTE_MAX:
+            raise ConfigError(f"note {self.note[:40]!r}... ({len(self.note)} characters) is not allowed; "
+                              f"MLflow keeps notes of at most {NOTE_MAX} characters")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction} is not allowed; it must be in (0, 1)")
         if not 0 <= self.label_smoothing < 1:
@@ -195,6 +199,7 @@ class PipelineConfig:
     min_accuracy: float = 0.0   # the register gate's; 0 = the dataset's default
     recall_margin: float = 0.0  # the register gate's; 0 = the dataset's default
     min_robust_accuracy: float = DATASET_DEFAULT  # the register gate's; -1 = the dataset's default
+    max_latency_ms: float = 100.0  # the register gate's: p95 of single-image inference
     storage: str = ""           # the Optuna storage; "" = sqlite:///optuna.db in the project directory
     data_dir: str = ""
     force: bool = False         # rerun every step, even one that already ran with the same parameters
@@ -207,7 +212,7 @@ class PipelineConfig:
         refuse_storage_password(self.storage)
         # The register step's limits, checked before train and tune spend their time.
         RegisterConfig(model_name=self.model_name, min_accuracy=self.min_accuracy, recall_margin=self.recall_margin,
-                       min_robust_accuracy=self.min_robust_accuracy).validate()
+                       min_robust_accuracy=self.min_robust_accuracy, max_latency_ms=self.max_latency_ms).validate()
         return self
 
 

@@ -116,7 +116,10 @@ def load(name: str, data_dir: str = "", val_fraction: float = 0.1, seed: int = 0
     order = torch.randperm(len(train_set.targets), generator=torch.Generator().manual_seed(seed))
     if max_train_samples:
         order = order[:max_train_samples]
-    n_val = max(1, round(val_fraction * len(order)))
+    n_val = round(val_fraction * len(order))
+    if n_val < 1:  # a validation set of nothing, or of one image, would pick the best epoch by chance
+        raise DataError(f"val_fraction={val_fraction} of {len(order)} training images holds out none for "
+                        f"validation; give at least {1 / len(order):.3g}")
     if n_val >= len(order):
         raise DataError(f"val_fraction={val_fraction} of {len(order)} training images leaves none to train on")
     val_idx, train_idx = order[:n_val], order[n_val:]

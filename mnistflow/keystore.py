@@ -97,10 +97,16 @@ def user_exists(auth_config: str, username: str) -> bool:
                             "with interpolation)") from None
     except (configparser.Error, UnicodeDecodeError) as exc:
         raise KeyStoreError(f"{auth_config} is not an ini file MLflow can read ({type(exc).__name__})") from None
-    database = sqlalchemy.engine.make_url(uri).database
+    try:  # their messages would show the URL, password included
+        database = sqlalchemy.engine.make_url(uri).database
+    except sqlalchemy.exc.ArgumentError:
+        raise KeyStoreError(f"{auth_config}: database_uri is not a database URL (dialect://user@host/name)") from None
     if uri.startswith("sqlite:") and not os.path.isfile(database or ""):
         raise KeyStoreError(f"the server's user store {database} does not exist; start shared_server.py first")
-    engine = sqlalchemy.create_engine(uri)
+    try:
+        engine = sqlalchemy.create_engine(uri)
+    except (sqlalchemy.exc.NoSuchModuleError, ImportError):  # an unknown dialect, or its driver not installed
+        raise KeyStoreError(f"{auth_config}: database_uri names a database this Python has no driver for") from None
     try:
         with engine.connect() as connection:
             return connection.execute(sqlalchemy.text("SELECT 1 FROM users WHERE username = :name"),

@@ -100,6 +100,8 @@ def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
     """
     flavors = description.flavors
     pyfunc = flavors.get("python_function", {})
+    if not flavors:
+        return "an MLmodel file with no flavours"
     if "pytorch" not in flavors:
         loader = f" (loader {pyfunc['loader_module']})" if pyfunc.get("loader_module") else ""
         return f"a {' + '.join(sorted(flavors))} model{loader}"

@@ -12,6 +12,7 @@ database. Jobs run as that user. Tests use it (tests/test_slurm.py) as they use 
 import argparse
 import getpass
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -19,11 +20,15 @@ import subprocess
 import sys
 import time
 
+from local_server import folder
 from mlflow.utils import find_free_port
 
 from mnistflow.config import OneLineParser
 
 PARTITION = "debug"
+# slurm.conf ends a value at a space or '#', and munged's and slurmd's options hold the same paths:
+# the folder they are under is kept to these characters.
+SLURM_PATH = re.compile(r"[\w./@+-]+")
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 
 
@@ -128,9 +133,17 @@ def stop(root: str) -> None:
             time.sleep(0.1)
 
 
+def root_folder(text: str) -> str:
+    """An argparse type for --root: a folder (or where one can be made) that slurm.conf can name."""
+    if not SLURM_PATH.fullmatch(os.path.abspath(folder(text))):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; slurm.conf takes a path of letters, digits "
+                                         "and _ . - / + @ only")
+    return text
+
+
 def main(argv=None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="directory for the cluster's config, state and logs")
+    parser.add_argument("--root", type=root_folder, required=True, help="directory for the cluster's config, state and logs")
     parser.add_argument("--stop", action="store_true", help="stop the cluster in --root")
     args = parser.parse_args(argv)
     root = os.path.abspath(args.root)

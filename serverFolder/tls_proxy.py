@@ -24,9 +24,9 @@ from mnistflow.config import OneLineParser
 # When started as root, nginx's workers run as this account, with Debian's own temporary
 # directories (owned by it), not as root.
 WORKER_USER, WORKER_TEMP = "www-data", "/var/lib/nginx"
-# nginx.conf takes the values written into it as they are: a space, ';', '{', quote, '$' or '#' in a
-# path would end it or add directives of its own. The paths given are kept to these characters.
-NGINX_PATH = re.compile(r"[\w./@+-]+")
+# nginx.conf holds the paths given in double quotes, where nginx reads a space, ';', '{' or '#' as
+# part of the path; a quote or backslash would end or escape the string, '$' names a variable.
+NGINX_PATH = re.compile(r'[^"\\$\x00-\x1f\x7f]+')
 
 
 def body_size(text: str) -> str:
@@ -83,8 +83,8 @@ def unusable(args: argparse.Namespace) -> str:
         return f"--server-name {args.server_name!r} is not allowed; give a host name or an IP address"
     for option, path in (("--cert", args.cert), ("--key", args.key), ("--root", args.root)):
         if not NGINX_PATH.fullmatch(os.path.abspath(path)):
-            return (f"{option} {path!r} is not allowed; nginx.conf takes a path of letters, digits "
-                    "and _ . - / + @ only")
+            return (f"{option} {path!r} is not allowed; nginx.conf takes a path without a double quote, "
+                    "backslash, '$' or control character")
     for option, path in (("--cert", args.cert), ("--key", args.key)):
         if not os.path.isfile(path):
             return f"{option} {path} is not a file; make the certificate and key with serverFolder/make_certs.sh"
@@ -99,8 +99,7 @@ def render(args: argparse.Namespace, root: str) -> str:
               "UPSTREAM": args.upstream, "MAX_BODY_SIZE": args.max_body_size, "LOGIN_RATE": args.login_rate}
     with open(os.path.join(HERE, "nginx.conf")) as f:
         text = f.read()
-    for name, value in values.items():
-        text = text.replace(f"@{name}@", value)
+    text = re.sub(r"@([A-Z_]+)@", lambda placeholder: values[placeholder.group(1)], text)  # one pass: a value may hold '@'
     path = os.path.join(root, "nginx.conf")
     with open(path, "w") as f:
         f.write(text)

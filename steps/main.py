@@ -41,7 +41,8 @@ def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
     best = max((train.run, study_parent), key=lambda run: run.data.metrics.get("test_accuracy", -1.0))
     register = pipeline.get_or_run("register", {"run_id": best.info.run_id, "model_name": cfg.model_name,
                                                 "min_accuracy": cfg.min_accuracy, "recall_margin": cfg.recall_margin,
-                                                "min_robust_accuracy": cfg.min_robust_accuracy, "data_dir": cfg.data_dir},
+                                                "min_robust_accuracy": cfg.min_robust_accuracy,
+                                                "max_latency_ms": cfg.max_latency_ms, "data_dir": cfg.data_dir},
                                    data, env, cfg.force)
     plot = pipeline.get_or_run("plot_loss", {"run_id": best.info.run_id}, {}, env, cfg.force)
     return [train, dataclasses.replace(tune, run=study_parent), register, plot]

@@ -100,6 +100,7 @@ def refused_script(monkeypatch, capsys, path: str, *args: str) -> str:
     exit code 2 and one line on stderr, which is returned. (Faster than a new interpreter, for
     tables of bad input whose command line is run once elsewhere.)"""
     monkeypatch.setattr(sys, "argv", [path, *args])
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(path)))  # as python puts a script's folder first
     with pytest.raises(SystemExit) as exit:
         runpy.run_path(path, run_name="__main__")
     assert exit.value.code == 2

@@ -3,13 +3,15 @@ both bench scripts refuse bad input in one line before writing anything."""
 import glob
 import os
 import re
+import subprocess
 import sys
 import tempfile
 
 import mlflow
+import mnistflow.tracking  # noqa: F401  (first imported, torch makes a cache folder in the temp folder: not the bench's)
 import pytest
 
-from conftest import ROOT, refused_script, run_step
+from conftest import ROOT, refused_script, run_step, step_env
 
 
 def test_train_speed_prints_medians_and_ratios(tiny_data, tmp_path, monkeypatch):
@@ -71,3 +73,29 @@ def test_tune_speed_refuses_a_bad_count_through_its_command_line(tiny_data, tmp_
     result = run_step(sys.executable, "bench/tune_speed.py", "--data_dir", tiny_data, "--minutes", "-2")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["tune_speed: error: --minutes -2 is not allowed; it must be > 0"]
+
+
+BENCHES = sorted(name for name in os.listdir(os.path.join(ROOT, "bench"))
+                 if name.endswith(".py") and name != "no_telemetry.py")
+
+
+@pytest.mark.parametrize("script", BENCHES)
+def test_a_bench_run_by_hand_keeps_mlflow_telemetry_off(script):
+    # Outside pytest and CI, MLflow starts its telemetry client (which sends to the internet) when
+    # it is imported: the bench must turn it off first, for itself and every process it starts.
+    env = {name: value for name, value in step_env().items()
+           if name not in ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY")}
+    check = ("import runpy, sys\n"
+             f"sys.argv = [{script!r}, '--help']\n"
+             "sys.path.insert(0, '.')\n"  # as `python bench/<script>` puts its folder first
+             "try:\n"
+             f"    runpy.run_path({script!r}, run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "import os, mlflow\n"
+             "from mlflow.telemetry import get_telemetry_client\n"
+             "print('client', get_telemetry_client(), 'env', os.environ.get('MLFLOW_DISABLE_TELEMETRY'))\n")
+    result = subprocess.run([sys.executable, "-c", check], cwd=os.path.join(ROOT, "bench"), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "client None env true"

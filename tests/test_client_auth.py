@@ -89,24 +89,26 @@ def assert_one_line_from_mlflow_run(result, message: str) -> None:
     assert result.stderr.splitlines()[-1] == "mlflow run: " + message.rstrip("\n")
 
 
-def test_the_key_goes_over_plain_http_only_to_this_machine(recorders, other_host, monkeypatch):
-    monkeypatch.setenv("AM_SC_API_KEY", KEY)
-    monkeypatch.delenv("MNISTFLOW_ALLOW_PLAIN_HTTP_KEY", raising=False)
+def test_the_key_and_the_login_go_over_plain_http_only_to_this_machine(recorders, other_host, monkeypatch):
+    with_key_and_login(monkeypatch)
     local = recorders("127.0.0.1")
     other_loopback = recorders("127.0.0.2")  # on this machine, but not where a local server listens
 
     search_experiments_at(other_loopback.uri, monkeypatch)
-    assert other_loopback.requests and carried(other_loopback.requests, "X-Api-Key") == {None}
+    assert other_loopback.requests
+    assert carried(other_loopback.requests, "X-Api-Key") == carried(other_loopback.requests, "Authorization") == {None}
     search_experiments_at(local.uri, monkeypatch)
-    assert carried(local.requests, "X-Api-Key") == {KEY}
+    assert carried(local.requests, "X-Api-Key") == {KEY} and carried(local.requests, "Authorization") == {BASIC}
     for remote in (REMOTE, REMOTE.replace("http:", "HTTP:")):  # a scheme in any case is the same scheme
         monkeypatch.setenv("MLFLOW_TRACKING_URI", remote)
         result, received = other_host(sys.executable, "-c", SEARCH)
         assert result.returncode == 0 and received, result.stderr[-3000:]
-        assert carried(received, "X-Api-Key") == {None}  # the plugin itself leaves the key out
+        # The plugin itself leaves them out, in any program that uses MLflow's client.
+        assert carried(received, "X-Api-Key") == carried(received, "Authorization") == {None}
     monkeypatch.setenv("MNISTFLOW_ALLOW_PLAIN_HTTP_KEY", "true")  # the user says that network is trusted
     result, received = other_host(sys.executable, "-c", SEARCH)
-    assert result.returncode == 0 and carried(received, "X-Api-Key") == {KEY}, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert carried(received, "X-Api-Key") == {KEY} and carried(received, "Authorization") == {BASIC}
 
 
 @pytest.mark.parametrize("uri, in_clear", [
@@ -147,6 +149,17 @@ def test_steps_refuse_a_plain_http_server_elsewhere_before_any_request(other_hos
                                      "-P", f"data_dir={tiny_data}")
     assert_one_line_from_mlflow_run(launched, message)
     assert received == []  # nothing was sent, so no run was created either
+
+    # A login without a key: the password would travel in clear just the same.
+    monkeypatch.delenv("AM_SC_API_KEY")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", LOGIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", LOGIN[1])
+    step, received = other_host(sys.executable, "-m", "steps.train", "--epochs", "1", "--data_dir", tiny_data)
+    assert (step.returncode, step.stderr, received) == (2, f"train: error: the password in MLFLOW_TRACKING_PASSWORD "
+                                                           f"would travel unencrypted to {remote}, which is not "
+                                                           "localhost, 127.0.0.1 or ::1: use an https:// URI, or set "
+                                                           "MNISTFLOW_ALLOW_PLAIN_HTTP_KEY=true if the network is "
+                                                           "trusted\n", [])
 
 
 @pytest.mark.parametrize("status, health", [(502, None), (500, 200)])  # a proxy alone; a server in trouble

@@ -10,6 +10,7 @@ import threading
 import mlflow
 import pytest
 import yaml
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
 from conftest import EXPERIMENT, ROOT, run_step
@@ -100,6 +101,7 @@ def test_every_flag_takes_its_dashed_spelling_too():
 
 def test_the_limits_config_checks_are_the_ones_of_the_libraries():
     assert config.STUDY_NAME_MAX == MAX_INDEXED_STRING_LENGTH  # its study_name column
+    assert config.NOTE_MAX == MAX_PARAM_VAL_LENGTH  # `mlflow run` logs the note as a param
     assert 2 * config.MAX_HEARTBEAT_S < threading.TIMEOUT_MAX  # the grace period is twice the heartbeat
 
 
@@ -128,11 +130,14 @@ TOO_LONG = "s" * 9000
     ("tune", ["--heartbeat_s", "100000000000"], "heartbeat_s=100000000000 is not allowed; it must be in [1, 86400]"),
     ("tune", ["--heartbeat_s", "1e11"], "argument --heartbeat_s/--heartbeat-s: invalid int value: '1e11'"),
     ("tune", ["--workers", "100000000"], "workers=100000000 is not allowed; it must be in [1, 1000]"),
+    ("train", ["--note", TOO_LONG], "note 'ssssssssssssssssssssssssssssssssssssssss'... (9000 characters) is not "
+                                    "allowed; MLflow keeps notes of at most 6000 characters"),
     ("tune", ["--study_name", TOO_LONG], "study_name 'ssssssssssssssssssssssssssssssssssssssss'... (9000 characters) "
                                          "is not allowed; an Optuna storage holds names of at most 512 characters"),
     ("main", ["--min_accuracy", "nan"], "min_accuracy=nan is not allowed; it must be a finite number"),
     ("main", ["--recall_margin", "inf"], "recall_margin=inf is not allowed; it must be a finite number"),
     ("main", ["--min_robust_accuracy", "nan"], "min_robust_accuracy=nan is not allowed; it must be a finite number"),
+    ("main", ["--max_latency_ms", "0"], "max_latency_ms=0.0 is not allowed; it must be > 0"),
     ("main", ["--epochs", "-3"], "epochs=-3 is not allowed; it must be >= 1"),
     ("register", ["--max_latency_ms", "inf"], "max_latency_ms=inf is not allowed; it must be a finite number"),
     ("register", ["--max_size_mb", "nan"], "max_size_mb=nan is not allowed; it must be a finite number"),

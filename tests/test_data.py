@@ -20,6 +20,18 @@ def test_load_splits_normalises_and_caps(tiny_data):
     assert (len(capped.train), len(capped.val), len(capped.test)) == (75, 25, 200)
 
 
+@pytest.mark.parametrize("val_fraction, max_train_samples, message", [
+    (1e-9, 0, "val_fraction=1e-09 of 600 training images holds out none for validation; give at least 0.00167"),
+    (0.1, 4, "val_fraction=0.1 of 4 training images holds out none for validation; give at least 0.25"),
+    (0.9995, 0, "val_fraction=0.9995 of 600 training images leaves none to train on"),
+])
+def test_a_split_with_an_empty_side_is_refused(tiny_data, val_fraction, max_train_samples, message):
+    with pytest.raises(DataError) as refused:
+        data.load("mnist", tiny_data, val_fraction=val_fraction, max_train_samples=max_train_samples)
+    assert str(refused.value) == message
+    assert len(data.load("mnist", tiny_data, val_fraction=0.00167).val) == 1  # the fraction it suggests works
+
+
 def test_split_is_seeded(tiny_data):
     a, b = data.load("mnist", tiny_data, seed=1), data.load("mnist", tiny_data, seed=1)
     c = data.load("mnist", tiny_data, seed=2)

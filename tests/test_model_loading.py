@@ -100,6 +100,10 @@ def test_a_pickled_model_is_refused_by_every_step_until_allowed(pickled, tiny_da
     assert f"{image}: 3  (3 0.5500" in capsys.readouterr().out and marker.read_text() == "this model's code ran"
 
 
+def test_a_model_of_no_flavour_is_named_as_such():
+    assert logged_model.foreign_kind(mlflow.models.Model()) == "an MLmodel file with no flavours"
+
+
 def test_mlflow_run_and_the_bench_refuse_it_too(pickled, tmp_path):
     image = write_pngs(tmp_path)[0]
     uri, marker = pickled["uri"], pickled["marker"]

@@ -54,7 +54,7 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
                      "-P", "model_name=Pipeline", "-P", "min_accuracy=0.5", "-P", "recall_margin=1",
                      # The tiny data's patches are no digits (see test_register), and MNIST's default
                      # augmentation moves them far enough to mix up neighbouring ones in 2 epochs.
-                     "-P", "min_robust_accuracy=0"]
+                     "-P", "min_robust_accuracy=0", "-P", "max_latency_ms=100000"]  # any speed: a busy host
 
     def run_pipeline(*extra: str) -> dict:
         result = subprocess.run([*pipeline_args, *extra], cwd=project, capture_output=True, text=True, timeout=600,
@@ -112,7 +112,7 @@ def test_main_runs_a_step_again_on_other_data_or_another_study_storage(store, ti
     other_data = shutil.copytree(tiny_data, tmp_path / "other-data")
     args = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "n_trials=1", "-P", "tune_epochs=1",
             "-P", "model_name=PipelineInputs", "-P", "min_accuracy=0.5", "-P", "recall_margin=1",
-            "-P", "min_robust_accuracy=0"]
+            "-P", "min_robust_accuracy=0", "-P", "max_latency_ms=100000"]
 
     def run_pipeline(data_dir, storage: str | None = None) -> dict:
         env = {**step_env(), "MNISTFLOW_DATA_DIR": str(data_dir)}

@@ -53,7 +53,7 @@ def test_the_storage_in_the_environment_is_used_and_never_recorded(store, tiny_d
     monkeypatch.setenv("MNISTFLOW_OPTUNA_STORAGE", storage)
     tune = {"n_trials": "1", "epochs": "1", "data_dir": tiny_data}
     main = {"n_trials": "1", "tune_epochs": "1", "epochs": "2", "data_dir": tiny_data, "min_accuracy": "0.5",
-            "recall_margin": "1", "min_robust_accuracy": "0", "model_name": "Secrets"}
+            "recall_margin": "1", "min_robust_accuracy": "0", "max_latency_ms": "100000", "model_name": "Secrets"}
     outputs = []
     for command in (["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", *mlflow_run_parameters(tune)],
                     ["python", "-m", "steps.tune", *[arg for k, v in tune.items() for arg in (f"--{k}", v)]],

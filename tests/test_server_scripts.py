@@ -42,14 +42,11 @@ def files_under(path) -> dict:
      "--server-name 'example.org\\n}}' is not allowed; give a host name or an IP address"),
     (["--server-name", "fe80::1%x;y"], "--server-name 'fe80::1%x;y' is not allowed; give a host name or an IP address"),
     (["--server-name", '"quoted"'], "--server-name '\"quoted\"' is not allowed; give a host name or an IP address"),
-    (["--cert", "{tmp}/server.crt;"],
-     "--cert '{tmp}/server.crt;' is not allowed; nginx.conf takes a path of letters, digits and _ . - / + @ only"),
-    (["--key", "{tmp}/my key"],
-     "--key '{tmp}/my key' is not allowed; nginx.conf takes a path of letters, digits and _ . - / + @ only"),
-    (["--root", "{tmp}/proxy{{"],
-     "--root '{tmp}/proxy{{' is not allowed; nginx.conf takes a path of letters, digits and _ . - / + @ only"),
-    (["--root", "{tmp}/$proxy"],
-     "--root '{tmp}/$proxy' is not allowed; nginx.conf takes a path of letters, digits and _ . - / + @ only"),
+    (["--cert", '{tmp}/server.crt"; error_log /tmp/x'],
+     "--cert '{tmp}/server.crt\"; error_log /tmp/x' is not allowed; nginx.conf takes a path without a double quote, backslash, '$' or control character"),
+    (["--key", "{tmp}/key\nerror_log /tmp/x"], "--key '{tmp}/key\\nerror_log /tmp/x' is not allowed; nginx.conf takes a path without a double quote, backslash, '$' or control character"),
+    (["--root", "{tmp}/proxy\\"], "--root '{tmp}/proxy\\\\' is not allowed; nginx.conf takes a path without a double quote, backslash, '$' or control character"),
+    (["--root", "{tmp}/$proxy"], "--root '{tmp}/$proxy' is not allowed; nginx.conf takes a path without a double quote, backslash, '$' or control character"),
     (["--cert", "{tmp}/missing.crt"],
      "--cert {tmp}/missing.crt is not a file; make the certificate and key with serverFolder/make_certs.sh"),
     (["--listen", "127.0.0.1;evil:8443"],
@@ -60,7 +57,8 @@ def files_under(path) -> dict:
     (["--timeout", "nan"], "argument --timeout: 'nan' is not allowed; give a number of seconds above 0"),
 ])
 def test_tls_proxy_writes_no_value_nginx_would_parse(tmp_path, monkeypatch, capsys, args, message):
-    """nginx.conf takes its values as written: each of these would end a directive or add one."""
+    """nginx.conf takes its values as written: each of these would end a directive or add one, or
+    name a variable. (A path with a space, ';' or '{' works: tests/test_shared_server.py's proxy has one.)"""
     for name in ("server.crt", "server.key"):
         (tmp_path / name).write_text("")
     before = files_under(tmp_path)
@@ -71,7 +69,7 @@ def test_tls_proxy_writes_no_value_nginx_would_parse(tmp_path, monkeypatch, caps
     assert files_under(tmp_path) == before
 
 
-@pytest.mark.parametrize("name", ["local_server", "shared_server", "local_postgres", "tls_proxy"])
+@pytest.mark.parametrize("name", ["local_server", "shared_server", "local_postgres", "tls_proxy", "local_slurm"])
 @pytest.mark.parametrize("root, where", [("/dev/null/x", "/dev/null"), ("{tmp}/file/x", "{tmp}/file")])
 def test_a_root_that_cannot_be_a_folder_is_one_line(tmp_path, monkeypatch, capsys, name, root, where):
     (tmp_path / "file").write_text("")
@@ -80,6 +78,14 @@ def test_a_root_that_cannot_be_a_folder_is_one_line(tmp_path, monkeypatch, capsy
     assert line == f"{name}.py: error: argument --root: {root!r} is not allowed; {where.format(tmp=tmp_path)} " \
                    "is not a folder"
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_local_slurm_refuses_a_root_slurm_conf_cannot_name(tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "my slurm")  # slurm.conf would read "StateSaveLocation=/…/my" and a stray word
+    line = refused_script(monkeypatch, capsys, script("local_slurm"), "--root", root)
+    assert line == f"local_slurm.py: error: argument --root: {root!r} is not allowed; slurm.conf takes a path of " \
+                   "letters, digits and _ . - / + @ only"
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("option, env", [("--backend-store-uri", "MLFLOW_BACKEND_STORE_URI"),
@@ -167,16 +173,21 @@ def test_api_keys_refuses_a_file_that_is_not_a_key_store(tmp_path, request, caps
     assert files_under(tmp_path) == before and os.stat(path).st_mode == mode
 
 
-def test_api_keys_names_a_percent_the_auth_ini_must_escape(tmp_path, capsys):
-    """MLflow reads the ini with interpolation, where a '%' is written '%%'; the line does not show the value."""
+@pytest.mark.parametrize("database_uri, message", [
+    # MLflow reads the ini with interpolation, where a '%' is written '%%'.
+    ("postgresql://auth:pw%41x@127.0.0.1/auth", "database_uri has a '%' not written '%%' (MLflow reads the file "
+                                                "with interpolation)"),
+    ("postgresql//auth:secret@127.0.0.1/auth", "database_uri is not a database URL (dialect://user@host/name)"),
+    ("postgresq://auth:secret@127.0.0.1/auth", "database_uri names a database this Python has no driver for"),
+])
+def test_api_keys_names_what_is_wrong_in_the_auth_ini_but_not_its_value(tmp_path, capsys, database_uri, message):
     keys = str(tmp_path / "api_keys.db")
     keystore.create_store(keys)
-    (tmp_path / "basic_auth.ini").write_text("[mlflow]\ndatabase_uri = postgresql://auth:pw%41x@127.0.0.1/auth\n")
+    (tmp_path / "basic_auth.ini").write_text(f"[mlflow]\ndatabase_uri = {database_uri}\n")
     with pytest.raises(SystemExit) as exit:
         api_keys.main(["issue", "alice", "--db", keys, "--auth-config", str(tmp_path / "basic_auth.ini")])
     assert exit.value.code == 2
-    assert capsys.readouterr().err == f"api_keys: error: {tmp_path}/basic_auth.ini: database_uri has a '%' not " \
-                                      "written '%%' (MLflow reads the file with interpolation)\n"
+    assert capsys.readouterr().err == f"api_keys: error: {tmp_path}/basic_auth.ini: {message}\n"
     assert keystore.list_keys(keys) == []
 
 

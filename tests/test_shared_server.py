@@ -59,7 +59,9 @@ def server(request, tmp_path_factory):
                    MNISTFLOW_AUTH_DB_URI=with_password(request.getfixturevalue("postgres")("mlflow_auth")))
     else:
         backend = f"sqlite:///{root}/server/mlflow.db"
-    assert run_step("bash", "serverFolder/make_certs.sh", str(root / "certs")).returncode == 0
+    # Paths nginx.conf holds, with characters that end an unquoted value there: a project folder can have them.
+    certs, proxy_root = root / "tls certs; {x}", root / "nginx proxy #1"
+    assert run_step("bash", "serverFolder/make_certs.sh", str(certs)).returncode == 0
     mlflow_port, proxy_port = free_port(), free_port()
     keys = str(root / "server" / "api_keys.db")  # shared_server.py's default, beside its basic_auth.ini
     started = subprocess.run(
@@ -68,20 +70,20 @@ def server(request, tmp_path_factory):
         cwd=ROOT, env={**env, **SECRETS}, capture_output=True, text=True)
     assert started.returncode == 0, started.stderr
     proxy = run_step("python", "serverFolder/tls_proxy.py", "--listen", f"127.0.0.1:{proxy_port}",
-                     "--upstream", f"127.0.0.1:{mlflow_port}", "--cert", str(root / "certs" / "server.crt"),
-                     "--key", str(root / "certs" / "server.key"), "--root", str(root / "proxy"))
+                     "--upstream", f"127.0.0.1:{mlflow_port}", "--cert", str(certs / "server.crt"),
+                     "--key", str(certs / "server.key"), "--root", str(proxy_root))
     try:
         assert proxy.returncode == 0, proxy.stderr
         url = proxy.stdout.split("export MLFLOW_TRACKING_URI=")[1].strip()
-        ca = str(root / "certs" / "ca.crt")
+        ca = str(certs / "ca.crt")
         assert call(url, ca, "/api/2.0/mlflow/users/create", {"username": "alice", "password": "alice-Pw-123456"},
                     basic=ADMIN)[0] == 200
         issued = run_step("python", "serverFolder/api_keys.py", "issue", "alice", "--db", keys)
         assert issued.returncode == 0, issued.stderr
         yield {"url": url, "ca": ca, "key": issued.stdout.strip(), "keys": keys, "root": root, "backend": backend,
-               "upstream": f"127.0.0.1:{mlflow_port}"}
+               "upstream": f"127.0.0.1:{mlflow_port}", "certs": certs, "proxy_root": proxy_root}
     finally:
-        run_step("python", "serverFolder/tls_proxy.py", "--root", str(root / "proxy"), "--stop")
+        run_step("python", "serverFolder/tls_proxy.py", "--root", str(proxy_root), "--stop")
         run_step("python", "serverFolder/shared_server.py", "--root", str(root / "server"), "--stop")
 
 
@@ -302,7 +304,7 @@ def test_the_servers_files_are_owner_only_and_no_password_is_on_a_command_line(s
 def test_the_tls_proxy_is_hardened(server, tmp_path):
     if server["backend"].startswith("postgresql"):
         pytest.skip("the proxy does not depend on the server's backend store")
-    url, ca, proxy = server["url"], server["ca"], server["root"] / "proxy"
+    url, ca, proxy = server["url"], server["ca"], server["proxy_root"]
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     dumped = subprocess.run([nginx, "-T", "-c", str(proxy / "nginx.conf")], capture_output=True, text=True).stdout
     [ciphers] = re.findall(r"ssl_ciphers (\S+);", dumped)
@@ -330,8 +332,8 @@ def test_the_tls_proxy_is_hardened(server, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(40) as pool:
         slow = run_step("python", "serverFolder/tls_proxy.py", "--listen", f"127.0.0.1:{port}", "--login-rate", "1r/m",
                         "--max-body-size", "1k", "--upstream", server["upstream"],
-                        "--cert", str(server["root"] / "certs" / "server.crt"),
-                        "--key", str(server["root"] / "certs" / "server.key"), "--root", str(tmp_path))
+                        "--cert", str(server["certs"] / "server.crt"),
+                        "--key", str(server["certs"] / "server.key"), "--root", str(tmp_path))
         try:
             assert slow.returncode == 0, slow.stderr
             guesses = [pool.submit(call, slow_url, ca, search, basic=("admin", f"guess-{i}")) for i in range(40)]

@@ -150,6 +150,43 @@ def wait_for_new(path_pattern: str, existing: set, proc: subprocess.Popen, timeo
         time.sleep(0.05)
 
 
+# The train step as `python -m steps.train ARGS` runs it, except that after storing each checkpoint
+# it says so and waits for a line on stdin: the test, not the scheduler, decides how far the run
+# has got when it is interrupted or killed.
+PAUSING_TRAIN = """import sys
+from mnistflow import checkpoints
+from steps import train
+saver = checkpoints.saver
+def pausing_saver(directory):
+    save = saver(directory)
+    def save_then_wait(state):
+        save(state)
+        print(f"paused after epoch {state['epoch']}", flush=True)
+        sys.stdin.readline()
+    return save_then_wait
+checkpoints.saver = pausing_saver
+train.main(sys.argv[1:])
+"""
+
+
+def pausing_train(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PAUSING_TRAIN, *args], cwd=ROOT, env=step_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def paused_after(proc: subprocess.Popen, epoch: int) -> None:
+    """Wait until `proc` (a `pausing_train`) has stored epoch `epoch`'s checkpoint and waits."""
+    for line in proc.stdout:
+        if line == f"paused after epoch {epoch}\n":
+            return
+    pytest.fail(f"the step ended before epoch {epoch}: {proc.communicate()[1][-2000:]}")
+
+
+def go_on(proc: subprocess.Popen) -> None:
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+
+
 def sigint_as_in_a_terminal():
     # A shell starts background jobs (CI runners, `make test &`) with SIGINT ignored, and Python
     # keeps an inherited "ignore": give the step the default, as a terminal's Ctrl-C assumes.
@@ -179,10 +216,8 @@ def test_interrupted_run_is_killed_and_resumes_to_the_uninterrupted_result(store
     assert python_step("steps.train", *args).returncode == 0
     [reference] = runs()
 
-    proc = subprocess.Popen([sys.executable, "-m", "steps.train", *args], cwd=ROOT, preexec_fn=sigint_as_in_a_terminal,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Ctrl-C once the first checkpoint is stored, mid-way through the run.
-    wait_for_new(checkpoints(tmp_path), set(glob.glob(checkpoints(tmp_path))), proc)
+    proc = pausing_train(*args, preexec_fn=sigint_as_in_a_terminal)
+    paused_after(proc, 1)  # Ctrl-C once the first checkpoint is stored, mid-way through the run
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -217,10 +252,8 @@ def one_line_error(stderr: str, message: str) -> None:
 
 def test_resume_refuses_a_live_run_and_continues_a_killed_one_from_its_newest_readable_checkpoint(
         store, tiny_data, tmp_path, capsys):
-    proc = subprocess.Popen([sys.executable, "-m", "steps.train", "--data_dir", tiny_data, "--epochs", "4",
-                             "--batch_size", "32", "--model", "baseline"], cwd=ROOT, env=step_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_new(checkpoints(tmp_path), set(), proc)
+    proc = pausing_train("--data_dir", tiny_data, "--epochs", "4", "--batch_size", "32", "--model", "baseline")
+    paused_after(proc, 1)
     [run] = runs()
     run_id = run.info.run_id
     # Its process is training: a second one on the same run would log every epoch twice.
@@ -229,9 +262,8 @@ def test_resume_refuses_a_live_run_and_continues_a_killed_one_from_its_newest_re
     assert refused.value.code == 2
     one_line_error(capsys.readouterr().err,
                    f"run {run_id} is held by process {proc.pid} on {socket.gethostname()} (it is running on this machine)")
-    while len(glob.glob(checkpoints(tmp_path, run_id))) < 2:  # so that one stays when the newest is torn
-        assert proc.poll() is None
-        time.sleep(0.05)
+    go_on(proc)
+    paused_after(proc, 2)  # two checkpoints: one stays when the newest is torn
     proc.kill()
     proc.wait()
     assert mlflow.get_run(run_id).info.status == "RUNNING"  # nobody is left to say otherwise
@@ -257,12 +289,12 @@ def test_resume_refuses_a_live_run_and_continues_a_killed_one_from_its_newest_re
     newest = max(glob.glob(checkpoints(tmp_path, run_id)))
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) // 2)
-    before = int(os.path.basename(newest)[len("epoch_"):-len(".pt")]) - 1
+    assert os.path.basename(newest) == "epoch_002.pt"
     assert tracking.Holder.parse(mlflow.get_run(run_id).data.params["lease_1"]).pid == proc.pid  # dead, unreleased
     result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", f"resume={run_id}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint {os.path.basename(newest)} of run {run_id} is unreadable" in result.stdout
-    assert f"resuming after epoch {before} of 4" in result.stdout
+    assert "resuming after epoch 1 of 4" in result.stdout
     resumed = mlflow.get_run(run_id)
     assert resumed.info.status == "FINISHED" and "test_accuracy" in resumed.data.metrics
     client = mlflow.MlflowClient()
@@ -297,12 +329,10 @@ def test_resume_of_a_run_the_train_step_did_not_start_is_refused_in_one_line(sto
     assert f"run {register_run.info.run_id} (register) was not started by the train step" in line
 
 
-def killed_run(tmp_path, tiny_data, epochs: int) -> str:
+def killed_run(tiny_data, epochs: int) -> str:
     """A train run whose process was killed (-9) after its first checkpoint, the run left RUNNING; its id."""
-    proc = subprocess.Popen([sys.executable, "-m", "steps.train", "--data_dir", tiny_data, "--epochs", str(epochs),
-                             "--batch_size", "32", "--model", "baseline"], cwd=ROOT, env=step_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_new(checkpoints(tmp_path), set(), proc)
+    proc = pausing_train("--data_dir", tiny_data, "--epochs", str(epochs), "--batch_size", "32", "--model", "baseline")
+    paused_after(proc, 1)
     proc.kill()
     proc.wait()
     [run] = runs()
@@ -333,7 +363,7 @@ RESUME_ON_A_LINE = "import sys; from steps import train; print('ready', flush=Tr
 
 
 def test_two_resumes_started_together_train_the_run_once(store, tiny_data, tmp_path):
-    run_id = killed_run(tmp_path, tiny_data, epochs=4)
+    run_id = killed_run(tiny_data, epochs=4)
     resumes = [subprocess.Popen([sys.executable, "-c", RESUME_ON_A_LINE, "--resume", run_id], cwd=ROOT, env=step_env(),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
@@ -352,7 +382,7 @@ def test_two_resumes_started_together_train_the_run_once(store, tiny_data, tmp_p
 
 
 def test_resume_trusts_neither_a_host_name_nor_a_pid_alone(store, tiny_data, tmp_path, capsys):
-    run_id = killed_run(tmp_path, tiny_data, epochs=2)
+    run_id = killed_run(tiny_data, epochs=2)
     client = mlflow.MlflowClient()
     this_process = tracking.Holder.this_process()
     # Another machine of the same name took the run over; here its pid is the killed process's.

@@ -51,7 +51,8 @@ def test_main_through_uv_builds_conda_yaml_once_and_runs_every_step_in_it(store,
     result = subprocess.run(["mlflow", "run", ".", "--env-manager", "uv", "-P", "epochs=2", "-P", "n_trials=1",
                              "-P", "tune_epochs=1", "-P", f"data_dir={tiny_data}",
                              "-P", f"storage=sqlite:///{tmp_path}/optuna.db", "-P", "model_name=UvPipeline",
-                             "-P", "min_accuracy=0.5", "-P", "recall_margin=1", "-P", "min_robust_accuracy=0"],
+                             "-P", "min_accuracy=0.5", "-P", "recall_margin=1", "-P", "min_robust_accuracy=0",
+                             "-P", "max_latency_ms=100000"],
                             cwd=clone, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
