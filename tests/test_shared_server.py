@@ -317,7 +317,7 @@ def test_the_tls_proxy_is_hardened(server, tmp_path):
     workers = subprocess.run(["ps", "-o", "user=", "--ppid", master], capture_output=True, text=True).stdout.split()
     assert workers and "root" not in workers
     # ... and can write where nginx spools large bodies and responses.
-    temp_dirs = re.findall(r"(?:client_body|proxy)_temp_path (\S+);", dumped)
+    temp_dirs = re.findall(r'(?:client_body|proxy)_temp_path "?([^";]+)"?;', dumped)
     assert len(temp_dirs) == 2 and {pwd.getpwuid(os.stat(d).st_uid).pw_name for d in temp_dirs} == set(workers)
     # Password guessing is slowed, then refused (429), per address; API-key traffic is not.
     assert re.findall(r"limit_req_zone \$basic_auth_client zone=basic_auth:1m rate=(\S+);", dumped) == ["5r/s"]
