@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("--train_samples", type=int, default=12000, help="real images per trial (0 = all)")
     parser.add_argument("--search_space", default="search_space.yaml")
     args = parser.parse_args()
-    if not args.minutes > 0:
-        parser.error(f"--minutes {args.minutes:g} is not allowed; it must be > 0")
+    if not 0 < args.minutes <= 24 * 60:  # not inf either: the studies would never end
+        parser.error(f"--minutes {args.minutes:g} is not allowed; it must be in (0, 1440]")
     if args.train_samples < 0:
         parser.error(f"--train_samples {args.train_samples} is not allowed; it must be >= 0 (0 = all)")
 

@@ -63,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{option} carries a password, which every user of this machine can read on a command "
                          f"line; leave it out (PGPASSWORD, ~/.pgpass) or pass the whole URI in "
                          f"{'MLFLOW_BACKEND_STORE_URI' if option == '--backend-store-uri' else AUTH_DB_ENV}")
+    if not args.stop:
+        if not allowed_hosts(args.allowed_hosts):
+            parser.error("--allowed-hosts is required: the name(s) clients use to reach the server")
+        missing = [f"{name} ({why})" for name, why in REQUIRED_ENV.items() if not os.environ.get(name)]
+        if missing:
+            parser.error(f"set {'; '.join(missing)}")
     return args
 
 
@@ -87,11 +93,6 @@ def write_auth_config(root: str, database_uri: str) -> str:
 
 def start(args: argparse.Namespace) -> None:
     hosts = allowed_hosts(args.allowed_hosts)
-    if not hosts:
-        sys.exit("shared_server: --allowed-hosts is required: the name(s) clients use to reach the server")
-    missing = [f"{name} ({why})" for name, why in REQUIRED_ENV.items() if not os.environ.get(name)]
-    if missing:
-        sys.exit(f"shared_server: set {'; '.join(missing)}")
     root = os.path.abspath(args.root)
     # Owner-only: everything this script and the server create (stores, artifacts, logs) and the root.
     os.umask(0o077)

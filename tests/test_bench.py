@@ -51,7 +51,8 @@ def test_train_speed_rejects_an_unknown_model_in_one_line(tiny_data):
     ("train_speed", ["--repeats", "-3"], "--repeats -3 is not allowed; it must be >= 1"),
     ("train_speed", ["--train_samples", "-5"], "--train_samples -5 is not allowed; it must be >= 0 (0 = all)"),
     ("train_speed", ["--augment", "blur"], "augment 'blur' is not allowed; give auto, none, or some of shift"),
-    ("tune_speed", ["--minutes", "0"], "--minutes 0 is not allowed; it must be > 0"),
+    ("tune_speed", ["--minutes", "0"], "--minutes 0 is not allowed; it must be in (0, 1440]"),
+    ("tune_speed", ["--minutes", "inf"], "--minutes inf is not allowed; it must be in (0, 1440]"),
     ("tune_speed", ["--epochs", "-1"], "epochs=-1 is not allowed; it must be >= 1"),
     ("tune_speed", ["--train_samples", "-1"], "--train_samples -1 is not allowed; it must be >= 0 (0 = all)"),
     ("tune_speed", ["--search_space", "resnet.yaml"], "model: unknown model 'resnet'; choose from auto, fast"),
@@ -72,7 +73,7 @@ def test_bad_bench_input_is_one_line_and_writes_nothing(tiny_data, tmp_path, mon
 def test_tune_speed_refuses_a_bad_count_through_its_command_line(tiny_data, tmp_path):
     result = run_step(sys.executable, "bench/tune_speed.py", "--data_dir", tiny_data, "--minutes", "-2")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["tune_speed: error: --minutes -2 is not allowed; it must be > 0"]
+    assert result.stderr.strip().splitlines() == ["tune_speed: error: --minutes -2 is not allowed; it must be in (0, 1440]"]
 
 
 BENCHES = sorted(name for name in os.listdir(os.path.join(ROOT, "bench"))

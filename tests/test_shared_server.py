@@ -243,10 +243,10 @@ def test_the_shared_server_refuses_to_start_without_its_secrets(tmp_path):
     base = ["python", "serverFolder/shared_server.py", "--root", str(tmp_path), "--port", str(free_port())]
     env = {k: v for k, v in step_env().items() if k not in SECRETS}
     no_hosts = subprocess.run(base, cwd=ROOT, env={**env, **SECRETS}, capture_output=True, text=True)
-    assert no_hosts.returncode == 1 and "--allowed-hosts is required" in no_hosts.stderr
+    assert no_hosts.returncode == 2 and "--allowed-hosts is required" in no_hosts.stderr
     no_password = subprocess.run([*base, "--allowed-hosts", "localhost"], cwd=ROOT, env=env,
                                  capture_output=True, text=True)
-    assert no_password.returncode == 1 and "set MLFLOW_AUTH_ADMIN_PASSWORD" in no_password.stderr
+    assert no_password.returncode == 2 and "set MLFLOW_AUTH_ADMIN_PASSWORD" in no_password.stderr
     assert not os.path.exists(tmp_path / "server.pid")
 
 
