@@ -11,6 +11,7 @@ containers.)
 """
 import json
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -29,6 +30,11 @@ class Recorder(ThreadingHTTPServer):
         super().__init__((host, port), Handler)
         self.status, self.health, self.redirect, self.requests = status, health or status, redirect, []
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks its address up by DNS (socket.getfqdn) for a name nothing here
+        # uses: for 127.0.0.2 a query to the resolver, another host.
+        socketserver.TCPServer.server_bind(self)
 
     @property
     def uri(self) -> str:

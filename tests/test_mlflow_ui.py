@@ -91,13 +91,20 @@ def mlflow_ui(uri: str, cwd, while_it_starts=lambda: None):
         server.wait(timeout=30)
 
 
+# Chromium looks up Google's update, sync and autofill hosts on its own: it resolves no name but
+# the loopback ones and starts no background traffic, so the tests talk to this machine only.
+LOOPBACK_ONLY = ("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--no-default-browser-check")
+
+
 @contextlib.contextmanager
 def chromium(url: str):
     """A headless Chromium with a 1600x1200 page, at the UI. The binaries are given by path, so
     Selenium Manager never looks for (or downloads) a browser or driver."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", *LOOPBACK_ONLY):
         options.add_argument(argument)  # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     try:
