@@ -6,7 +6,6 @@ import dataclasses
 import importlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
