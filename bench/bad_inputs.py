@@ -605,7 +605,7 @@ def chosen(patterns: str) -> list[Probe]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     sys.path.insert(0, ROOT)
-    from mnistflow.config import OneLineParser
+    from mnistflow.flags import OneLineParser
 
     parser = OneLineParser(prog="bad_inputs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the probes' ids and commands, run nothing")

@@ -21,8 +21,9 @@ from typing import NoReturn
 
 from mnistflow import data as datasets
 from mnistflow import logged_model, plots, robustness
-from mnistflow.config import SEEDS, OneLineParser, parse_bool, unwritable_image
+from mnistflow.config import SEEDS
 from mnistflow.errors import DataError, ModelError, OutputError
+from mnistflow.flags import OneLineParser, parse_bool, unwritable_image
 
 DEFAULT_MODEL = "models:/MNIST_CNN@production"
 

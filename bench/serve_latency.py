@@ -28,8 +28,8 @@ import numpy as np
 from mlflow.utils import find_free_port
 
 from mnistflow import logged_model
-from mnistflow.config import OneLineParser, parse_bool
 from mnistflow.errors import ModelError
+from mnistflow.flags import OneLineParser, parse_bool
 
 BLOCK, SETTLE = 50, 10
 

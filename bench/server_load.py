@@ -30,7 +30,7 @@ sys.path.insert(0, SERVER_FOLDER)
 import local_postgres  # noqa: E402  (a script, not a package)
 from local_server import positive  # noqa: E402
 from mlflow.utils import find_free_port  # noqa: E402
-from mnistflow.config import OneLineParser  # noqa: E402
+from mnistflow.flags import OneLineParser  # noqa: E402
 
 BATCH = 50  # metric values per request: an epoch's worth of step-level metrics
 

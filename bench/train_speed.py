@@ -31,8 +31,9 @@ from torchvision import transforms
 
 from mnistflow import checkpoints, models, tracking
 from mnistflow import data as datasets
-from mnistflow.config import AUTO, OneLineParser, TrainConfig
+from mnistflow.config import AUTO, TrainConfig
 from mnistflow.errors import ConfigError, DataError
+from mnistflow.flags import OneLineParser
 from mnistflow.train import fit, seed_everything
 
 

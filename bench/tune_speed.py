@@ -19,8 +19,9 @@ import mlflow
 import optuna
 
 from mnistflow import tuning
-from mnistflow.config import OneLineParser, TuneConfig
+from mnistflow.config import TuneConfig
 from mnistflow.errors import StepError
+from mnistflow.flags import OneLineParser
 
 
 def main() -> None:

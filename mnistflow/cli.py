@@ -7,14 +7,14 @@ import sys
 
 import mlflow
 
-from mnistflow import auth, config
+from mnistflow import auth, flags
 from mnistflow.errors import StepError
 
 
 def run(prog: str, step, config_class, description: str, argv=None) -> None:
     """`step(cfg)` with the config its flags give (see mnistflow/config.py); a StepError is one line
     on stderr, `<prog>: error: <message>` (`refused` for a refusal), and the error's exit code."""
-    cfg = config.parse(config_class, prog, description, argv)
+    cfg = flags.parse(config_class, prog, description, argv)
     try:
         auth.check_access()
         step(cfg)

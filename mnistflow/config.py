@@ -1,17 +1,20 @@
-"""The step configurations: one flat dataclass per step, its checks, and its command line.
+"""The step configurations: one flat dataclass per step, each setting's default and meaning, and
+its checks.
 
-Every field is a command-line flag (`--epochs 5`) and an MLproject parameter (`-P epochs=5`).
+Every field is a command-line flag (`--epochs 5`, its meaning in `--help`) and an MLproject
+parameter (`-P epochs=5`); docs/parameters.md's tables are written from these fields
+(`python -m mnistflow.config docs/parameters.md`).
 """
-import argparse
 import dataclasses
 import math
 import os
 import re
-import tempfile
+import sys
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mnistflow.errors import ConfigError
+from mnistflow.flags import like, markdown_table, setting, unwritable, unwritable_image
 
 # The names of data.DATASETS and models.MODELS, written here so that reading flags imports no
 # PyTorch (tests/test_config.py keeps them equal).
@@ -51,37 +54,88 @@ MAX_HEARTBEAT_S = 86_400     # a day; a wait longer than threading allows ends O
 MAX_WORKERS = 1000           # Slurm's default MaxArraySize allows 1001 tasks; as many local processes would thrash
 NOTE_MAX = 6000              # MLflow's longest param value: `mlflow run` logs -P note=... as one
 STUDY_NAME_MAX = 512         # the study_name column of Optuna's RDB storage (tests/test_config.py keeps them equal)
+# The Optuna storage URL when it holds a password: read by the tune step, never logged or printed.
+STORAGE_ENV = "MNISTFLOW_OPTUNA_STORAGE"
+
+# Per dataset: the model name it is registered under and the production gate's default limits,
+# the one place they are written (docs/registry.md is checked against them). Fashion-MNIST's shirt
+# class is hard for every small CNN (its recall stays far below the others'), so its margin is
+# wider; MNIST's digits are all easy. min_robust_accuracy: the accuracy asked of the worst
+# condition of bench/robustness.py; the MNIST default net scores about 90 % there after 5 epochs,
+# 88 % after one. Fashion-MNIST's worst (an 8x8 thumbnail of a garment) is far lower for every net.
+REGISTRY_DEFAULTS = {
+    "mnist": {"model_name": "MNIST_CNN", "min_accuracy": 0.99, "recall_margin": 0.03, "min_robust_accuracy": 0.85},
+    "fashion_mnist": {"model_name": "FashionMNIST_CNN", "min_accuracy": 0.90, "recall_margin": 0.25,
+                      "min_robust_accuracy": 0.50},
+}
+TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+# min_robust_accuracy's "take the dataset's default" (REGISTRY_DEFAULTS)
+DATASET_DEFAULT = -1.0
+
+
+# The meanings below are made from the lists above, so that they say what the checks allow.
+def _one_of(names) -> str:
+    """`a`, `b` or `c`"""
+    quoted = [f"`{name}`" for name in names]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _auto(name: str) -> str:
+    """What `auto` means for setting `name` of TrainConfig: its value by dataset (AUTO)."""
+    return "`auto` = " + ", ".join(f"`{AUTO[dataset][name]}` for `{dataset}`" for dataset in DATASETS)
+
+
+def _per_dataset(name: str, shown: str = "{:.2f}") -> str:
+    """The gate's default for setting `name` on each dataset, as `shown` writes it (REGISTRY_DEFAULTS)."""
+    return " or ".join(f"{shown.format(REGISTRY_DEFAULTS[dataset][name])} ({TITLES[dataset]})" for dataset in DATASETS)
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "mnist"
-    model: str = "auto"         # auto = by dataset (AUTO)
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.01            # the peak rate when lr_schedule is onecycle
-    optimizer: str = "adamw"
-    momentum: float = 0.9       # sgd only
-    weight_decay: float = 0.0005
-    lr_schedule: str = "onecycle"
-    label_smoothing: float = 0.05
-    mirror: str = "auto"        # train on mirror images too and average both at prediction; auto = by dataset
-    augment: str = "auto"       # none, or some of shift,affine,stroke,elastic (mnistflow/augment.py); auto = by dataset
-    patience: int = 0           # epochs without a better val_loss before stopping; 0 = never stop early
-    seed: int = 42
-    deterministic: bool = True
-    device: str = "auto"
-    val_fraction: float = 0.1
-    max_train_samples: int = 0  # 0 = all; a small number makes a smoke run
-    data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
-    log_every: int = 50         # steps between step-level `loss` metrics
-    checkpoint_models: bool = False  # also log each epoch's net as a logged model, checkpoint-<epoch>
-    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, GPU) on the run
-    tensorboard: bool = False   # also write TensorBoard event files, logged under tensorboard/
-    phase: str = "development"
-    note: str = ""
-    register: bool = False
-    resume: str = ""            # a run id to continue
+    dataset: str = setting("mnist", _one_of(DATASETS))
+    model: str = setting("auto", f"{_one_of(MODELS)} (see [the models](train.md#models)); {_auto('model')}")
+    epochs: int = setting(5, "passes over the training split")
+    batch_size: int = setting(128, "images per step")
+    lr: float = setting(0.01, "peak rate of the one-cycle schedule, or the constant rate with `lr_schedule=none`; "
+                              f"in (0, {MAX_LR:g}]")
+    optimizer: str = setting("adamw", f"{_one_of(OPTIMIZERS)} (with `momentum`, Nesterov when it is above 0)")
+    momentum: float = setting(0.9, "`sgd` only; in [0, 1)")
+    weight_decay: float = setting(0.0005, "decoupled for `adamw`, L2 for `adam` and `sgd`; "
+                                          f"in [0, {MAX_WEIGHT_DECAY:g}]")
+    lr_schedule: str = setting("onecycle", f"{_one_of(LR_SCHEDULES)} (constant `lr`)")
+    label_smoothing: float = setting(0.05, "training loss only; reported losses are plain cross-entropy")
+    mirror: str = setting("auto", "`on`: train on random left-right mirror images too, and predict the mean of an "
+                                  "image's and its mirror image's logits; " + _auto("mirror")
+                                  + " (a mirrored shirt is a shirt, a mirrored 2 is no digit)")
+    augment: str = setting("auto", "how training images are varied, drawn per image and batch: `none`, or some of "
+                                   "`shift` (moved by up to 2 pixels), `affine` (rotated, scaled, sheared and moved), "
+                                   "`stroke` (strokes thicker or thinner), `elastic` (a smooth random warp), joined by "
+                                   "commas; " + _auto("augment"))
+    patience: int = setting(0, "stop after this many epochs without a better `val_loss`; 0 = never stop early")
+    seed: int = setting(42, f"seeds Python, NumPy, torch and the train/validation split; in [0, {SEEDS - 1}]")
+    deterministic: bool = setting(True, "deterministic kernels (on CUDA a little slower)")
+    device: str = setting("auto", "`auto` (cuda, else mps, else cpu), `cpu`, `cuda`, `mps`")
+    val_fraction: float = setting(0.1, "share of the training set held out for validation")
+    max_train_samples: int = setting(0, "cap on the training pool for smoke runs; 0 = all")
+    data_dir: str = setting("", "data directory; empty = `$MNISTFLOW_DATA_DIR`, else download")
+    log_every: int = setting(50, "steps between step-level `loss` metrics")
+    checkpoint_models: bool = setting(False, "`true`: also log each epoch's net as a logged model, "
+                                             "`checkpoint-<epoch>` at step `<epoch>`, with that epoch's metrics linked "
+                                             "to it, so `register` can take the best one "
+                                             "([train.md](train.md#checkpoint-models))")
+    system_metrics: bool = setting(True, "MLflow's system metrics on the run (`system/cpu_utilization_percentage`, "
+                                         "`system/system_memory_usage_megabytes`, disk, network, and "
+                                         "`system/gpu_0_…` on an NVIDIA GPU), sampled every 5 s "
+                                         "(`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` sets another interval); "
+                                         "`false`: none")
+    tensorboard: bool = setting(False, "`true`: also write TensorBoard event files (step `loss`, the epoch metrics, "
+                                       "misclassified test images) into the run's artifacts `tensorboard/`; needs "
+                                       "`pip install -e \".[tensorboard]\"` ([train.md](train.md#tensorboard))")
+    phase: str = setting("development", f"{_one_of(PHASES)}; logged as a tag")
+    note: str = setting("", "shown as the run's description (`mlflow.note.content`)")
+    register: bool = setting(False, "`true`: after training, run the register step on this run (gate, promote)")
+    resume: str = setting("", "id of a FAILED, KILLED or dead RUNNING train run to continue from its newest "
+                              "readable checkpoint")
 
     def validate(self) -> "TrainConfig":
         _check_numbers(self)
@@ -124,39 +178,49 @@ class TrainConfig:
         is refused. A flag left at its default counts as not given, since `mlflow run` passes
         every parameter. Only data_dir may differ: the same data, found elsewhere.
         """
-        names = {setting.name for setting in dataclasses.fields(self)}
+        names = {field.name for field in dataclasses.fields(self)}
         if set(logged) - names:
             raise ConfigError(f"the run's config.yaml has settings the train step does not know "
                               f"({', '.join(sorted(set(logged) - names))}); it was not written by the train step")
-        for setting in dataclasses.fields(self):
-            name, given = setting.name, getattr(self, setting.name)
-            if name in ("resume", "data_dir") or given in (setting.default, logged.get(name, setting.default)):
+        for field in dataclasses.fields(self):
+            name, given = field.name, getattr(self, field.name)
+            if name in ("resume", "data_dir") or given in (field.default, logged.get(name, field.default)):
                 continue
             raise ConfigError(f"{name}={given!r} cannot be given with resume: the run was started with "
-                              f"{name}={logged.get(name, setting.default)!r} and continues as it began; "
+                              f"{name}={logged.get(name, field.default)!r} and continues as it began; "
                               "start a new run to change it")
         return TrainConfig(**{**logged, "resume": self.resume, "data_dir": self.data_dir or logged.get("data_dir", "")})
 
 
 @dataclass
 class TuneConfig:
-    dataset: str = "mnist"
-    n_trials: int = 10          # trials this invocation adds, shared out over the workers
-    timeout: int = 0            # seconds each worker may start new trials for; 0 = no limit
-    epochs: int = 3             # training budget of one trial
-    study_name: str = ""        # "" = "<dataset>-cnn"
-    storage: str = ""           # an SQLAlchemy URL; "" = sqlite:///optuna.db in the current directory
-    sampler: str = "tpe"
-    pruner: str = "median"
-    search_space: str = "search_space.yaml"
-    workers: int = 1            # worker processes on the same study: local ones, or the tasks of a Slurm array
-    launcher: str = "local"     # local | slurm (one Slurm array job, a task per worker)
-    slurm_config: str = ""      # a YAML file of Slurm options (partition, account, time, ...); "" = Slurm's defaults
-    seed: int = 42
-    max_train_samples: int = 0  # 0 = all; a small number makes a smoke run
-    data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
-    heartbeat_s: int = 30       # a trial whose worker is silent for twice this long is failed and retried
-    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, GPU) on each trial's run
+    dataset: str = like(TrainConfig, "dataset")
+    n_trials: int = setting(10, "trials this invocation adds, shared out over the workers")
+    timeout: int = setting(0, "seconds each worker keeps starting trials; 0 = no limit")
+    epochs: int = setting(3, "training budget of one trial")
+    study_name: str = setting("", f"empty = `<dataset>-cnn`; at most {STUDY_NAME_MAX} characters "
+                                  "(what Optuna's storage holds)")
+    storage: str = setting("", "an SQLAlchemy URL without a password (`postgresql://` means `postgresql+psycopg2://`, "
+                               f"the driver the project installs); empty = `${STORAGE_ENV}`, else "
+                               "`sqlite:///optuna.db` in the current directory (the project directory under "
+                               "`mlflow run`)")
+    sampler: str = setting("tpe", f"{_one_of(SAMPLERS)}, seeded (worker *i* uses `seed + i`)")
+    pruner: str = setting("median", "`median`, `hyperband` (stops more trials when they are long) or `none`")
+    search_space: str = setting("search_space.yaml", "YAML file: a spec per train setting to sample, or a value to fix")
+    workers: int = setting(1, "worker processes on the same study: local ones, or with `launcher=slurm` the tasks "
+                              f"of one Slurm array; 1 to {MAX_WORKERS}")
+    launcher: str = setting("local", f"{_one_of(LAUNCHERS)} (see [cluster.md](cluster.md)); `slurm` needs a server "
+                                     "storage, not SQLite")
+    slurm_config: str = setting("", "with `launcher=slurm`: a YAML file of Slurm options (`partition`, `account`, "
+                                    "`time`, `cpus_per_task`, `gpus_per_task`, `sbatch_flags`, `max_wait`); "
+                                    "empty = the cluster's defaults")
+    seed: int = setting(42, "as for `train`; also the sampler's seed (worker *i*'s is `seed + i`, "
+                            f"at most {SEEDS - 1})")
+    max_train_samples: int = like(TrainConfig, "max_train_samples")
+    data_dir: str = like(TrainConfig, "data_dir")
+    heartbeat_s: int = setting(30, "a trial whose worker is silent for twice this long is failed and rerun; "
+                                   f"1 to {MAX_HEARTBEAT_S} (a day)")
+    system_metrics: bool = setting(True, "as for `train`, on each trial's run")
 
     def validate(self) -> "TuneConfig":
         _check_numbers(self)
@@ -184,87 +248,39 @@ class TuneConfig:
         return self
 
 
-# min_robust_accuracy's "take the dataset's default" (REGISTRY_DEFAULTS)
-DATASET_DEFAULT = -1.0
-
-
-@dataclass
-class PipelineConfig:
-    dataset: str = "mnist"
-    epochs: int = 5             # the train step's
-    n_trials: int = 6           # the tune step's
-    tune_epochs: int = 2        # training budget of each trial
-    max_train_samples: int = 0  # 0 = all; passed to train and tune
-    model_name: str = ""        # "" = MNIST_CNN or FashionMNIST_CNN
-    min_accuracy: float = 0.0   # the register gate's; 0 = the dataset's default
-    recall_margin: float = 0.0  # the register gate's; 0 = the dataset's default
-    min_robust_accuracy: float = DATASET_DEFAULT  # the register gate's; -1 = the dataset's default
-    max_latency_ms: float = 100.0  # the register gate's: p95 of single-image inference
-    storage: str = ""           # the Optuna storage; "" = sqlite:///optuna.db in the project directory
-    data_dir: str = ""
-    force: bool = False         # rerun every step, even one that already ran with the same parameters
-
-    def validate(self) -> "PipelineConfig":
-        _check_numbers(self)
-        _choose(self, "dataset", DATASETS)
-        for name, low in (("epochs", 1), ("n_trials", 1), ("tune_epochs", 1), ("max_train_samples", 0)):
-            _at_least(self, name, low)
-        refuse_storage_password(self.storage)
-        # The register step's limits, checked before train and tune spend their time.
-        RegisterConfig(model_name=self.model_name, min_accuracy=self.min_accuracy, recall_margin=self.recall_margin,
-                       min_robust_accuracy=self.min_robust_accuracy, max_latency_ms=self.max_latency_ms).validate()
-        return self
-
-
-@dataclass
-class ProgressiveConfig:
-    dataset: str = "mnist"
-    epochs: int = 5
-    max_train_samples: int = 0
-    data_dir: str = ""
-    force: bool = False
-
-    def validate(self) -> "ProgressiveConfig":
-        _check_numbers(self)
-        _choose(self, "dataset", DATASETS)
-        _at_least(self, "epochs", 1)
-        _at_least(self, "max_train_samples", 0)
-        return self
-
-
-# Per dataset: the model name it is registered under and the production gate's defaults.
-# Fashion-MNIST's shirt class is hard for every small CNN (its recall stays far below the
-# others'), so its margin is wider; MNIST's digits are all easy. min_robust_accuracy: the
-# accuracy asked of the worst condition of bench/robustness.py. The MNIST default net scores
-# about 90 % there after 5 epochs, 88 % after one; before the preprocessing of issue 19 it scored
-# 23 %. Fashion-MNIST's worst (an 8x8 thumbnail of a garment) is far lower for every net.
-REGISTRY_DEFAULTS = {
-    "mnist": {"model_name": "MNIST_CNN", "min_accuracy": 0.99, "recall_margin": 0.03, "min_robust_accuracy": 0.85},
-    "fashion_mnist": {"model_name": "FashionMNIST_CNN", "min_accuracy": 0.90, "recall_margin": 0.25,
-                      "min_robust_accuracy": 0.50},
-}
-
-
 @dataclass
 class RegisterConfig:
-    run_id: str = ""            # "" = the best FINISHED run of the experiment that logged a model
-    dataset: str = ""           # "" = the run's dataset; with no run_id, choose among mnist runs
-    model_name: str = ""        # "" = MNIST_CNN or FashionMNIST_CNN, by dataset
-    metric: str = "test_accuracy"  # how the best run is chosen; metrics named *loss are minimised
-    checkpoint_metric: str = ""  # "" = the run's model; else its checkpoint model with the best of this metric
-    alias: str = "production"
-    min_accuracy: float = 0.0   # test accuracy the gate asks for; 0 = the dataset's default
-    recall_margin: float = 0.0  # how far below the mean a class's recall may fall; 0 = dataset default
-    # Accuracy on the worst robustness condition. Its default is -1, not 0 as above: 0 is a limit
-    # people use here (report the figure, refuse nothing), and some conditions can score 0.
-    min_robust_accuracy: float = DATASET_DEFAULT  # -1 = the dataset's default
-    max_latency_ms: float = 100.0  # single-image inference, p95
-    max_size_mb: float = 10.0
-    force: bool = False         # promote even if the gate or the champion comparison says no
-    dry_run: bool = False       # check and report, change nothing
-    rollback: bool = False      # move the alias back to the version holding the previous alias
-    data_dir: str = ""          # "" = $MNISTFLOW_DATA_DIR, else torchvision's download
-    allow_pickled_models: bool = False  # load models mnistflow did not log (they may run code on load)
+    run_id: str = setting("", "the run whose `model` to register; empty = the best FINISHED run of the experiment "
+                              "(`MLFLOW_EXPERIMENT_NAME` or `--experiment-name`, else Default) that logged a model")
+    dataset: str = setting("", "empty = the run's `dataset` tag; with no `run_id`, choose among `mnist` runs")
+    model_name: str = setting("", f"registered model name; empty = {_per_dataset('model_name', '`{}`')}")
+    metric: str = setting("test_accuracy", "what \"best\" means when no `run_id` is given; metrics named `*loss` "
+                                           "are minimised")
+    checkpoint_metric: str = setting("", "empty = the run's model; a metric name (`val_accuracy`) = the run's "
+                                         "checkpoint model with the best value of it, `*loss` minimised (needs a run "
+                                         "trained with `checkpoint_models=true`; "
+                                         "[registry.md](registry.md#a-checkpoint-of-a-run))")
+    alias: str = setting("production", "the alias to move; the version it leaves gets `previous` "
+                                       "(`<alias>-previous` for other aliases)")
+    min_accuracy: float = setting(0.0, f"test accuracy the register gate asks for; 0 = {_per_dataset('min_accuracy')}")
+    recall_margin: float = setting(0.0, "how far a class's recall may fall below the mean recall at the register "
+                                        f"gate; 0 = {_per_dataset('recall_margin')}")
+    # Its default is -1, not 0 as above: 0 is a limit people use here (report the figure, refuse
+    # nothing), and some conditions can score 0.
+    min_robust_accuracy: float = setting(DATASET_DEFAULT, "accuracy the register gate asks for on the worst condition "
+                                                          "of the robustness benchmark "
+                                                          "([registry.md](registry.md#the-production-gate)); "
+                                                          f"{DATASET_DEFAULT:g} = "
+                                                          f"{_per_dataset('min_robust_accuracy')}; "
+                                                          "0 = report it, refuse nothing")
+    max_latency_ms: float = setting(100.0, "limit the register gate sets on the p95 of single-image inference, in ms")
+    max_size_mb: float = setting(10.0, "limit on the size of the model's files, in MB")
+    force: bool = setting(False, "promote even when a check fails (recorded as `gate_forced=true`)")
+    dry_run: bool = setting(False, "measure and print; register nothing, move no alias")
+    rollback: bool = setting(False, "swap the alias and its previous alias (twice = undo)")
+    data_dir: str = like(TrainConfig, "data_dir")
+    allow_pickled_models: bool = setting(False, "also load models mnistflow did not log "
+                                                "(they may run code when loaded)")
 
     def validate(self) -> "RegisterConfig":
         _check_numbers(self)
@@ -303,11 +319,56 @@ class RegisterConfig:
 
 
 @dataclass
+class PipelineConfig:
+    dataset: str = like(TrainConfig, "dataset")
+    epochs: int = setting(5, "the train step's epochs")
+    n_trials: int = setting(6, "the tune step's trials")
+    tune_epochs: int = setting(2, "training budget of each trial")
+    max_train_samples: int = setting(0, "cap on the training pool, passed to train and tune; 0 = all")
+    model_name: str = like(RegisterConfig, "model_name")
+    min_accuracy: float = like(RegisterConfig, "min_accuracy")
+    recall_margin: float = like(RegisterConfig, "recall_margin")
+    min_robust_accuracy: float = like(RegisterConfig, "min_robust_accuracy")
+    max_latency_ms: float = like(RegisterConfig, "max_latency_ms")
+    storage: str = like(TuneConfig, "storage")
+    data_dir: str = like(TrainConfig, "data_dir")
+    force: bool = setting(False, "`true`: rerun every step, even one that already ran with the same parameters")
+
+    def validate(self) -> "PipelineConfig":
+        _check_numbers(self)
+        _choose(self, "dataset", DATASETS)
+        for name, low in (("epochs", 1), ("n_trials", 1), ("tune_epochs", 1), ("max_train_samples", 0)):
+            _at_least(self, name, low)
+        refuse_storage_password(self.storage)
+        # The register step's limits, checked before train and tune spend their time.
+        RegisterConfig(model_name=self.model_name, min_accuracy=self.min_accuracy, recall_margin=self.recall_margin,
+                       min_robust_accuracy=self.min_robust_accuracy, max_latency_ms=self.max_latency_ms).validate()
+        return self
+
+
+@dataclass
+class ProgressiveConfig:
+    dataset: str = like(TrainConfig, "dataset")
+    epochs: int = setting(5, "epochs of each of the three runs")
+    max_train_samples: int = setting(0, "cap on the training pool; 0 = all")
+    data_dir: str = like(TrainConfig, "data_dir")
+    force: bool = setting(False, "`true`: rerun the three runs even where an identical one ran before")
+
+    def validate(self) -> "ProgressiveConfig":
+        _check_numbers(self)
+        _choose(self, "dataset", DATASETS)
+        _at_least(self, "epochs", 1)
+        _at_least(self, "max_train_samples", 0)
+        return self
+
+
+@dataclass
 class EvaluateConfig:
-    model_uri: str = "models:/MNIST_CNN@production"  # runs:/<id>/model, models:/<name>/<version>, ...
-    dataset: str = ""           # "" = the one the model was trained on
-    data_dir: str = ""
-    allow_pickled_models: bool = False  # load models mnistflow did not log (they may run code on load)
+    model_uri: str = setting("models:/MNIST_CNN@production", "any model URI: `runs:/<run_id>/model`, "
+                                                             "`models:/<name>/<version>`, `models:/<name>@<alias>`")
+    dataset: str = setting("", "empty = the one the model was trained on (its metadata)")
+    data_dir: str = like(TrainConfig, "data_dir")
+    allow_pickled_models: bool = like(RegisterConfig, "allow_pickled_models")
 
     def validate(self) -> "EvaluateConfig":
         if self.dataset:
@@ -317,12 +378,14 @@ class EvaluateConfig:
 
 @dataclass
 class PredictConfig:
-    images: list[str] = field(default_factory=list)  # image files (PNG, JPEG, ...); -P takes them space-separated
-    model_uri: str = "models:/MNIST_CNN@production"  # any MLflow model URI
-    top: int = 3                # how many classes to show per image
-    plot: str = ""              # write a PNG of each image, its 28x28 input and its scores; "" = none
-    payload: str = ""           # write the inputs as a JSON body for POST /invocations; "" = none
-    allow_pickled_models: bool = False  # load models mnistflow did not log (they may run code on load)
+    images: list[str] = setting([], "image files (PNG, JPEG, ...); with `-P`, one string of paths separated by spaces")
+    model_uri: str = setting("models:/MNIST_CNN@production", "any model URI, as for `evaluate`")
+    top: int = setting(3, "how many classes to show per image, 1 to 10")
+    plot: str = setting("", "a picture to write (PNG, or another format by the name's ending): each image, the 28x28 "
+                            "input the model saw, its class probabilities; empty = none")
+    payload: str = setting("", "a JSON file to write: the inputs as a body for the model server's `/invocations`; "
+                               "empty = none")
+    allow_pickled_models: bool = like(RegisterConfig, "allow_pickled_models")
 
     def validate(self) -> "PredictConfig":
         _check_numbers(self)
@@ -340,8 +403,9 @@ class PredictConfig:
 
 @dataclass
 class PlotLossConfig:
-    run_id: str = ""            # a train run or a tune parent run
-    out: str = ""               # where to save the PNG; "" = plot_loss_<run_id>.png here
+    run_id: str = setting("", "a train run or a tune parent run (required)")
+    out: str = setting("", "where to save the picture (PNG, or another format by the name's ending); empty = "
+                           "`plot_loss_<run_id>.png` in the current directory")
 
     def validate(self) -> "PlotLossConfig":
         if not self.run_id:
@@ -360,12 +424,12 @@ def _check_numbers(cfg) -> None:
     """Every int and float setting holds a number of its kind, and a finite one. argparse reads
     `nan` and `inf` as floats (NaN fails every comparison, so a range check alone lets it
     through), and a YAML file or a caller may give any type."""
-    for setting in dataclasses.fields(cfg):
-        value = getattr(cfg, setting.name)
-        if setting.type is int and type(value) is not int:
-            raise ConfigError(f"{setting.name}={value!r} is not allowed; it must be a whole number")
-        if setting.type is float and (type(value) not in (int, float) or not math.isfinite(value)):
-            raise ConfigError(f"{setting.name}={value!r} is not allowed; it must be a finite number")
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.type is int and type(value) is not int:
+            raise ConfigError(f"{field.name}={value!r} is not allowed; it must be a whole number")
+        if field.type is float and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise ConfigError(f"{field.name}={value!r} is not allowed; it must be a finite number")
 
 
 def _at_least(cfg, name: str, low) -> None:
@@ -378,52 +442,12 @@ def _in_range(cfg, name: str, low, high) -> None:
         raise ConfigError(f"{name}={getattr(cfg, name)} is not allowed; it must be in [{low}, {high}]")
 
 
-def unwritable(path: str) -> str:
-    """Why no file can be written at `path` ("" when it can, or when no path is given); leaves nothing behind."""
-    if not path:
-        return ""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return "it is a folder"
-    if not os.path.isdir(folder):
-        return f"no folder {folder}"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return "the file is read-only"
-    name_max = os.pathconf(folder, "PC_NAME_MAX")
-    if len(os.fsencode(os.path.basename(path))) > name_max:
-        return f"its name is longer than the {name_max} bytes {folder} allows"
-    try:
-        tempfile.TemporaryFile(dir=folder).close()  # what the folder allows, even to root on a read-only disk
-    except OSError as exc:
-        return f"{folder}: {exc.strerror}"
-    return ""
-
-
-def unwritable_image(path: str) -> str:
-    """Why no figure can be saved at `path` ("" when one can, or when no path is given): what
-    `unwritable` says, or a name that does not end in a format matplotlib writes (without one,
-    matplotlib would add .png to the name)."""
-    if not path:
-        return ""
-    # Imported here: reading the flags of steps that draw nothing needs no matplotlib.
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    formats = sorted(FigureCanvasBase.get_supported_filetypes())
-    if os.path.splitext(path)[1][1:].lower() not in formats:
-        return "its name must end in a format matplotlib writes: " + ", ".join(f".{name}" for name in formats)
-    return unwritable(path)
-
-
 def _writable(cfg, name: str, check=unwritable) -> None:
     """ConfigError when the file that setting `name` names cannot be written, as `check` tells."""
     path = getattr(cfg, name)
     reason = check(path)
     if reason:
         raise ConfigError(f"{name}={path}: cannot write this file ({reason})")
-
-
-# The Optuna storage URL when it holds a password: read by the tune step, never logged or printed.
-STORAGE_ENV = "MNISTFLOW_OPTUNA_STORAGE"
 
 
 def refuse_storage_password(storage: str) -> None:
@@ -443,44 +467,22 @@ def refuse_storage_password(storage: str) -> None:
                       f"or the whole URL in the environment variable {STORAGE_ENV}, which no step logs or prints")
 
 
-def parse_bool(text: str) -> bool:
-    # MLflow passes every parameter as a string, so `-P register=true` arrives as "true".
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+ENTRY_POINTS = {
+    "main": PipelineConfig, "train": TrainConfig, "tune": TuneConfig, "register": RegisterConfig,
+    "evaluate": EvaluateConfig, "predict": PredictConfig, "plot_loss": PlotLossConfig, "progressive": ProgressiveConfig,
+}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Reports a bad flag in one line (not usage + error) and exits with code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One flag per field, spelt --max_train_samples or --max-train-samples."""
-    for setting in dataclasses.fields(cls):
-        flags = [f"--{setting.name}"] + ([f"--{setting.name.replace('_', '-')}"] if "_" in setting.name else [])
-        if setting.type == list[str]:
-            parser.add_argument(*flags, dest=setting.name, nargs="+", default=[])
-        else:
-            kind = parse_bool if setting.type is bool else setting.type
-            parser.add_argument(*flags, dest=setting.name, type=kind, default=setting.default)
+def with_parameter_tables(markdown: str) -> str:
+    """`markdown` (docs/parameters.md) with the table of each `## <entry point>` section made from its config."""
+    def table(section):
+        return section[1] + markdown_table(ENTRY_POINTS[section[2]]) + "\n"
+    return re.sub(r"(^## (\w+)\n(?:(?!\|)(?!## ).*\n)*)(?:\|.*\n)*", table, markdown, flags=re.M)
 
 
-def from_args(args: argparse.Namespace, cls=TrainConfig):
-    return cls(**{setting.name: getattr(args, setting.name) for setting in dataclasses.fields(cls)})
-
-
-def parse(cls, prog: str, description: str, argv=None):
-    """A step's flags as its checked config; a bad value exits with one line and code 2."""
-    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, cls)
-    cfg = from_args(parser.parse_args(argv), cls)
-    try:
-        return cfg.validate()
-    except ConfigError as exc:
-        parser.exit(2, f"{prog}: error: {exc}\n")
+if __name__ == "__main__":  # python -m mnistflow.config docs/parameters.md: rewrite its tables
+    [path] = sys.argv[1:]
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(with_parameter_tables(text))

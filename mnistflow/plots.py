@@ -14,7 +14,7 @@ def close(figure) -> None:
 
 def save(figure, path: str) -> None:
     """Write a figure to the file `path` (its format by the name's ending, which
-    config.unwritable_image checks first); OutputError if the file cannot be written."""
+    flags.unwritable_image checks first); OutputError if the file cannot be written."""
     try:
         figure.savefig(path, dpi=100)
     except OSError as exc:

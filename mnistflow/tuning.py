@@ -22,8 +22,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnistflow import data as datasets
 from mnistflow import logged_model, models, report, tracking
-from mnistflow.config import STORAGE_ENV, TrainConfig, TuneConfig, parse_bool
+from mnistflow.config import STORAGE_ENV, TrainConfig, TuneConfig
 from mnistflow.errors import ConfigError, NotFound, StoreError
+from mnistflow.flags import parse_bool
 from mnistflow.train import fit, seed_everything, select_device
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"

@@ -9,8 +9,8 @@ import mlflow
 import yaml
 
 from mnistflow import auth
-from mnistflow.config import OneLineParser, parse_bool
 from mnistflow.errors import StepError
+from mnistflow.flags import OneLineParser, parse_bool
 
 CFG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cfg")
 

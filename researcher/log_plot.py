@@ -8,8 +8,8 @@ epoch boundaries marked; a parent run (a tune study, example 2) its trials' vali
 overlaid. The same code runs as the project's `plot_loss` step: mnistflow/plot_loss.py.
 """
 import helpers
-from mnistflow.config import unwritable_image
 from mnistflow.errors import StepError
+from mnistflow.flags import unwritable_image
 from mnistflow.plot_loss import ARTIFACT, save_and_log
 
 config = helpers.load_config("log_plot.yaml")

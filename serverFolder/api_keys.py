@@ -20,7 +20,7 @@ import time
 
 from local_server import positive
 from mnistflow import auth, keystore
-from mnistflow.config import OneLineParser
+from mnistflow.flags import OneLineParser
 
 DAY_S = 24 * 3600
 

@@ -25,8 +25,8 @@ import tempfile
 import urllib.parse
 
 from local_server import folder, port_number
-from mnistflow.config import OneLineParser
 from mnistflow.errors import ConfigError
+from mnistflow.flags import OneLineParser
 
 USER = "postgres"
 

@@ -25,7 +25,7 @@ import urllib.request
 
 import psutil
 
-from mnistflow.config import OneLineParser
+from mnistflow.flags import OneLineParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The steps need no server-side jobs; without them the server starts faster and runs no user code.

@@ -23,7 +23,7 @@ import time
 from local_server import folder
 from mlflow.utils import find_free_port
 
-from mnistflow.config import OneLineParser
+from mnistflow.flags import OneLineParser
 
 PARTITION = "debug"
 # slurm.conf ends a value at a space or '#', and munged's and slurmd's options hold the same paths:

@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from local_server import HERE, address, folder, is_host, launch, positive, stop
-from mnistflow.config import OneLineParser
+from mnistflow.flags import OneLineParser
 
 # When started as root, nginx's workers run as this account, with Debian's own temporary
 # directories (owned by it), not as root.

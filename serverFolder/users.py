@@ -24,8 +24,8 @@ with warnings.catch_warnings():
     from mlflow.server.auth.client import AuthServiceClient
 
 from mnistflow import auth
-from mnistflow.config import OneLineParser
 from mnistflow.errors import StepError
+from mnistflow.flags import OneLineParser
 
 PERMISSIONS = ("READ", "EDIT", "MANAGE", "DENY")
 

@@ -1,6 +1,9 @@
-"""Each entry point's parameters have one source, its dataclass in mnistflow/config.py: MLproject
-and docs/parameters.md must say the same, and reading flags must not load PyTorch."""
+"""Each entry point's parameters have one source, its dataclass in mnistflow/config.py, where each
+one's default and meaning are written: --help shows them, MLproject and docs/parameters.md must say
+the same, and so must the production gate's table in docs/registry.md; reading flags must not load
+PyTorch."""
 import dataclasses
+import importlib
 import os
 import re
 import subprocess
@@ -14,30 +17,23 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
 from conftest import EXPERIMENT, ROOT, run_step
-from mnistflow import augment, config, data, models
+from mnistflow import augment, config, data, flags, models
 
-CONFIGS = {
-    "main": config.PipelineConfig, "train": config.TrainConfig, "tune": config.TuneConfig,
-    "register": config.RegisterConfig, "evaluate": config.EvaluateConfig, "predict": config.PredictConfig,
-    "plot_loss": config.PlotLossConfig, "progressive": config.ProgressiveConfig,
-}
-
-
-def as_parameter(value) -> str:
-    """A default as `-P` takes it: booleans true/false, an empty list as ""."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return "" if value == [] else str(value)
+CONFIGS = config.ENTRY_POINTS
 
 
 def defaults(cls) -> dict:
-    return {setting.name: as_parameter(setting.default_factory() if setting.default is dataclasses.MISSING
-                                       else setting.default) for setting in dataclasses.fields(cls)}
+    return {field.name: flags.as_parameter(flags.default_of(field)) for field in dataclasses.fields(cls)}
 
 
 def mlproject() -> dict:
     with open(os.path.join(ROOT, "MLproject")) as f:
         return yaml.safe_load(f)["entry_points"]
+
+
+def read_doc(name: str) -> str:
+    with open(os.path.join(ROOT, "docs", name)) as f:
+        return f.read()
 
 
 def test_every_entry_point_has_a_config():
@@ -51,7 +47,7 @@ def test_mlproject_parameters_are_the_configs_fields_with_their_defaults(entry_p
     assert list(parameters) == list(expected)
     for name, parameter in parameters.items():
         if "default" in parameter:
-            assert as_parameter(parameter["default"]) == expected[name], name
+            assert flags.as_parameter(parameter["default"]) == expected[name], name
         else:  # required by `mlflow run`: the step refuses it empty too
             assert expected[name] == "", name
             with pytest.raises(config.ConfigError):
@@ -62,8 +58,7 @@ def test_mlproject_parameters_are_the_configs_fields_with_their_defaults(entry_p
 
 def documented_defaults() -> dict:
     """entry point -> {parameter: default} from docs/parameters.md's tables."""
-    with open(os.path.join(ROOT, "docs", "parameters.md")) as f:
-        sections = re.split(r"^## ", f.read(), flags=re.M)[1:]
+    sections = re.split(r"^## ", read_doc("parameters.md"), flags=re.M)[1:]
     tables = {}
     for section in sections:
         name = section.split("\n", 1)[0].strip()
@@ -79,6 +74,60 @@ def test_docs_tables_are_the_configs_fields_with_their_defaults():
         assert documented[entry_point] == defaults(cls), entry_point
 
 
+def test_every_setting_has_a_meaning():
+    for entry_point, cls in CONFIGS.items():
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("meaning"), f"{entry_point}: {field.name}"
+
+
+def test_docs_tables_are_written_from_the_configs():
+    """Names, defaults and meanings: `python -m mnistflow.config docs/parameters.md` leaves the file as it is."""
+    text = read_doc("parameters.md")
+    assert config.with_parameter_tables(text) == text, "run: python -m mnistflow.config docs/parameters.md"
+
+
+def test_the_docs_command_rewrites_stale_tables(tmp_path):
+    text = read_doc("parameters.md")
+    stale = tmp_path / "parameters.md"
+    stale.write_text(text.replace("| passes over the training split |", "| an old meaning |"))
+    subprocess.run([sys.executable, "-m", "mnistflow.config", str(stale)], cwd=ROOT, check=True)
+    assert stale.read_text() == text
+
+
+def test_mlproject_writes_no_meaning_of_its_own():
+    """Each parameter's meaning lives in its config (and --help, docs/parameters.md), not in MLproject's comments."""
+    with open(os.path.join(ROOT, "MLproject")) as f:
+        commented = [line.strip() for line in f if re.match(r"\s+\w+: \{type:", line) and "#" in line]
+    assert commented == []
+
+
+@pytest.mark.parametrize("entry_point", CONFIGS)
+def test_help_shows_each_parameter_with_its_meaning_and_default(capsys, entry_point):
+    step = importlib.import_module(f"steps.{entry_point}")
+    with pytest.raises(SystemExit) as exited:
+        step.main(["--help"])
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    assert exited.value.code == 0 and "`" not in options and "](" not in options  # plain text, not Markdown
+    shown = "".join(options.split())  # argparse wraps the help text anywhere, so compare without white space
+    for field in dataclasses.fields(CONFIGS[entry_point]):
+        meaning = f"{flags.plain(field.metadata['meaning'])} (default: {flags.shown_default(field)})"
+        assert f"--{field.name}" in shown and "".join(meaning.split()) in shown, field.name
+
+
+def gate_limits_documented() -> dict:
+    """limit name -> the numbers in the default column of docs/registry.md's gate table, in order."""
+    rows = re.findall(r"^\| [^|]+ \| [<>≤≥] `(\w+)` \| ([^|]+) \|$", read_doc("registry.md"), flags=re.M)
+    return {name: [float(number) for number in re.findall(r"\d+(?:\.\d+)?", column.split(";")[0])]
+            for name, column in rows}
+
+
+def test_the_gate_limits_in_registry_md_are_the_configs():
+    per_dataset = {name: [config.REGISTRY_DEFAULTS[dataset][name] for dataset in config.DATASETS]
+                   for name in ("min_accuracy", "recall_margin", "min_robust_accuracy")}
+    fixed = {name: [getattr(config.RegisterConfig, name)] for name in ("max_latency_ms", "max_size_mb")}
+    assert gate_limits_documented() == {**per_dataset, **fixed}
+
+
 def test_the_names_config_checks_are_the_datasets_and_models_there_are():
     assert config.DATASETS == tuple(data.DATASETS)
     assert config.MODELS == tuple(models.MODELS)
@@ -87,16 +136,16 @@ def test_the_names_config_checks_are_the_datasets_and_models_there_are():
 
 def test_reading_flags_loads_no_pytorch():
     # The server scripts and the `mlflow run` plugin read flags through config; they need no torch.
-    code = ("import sys, mnistflow.config, mnistflow.cli_guard, mnistflow.keystore\n"
+    code = ("import sys, mnistflow.flags, mnistflow.config, mnistflow.cli_guard, mnistflow.keystore\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_every_flag_takes_its_dashed_spelling_too():
-    cfg = config.parse(config.TrainConfig, "train", "", ["--max-train-samples", "7", "--max_train_samples", "8"])
+    cfg = flags.parse(config.TrainConfig, "train", "", ["--max-train-samples", "7", "--max_train_samples", "8"])
     assert cfg.max_train_samples == 8
-    assert config.parse(config.PlotLossConfig, "plot_loss", "", ["--run-id", "abc"]).run_id == "abc"
+    assert flags.parse(config.PlotLossConfig, "plot_loss", "", ["--run-id", "abc"]).run_id == "abc"
 
 
 def test_the_limits_config_checks_are_the_ones_of_the_libraries():
@@ -147,9 +196,9 @@ TOO_LONG = "s" * 9000
 ])
 def test_a_number_that_is_not_one_or_out_of_range_is_one_line(capsys, entry_point, args, message):
     """Every flag that takes a number, in this process: the steps read their flags through
-    config.parse before any work (their command lines are run below)."""
+    flags.parse before any work (their command lines are run below)."""
     with pytest.raises(SystemExit) as exited:
-        config.parse(CONFIGS[entry_point], entry_point, "", [*REQUIRED.get(entry_point, []), *args])
+        flags.parse(CONFIGS[entry_point], entry_point, "", [*REQUIRED.get(entry_point, []), *args])
     [line] = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and line.startswith(f"{entry_point}: error: {message}"), line
 

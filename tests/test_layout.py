@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 
 # Bottom to top: each module may import only the ones before it.
-ORDER = ["errors", "config", "data", "augment", "models", "images", "metrics", "plots", "train", "tracking",
+ORDER = ["errors", "flags", "config", "data", "augment", "models", "images", "metrics", "plots", "train", "tracking",
          "checkpoints", "report", "tensorboard_log", "logged_model", "robustness", "plot_loss", "registry", "tuning",
          "slurm", "pipeline", "cli_guard", "auth", "keystore", "cli"]
 

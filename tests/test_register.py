@@ -156,7 +156,7 @@ def test_gate_failure_changes_nothing(registry_store, tiny_data, capsys):
     code, out, err = call(capsys, "--model_name", "Gated", "--run_id", registry_store.poor, "--data_dir", tiny_data)
     assert code == 1
     assert err.startswith("register: refused: test_accuracy") and err.count("\n") == 1
-    assert ">= 0.99" in out and "FAIL" in out
+    assert f">= {REGISTRY_DEFAULTS['mnist']['min_accuracy']}" in out and "FAIL" in out
     assert aliases("Gated") == {} and versions("Gated") == []
     [run] = [r for r in register_runs() if r.data.tags.get("model_name") == "Gated"]
     assert run.info.status == "FAILED" and run.data.tags["promoted"] == "false"
