@@ -10,7 +10,7 @@ EPOCHS ?= 5
 # Put the venv first on PATH, so `mlflow run --env-manager local` starts its Python.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run train test bench
+.PHONY: run train test quick durations bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,9 +24,18 @@ run: $(VENV)/.installed
 train: $(VENV)/.installed
 	mlflow run . -e train --env-manager local -P epochs=$(EPOCHS)
 
-# Two workers, whole test files each: most test time is spent starting processes and servers.
+# Two workers, whole test files each, the slowest files first (tests/timing.py).
+PYTEST = python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 test: $(VENV)/.installed
-	python -m pytest -q -n 2 --dist loadfile
+	$(PYTEST)
+
+# The edit loop's tier: the tests that start no server and take under two seconds each.
+quick: $(VENV)/.installed
+	$(PYTEST) --quick
+
+# The whole suite, writing each test's time to tests/durations.json (commit it with the results).
+durations: $(VENV)/.installed
+	$(PYTEST) --record-durations
 
 bench: $(VENV)/.installed
 	python bench/train_speed.py

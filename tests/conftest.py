@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "serverFolder"))  # its scripts are not a package
 import local_postgres  # noqa: E402
 
+pytest_plugins = ["timing"]  # tests/timing.py: durations, slowest files first, threads per worker, --quick
+
 
 def write_idx(path: str, array: np.ndarray) -> None:
     """Write an unsigned-byte IDX file, the format of the MNIST distribution files."""
