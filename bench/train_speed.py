@@ -27,7 +27,7 @@ import time
 import mlflow
 import torch
 from torch.utils.data import DataLoader, Subset
-from torchvision import transforms
+from torchvision import datasets as torchvision_datasets, transforms
 
 from mnistflow import checkpoints, models, tracking
 from mnistflow import data as datasets
@@ -41,9 +41,10 @@ class DataLoaderSplit:
     """The same training images, served the classic way: PIL image -> ToTensor -> Normalize per sample."""
 
     def __init__(self, cfg: TrainConfig, data: datasets.Data, indices: torch.Tensor):
-        cls, mean, std = datasets.DATASETS[cfg.dataset]
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-        dataset = cls(data.root, train=True, download=False, transform=transform)
+        source = datasets.DATASETS[cfg.dataset]
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((source.mean,), (source.std,))])
+        torchvision_class = getattr(torchvision_datasets, source.folder)
+        dataset = torchvision_class(data.root, train=True, download=False, transform=transform)
         self.subset = Subset(dataset, indices.tolist())
 
     def __len__(self):

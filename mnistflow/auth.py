@@ -20,10 +20,7 @@ import ipaddress
 import os
 import urllib.parse
 
-import mlflow
 import requests
-from mlflow.exceptions import MlflowException
-from mlflow.tracking.request_auth.abstract_request_auth_provider import RequestAuthProvider
 
 from mnistflow import cli_guard
 from mnistflow.errors import AccessError, StepError
@@ -40,7 +37,10 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # where the key may go over pla
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class TrackingServerAuthProvider(RequestAuthProvider):
+class TrackingServerAuthProvider:
+    """MLflow's RequestAuthProvider: MLflow calls its get_name and get_auth, and checks no base class;
+    subclassing it would load MLflow with this module, which the server scripts use without it."""
+
     def __init__(self):
         self._access_checked = False
 
@@ -100,6 +100,8 @@ def origin(url: str) -> tuple | None:
 
 
 def server_uris() -> list[str]:
+    import mlflow  # here, not at the top: the server scripts and reading flags need no MLflow
+
     return [mlflow.get_tracking_uri(), mlflow.get_registry_uri()]
 
 
@@ -124,6 +126,9 @@ def check_access() -> None:
     travel unencrypted or not at all, the tracking server cannot be reached or answers with an
     error, its TLS certificate is not trusted, or it refuses this client (no key, a wrong or revoked
     key), with one line that says what to set. Local stores need no request."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     cli_guard.check_store_uri(mlflow.get_tracking_uri(), "tracking")
     cli_guard.check_store_uri(mlflow.get_registry_uri(), "registry")
     check_secrets_go_only_to_the_server()

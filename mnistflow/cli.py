@@ -5,8 +5,6 @@ import gc
 import os
 import sys
 
-import mlflow
-
 from mnistflow import auth, flags
 from mnistflow.errors import StepError
 
@@ -37,6 +35,8 @@ def describe_launcher(run_id: str | None, name: str, note: str, tags: dict | Non
     did, where the step logs its work elsewhere or not at all: a random name and an empty page
     would say nothing in the MLflow UI."""
     if run_id:
+        import mlflow  # here, not at the top: a step's --help and a bad flag need no MLflow
+
         client = mlflow.MlflowClient()
         client.update_run(run_id, name=name)
         for key, value in {"mlflow.note.content": note, **(tags or {})}.items():

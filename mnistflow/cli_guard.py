@@ -18,8 +18,6 @@ import os
 import sys
 import urllib.parse
 
-from mlflow.tracking.context.abstract_context import RunContextProvider
-
 from mnistflow.config import refuse_storage_password
 from mnistflow.errors import ConfigError, StepError
 
@@ -72,9 +70,11 @@ def exit_with(error: Exception) -> None:
     sys.exit(2)
 
 
-class MlflowRunCheck(RunContextProvider):
-    """Adds no tags; being built is the hook (see the module docstring). MLflow builds it in every
-    process that imports mlflow, which is why config.py imports nothing heavy."""
+class MlflowRunCheck:
+    """MLflow's RunContextProvider (MLflow calls its in_context and tags, and checks no base class, so
+    this module loads no MLflow for auth.py). Adds no tags; being built is the hook (see the module
+    docstring). MLflow builds it in every process that imports mlflow, which is why config.py imports
+    nothing heavy."""
 
     def __init__(self):
         if not is_mlflow_run_command():

@@ -110,7 +110,7 @@ def foreign_kind(description: mlflow.models.Model, files: str = "") -> str:
         return "a pytorch model with extra code or flavours"
     metadata = description.metadata or {}
     dataset = metadata.get("dataset")
-    if dataset not in DATASETS or metadata.get("classes") != list(DATASETS[dataset][0].classes):
+    if dataset not in DATASETS or metadata.get("classes") != list(DATASETS[dataset].classes):
         return "a pytorch model without mnistflow's dataset and classes"
     pickled, exported = (os.path.join(files, "data", name) for name in ("model.pth", "model.pt2"))
     if files and (os.path.exists(pickled) or not os.path.isfile(exported)):

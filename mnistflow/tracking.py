@@ -4,6 +4,7 @@ and record who ran what, with which config, data and code.
 """
 import dataclasses
 import getpass
+import importlib.metadata
 import json
 import logging
 import os
@@ -20,7 +21,6 @@ from contextlib import contextmanager
 
 import mlflow
 import torch
-import torchvision
 import yaml
 from mlflow.exceptions import MlflowException
 
@@ -339,7 +339,7 @@ def library_versions() -> dict:
     return {
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
+        "torchvision_version": importlib.metadata.version("torchvision"),  # as installed; its import takes seconds
         "mlflow_version": mlflow.__version__,
     }
 

@@ -21,7 +21,6 @@ import sys
 import time
 
 from local_server import folder
-from mlflow.utils import find_free_port
 
 from mnistflow.flags import OneLineParser
 
@@ -41,6 +40,13 @@ def available() -> bool:
     return all(binary(name) for name in PROGRAMS)
 
 
+def free_port() -> int:
+    """A port no process listens on now, as the kernel picks one for a socket bound to port 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def config(root: str) -> str:
     """A minimal slurm.conf: this machine as the one node, its daemons' files under root."""
     user, host = getpass.getuser(), socket.gethostname()
@@ -49,8 +55,8 @@ def config(root: str) -> str:
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmUser={user}",
         f"SlurmdUser={user}",
-        f"SlurmctldPort={find_free_port()}",
-        f"SlurmdPort={find_free_port()}",
+        f"SlurmctldPort={free_port()}",
+        f"SlurmdPort={free_port()}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
         f"AuthInfo=socket={root}/munge.socket",

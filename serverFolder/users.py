@@ -16,13 +16,6 @@ import getpass
 import sys
 import warnings
 
-import mlflow
-from mlflow.exceptions import MlflowException
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # deprecation warnings from inside MLflow's server package
-    from mlflow.server.auth.client import AuthServiceClient
-
 from mnistflow import auth
 from mnistflow.errors import StepError
 from mnistflow.flags import OneLineParser
@@ -39,7 +32,18 @@ def read_password(prompt: str) -> str:
     return password
 
 
-def grant_permission(admin: AuthServiceClient, username: str, experiment_id: str, permission: str) -> None:
+def admin_client(uri: str):
+    """MLflow's AuthServiceClient for the server at `uri`. MLflow is imported only here and in main
+    once the flags are read: --help and a bad flag answer without loading it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation warnings from inside MLflow's server package
+        from mlflow.server.auth.client import AuthServiceClient
+    return AuthServiceClient(uri)
+
+
+def grant_permission(admin, username: str, experiment_id: str, permission: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     try:
         admin.grant_user_permission(username, "experiment", experiment_id, permission)
     except MlflowException as exc:
@@ -62,6 +66,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.command == "grant" and args.permission not in PERMISSIONS:
         parser.error(f"permission {args.permission!r} is not allowed; choose from {', '.join(PERMISSIONS)}")
+    import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = mlflow.get_tracking_uri()
     if not auth.is_http(uri):
@@ -70,7 +76,7 @@ def main(argv=None) -> None:
         auth.check_reachable(uri)  # MLflow's client would retry a server that is down for minutes
     except StepError as exc:
         parser.error(str(exc))
-    admin = AuthServiceClient(uri)
+    admin = admin_client(uri)
     try:
         if args.command == "grant":
             experiment = mlflow.MlflowClient(uri).get_experiment_by_name(args.experiment)

@@ -39,6 +39,17 @@ def test_train_speed_prints_medians_and_ratios(tiny_data, tmp_path, monkeypatch)
     assert "270 training images per epoch" in result.stdout  # 300 capped, 10 % held out for validation
 
 
+def test_startup_prints_each_row_against_the_import_floor(tiny_data):
+    result = run_step(sys.executable, "bench/startup.py", "--rows", "servers,run", "--repeats", "1",
+                      "--data_dir", tiny_data, "--train_samples", "100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"import torch, mlflow \(floor\)\s+\d+\.\d+\s+1\.00\s", result.stdout)
+    for row in ["serverFolder/local_server.py --help", "serverFolder/users.py --help"]:
+        assert re.search(rf"{re.escape(row)}\s+\d+\.\d+\s+\d+\.\d+\s+< 1\s", result.stdout), row
+    assert re.search(r"1-epoch run: wall - epoch\s+\d+\.\d+\s+\d+\.\d+\s+<= 2\s", result.stdout)
+    assert "steps.train --help" not in result.stdout  # rows not asked for are not measured
+
+
 def test_train_speed_rejects_an_unknown_model_in_one_line(tiny_data):
     result = run_step(sys.executable, "bench/train_speed.py", "--data_dir", tiny_data, "--pipeline_models", "fast,resnet")
     assert result.returncode == 2
@@ -57,6 +68,12 @@ def test_train_speed_rejects_an_unknown_model_in_one_line(tiny_data):
     ("tune_speed", ["--train_samples", "-1"], "--train_samples -1 is not allowed; it must be >= 0 (0 = all)"),
     ("tune_speed", ["--search_space", "resnet.yaml"], "model: unknown model 'resnet'; choose from auto, fast"),
     ("tune_speed", ["--dataset", "cifar10"], "unknown dataset 'cifar10'; choose from mnist, fashion_mnist"),
+    ("startup", ["--repeats", "0"], "--repeats 0 is not allowed; it must be >= 1"),
+    ("startup", ["--rows", "help,boot"], "--rows 'help,boot' is not allowed; give some of help, servers, imports, run"),
+    ("startup", ["--rows", "help,help"], "--rows 'help,help' is not allowed; give some of help, servers, imports, run"),
+    ("startup", ["--repo", "/nonexistent"], "--repo '/nonexistent' is not allowed; give a checkout of this project"),
+    ("startup", ["--train_samples", "3"], "--train_samples 3 is not allowed; it must be >= 10"),
+    ("startup", ["--data_dir", "/nonexistent"], "--data_dir '/nonexistent' is not allowed; give a folder holding MNIST/raw/"),
 ])
 def test_bad_bench_input_is_one_line_and_writes_nothing(tiny_data, tmp_path, monkeypatch, capsys, script, args, message):
     """In this process (the CLI itself is run by the test below), with the scratch space the

@@ -85,3 +85,16 @@ def test_corrupt_file_is_reported(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset 'cifar'; choose from mnist, fashion_mnist"):
         data.load("cifar")
+
+
+@pytest.mark.parametrize("name", data.DATASETS)
+def test_files_on_disk_are_read_as_torchvision_reads_them(tiny_data, name):
+    # data.py reads the IDX files itself (torchvision takes seconds to import) and loads
+    # torchvision only to download: the same pixels, labels and class names either way.
+    from torchvision import datasets
+
+    source = data.DATASETS[name]
+    theirs = getattr(datasets, source.folder)(tiny_data, train=False)
+    images, labels = data._read(name, tiny_data, train=False, download=False)
+    assert torch.equal(images, theirs.data) and torch.equal(labels, theirs.targets)
+    assert list(source.classes) == theirs.classes
