@@ -12,7 +12,7 @@ Prints one table of medians, measured side by side (interleaved) in one run:
   2. wall time of a training run of the default net with MLflow tracking on (run start and end,
      async metrics, checkpoints, system metrics as the train step samples them) vs. off (goal <= 1.05);
   3. epoch time (its training passes) of the default net with each `--augment` setting against
-     `shift`, the augmentation MNIST's default had before issue 19 (goal <= 1.10).
+     `shift` alone, the cheapest one (goal <= 1.10).
 All run the real `fit` loop; only the source of batches, the logging callbacks or the
 augmentation differ.
 """
