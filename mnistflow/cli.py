@@ -2,10 +2,7 @@
 client in, report what stopped it in one line with an exit code, and exit fast.
 """
 import gc
-import os
 import sys
-
-import mlflow
 
 from mnistflow import auth, config
 from mnistflow.errors import StepError
@@ -25,19 +22,3 @@ def run(prog: str, step, config_class, description: str, argv=None) -> None:
     # seconds; frozen objects are skipped, and the OS frees the memory anyway.
     gc.freeze()
 
-
-def launcher_run() -> str | None:
-    """The run `mlflow run` opened for this step, if it did. Taken out of the environment, where
-    MLflow would reopen it for every other run this process starts (a trial, a register run)."""
-    return os.environ.pop("MLFLOW_RUN_ID", None)
-
-
-def describe_launcher(run_id: str | None, name: str, note: str, tags: dict | None = None) -> None:
-    """Name the run `mlflow run` opened for this step (`run_id`, if it did) and say what the step
-    did, where the step logs its work elsewhere or not at all: a random name and an empty page
-    would say nothing in the MLflow UI."""
-    if run_id:
-        client = mlflow.MlflowClient()
-        client.update_run(run_id, name=name)
-        for key, value in {"mlflow.note.content": note, **(tags or {})}.items():
-            client.set_tag(run_id, key, value)
