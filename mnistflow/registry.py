@@ -427,9 +427,7 @@ def gate_and_promote(cfg: RegisterConfig, data: Data | None = None) -> Outcome:
     """
     candidate = prepare(cfg, data)
     cfg = candidate.cfg
-    with tracking.tracked_run(run_name=f"register-{cfg.model_name}"):
-        tracking.log_config(cfg)
-        mlflow.set_tags(tracking.run_tags("production", cfg.dataset))
+    with tracking.step_run(f"register-{cfg.model_name}", cfg, "production"):
         outcome = register(candidate)
         log_outcome(outcome)
         if outcome.refused and not cfg.dry_run:

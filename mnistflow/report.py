@@ -5,9 +5,9 @@ import mlflow
 import numpy as np
 import torch
 
-from mnistflow import metrics, plots, tracking
+from mnistflow import metrics, models, plots, tracking
 from mnistflow.data import Data
-from mnistflow.train import evaluate
+from mnistflow.train import evaluate, steps_per_epoch
 
 
 def log_test_results(net: torch.nn.Module, data: Data, device: torch.device, model_id: str | None = None) -> dict:
@@ -44,3 +44,11 @@ def log_figure(figure, path: str) -> None:
 
 def log_curves(history: list[dict]) -> None:
     log_figure(plots.curves(history), "plots/loss_accuracy_curves.png")
+
+
+def log_model(cfg, net: torch.nn.Module, device: torch.device, data: Data) -> None:
+    """A new train run's net (size, summary), device, libraries and data sizes."""
+    mlflow.log_params({**tracking.model_params(cfg, net, device), "train_size": len(data.train),
+                       "val_size": len(data.val), "test_size": len(data.test),
+                       "steps_per_epoch": steps_per_epoch(cfg, data)})
+    mlflow.log_text(models.summary(net), "model_summary.txt")

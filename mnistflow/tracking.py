@@ -23,6 +23,7 @@ import mlflow
 import torch
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnistflow.config import AUTO
 from mnistflow.data import Data
@@ -391,3 +392,61 @@ def model_params(cfg, net: torch.nn.Module, device: torch.device) -> dict:
     return {"num_params": count_params(net), "resolved_device": str(device),
             **{f"resolved_{name}": getattr(cfg, name) for name in AUTO[cfg.dataset]},
             **library_versions()}
+
+
+# --- the one way a step opens its run -----------------------------------------------------------
+SPLITS = ("training", "validation", "test")
+
+
+def _launcher_run() -> str | None:
+    """The run `mlflow run` opened for this step, if it did. Taken out of the environment, where
+    MLflow would reopen it for every other run this process starts (a trial, a register run)."""
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def _describe(run_id: str | None, name: str, note: str, tags: dict | None = None) -> None:
+    if run_id:
+        client = mlflow.MlflowClient()
+        client.update_run(run_id, name=name)
+        for key, value in {"mlflow.note.content": note, **(tags or {})}.items():
+            client.set_tag(run_id, key, value)
+
+
+def describe_launcher(name: str, note: str, tags: dict | None = None) -> None:
+    """For a step that logs its work elsewhere or not at all: name the run `mlflow run` opened for
+    it, if it did, and say what the step did (a random name and an empty page say nothing in the UI)."""
+    _describe(_launcher_run(), name, note, tags)
+
+
+def resumed(run: mlflow.entities.Run) -> tuple[str, str, dict]:
+    return f"resume-{run.info.run_name}", f"resumed run {run.info.run_id}", {}
+
+
+@contextmanager
+def step_run(name: str, cfg, phase: str, *, dataset: str = "", note: str = "", tags: dict | None = None,
+             data: Data | None = None, contexts=SPLITS, parent: mlflow.entities.Run | None = None,
+             continues: str | None = None, launcher_says=resumed, **start_run_args):
+    """Open a step's run, as tracked_run does (yield (run, log_metrics)), set up to be found and rerun.
+
+    A new run is named `name`, gets the config as params and config.yaml, run_tags(phase, dataset or
+    cfg.dataset, note) with `tags`, and `data`'s splits (`contexts`) as its inputs. Under `mlflow run`
+    the run it opened for the step is that run, unless the step `continues` a run that exists (its
+    id): then that run is left as it is, and the one `mlflow run` opened is named and tagged with
+    what `launcher_says(run)` gives, (name, note, tags): by default that it resumed the run. A
+    trial's run has a `parent`, never the launcher's run.
+    """
+    launcher = None if parent else _launcher_run()
+    if parent:  # nested, in the parent's experiment, whether or not the parent is active in this process
+        tags = {MLFLOW_PARENT_RUN_ID: parent.info.run_id, **(tags or {})}
+        start_run_args.update(experiment_id=parent.info.experiment_id, nested=True)
+    if not continues:
+        tags = {**run_tags(phase, dataset or cfg.dataset, note), **(tags or {})}
+    with tracked_run(run_id=continues or launcher, run_name=None if continues else name,
+                     tags=None if continues else tags, **start_run_args) as (run, log_metrics):
+        if continues:
+            _describe(launcher, *launcher_says(run))
+        else:
+            log_config(cfg)
+            if data is not None:
+                log_datasets(data, contexts)
+        yield run, log_metrics

@@ -166,7 +166,7 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         log_metrics: Callable[[dict, int], None],
         save_checkpoint: Callable[[dict], None] | None = None,
         state: dict | None = None,
-        on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None) -> dict:
+        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
     """Train `model` for cfg.epochs, or continue from a checkpoint `state`.
 
     After each epoch: save a checkpoint if asked, log its metrics, and call `on_epoch_end`
@@ -210,7 +210,8 @@ def fit(cfg: TrainConfig, model: nn.Module, data: Data, device: torch.device, *,
         if save_checkpoint:
             save_checkpoint(state)
         log_metrics(metrics, epoch)
-        on_epoch_end(epoch, metrics)
+        if on_epoch_end:
+            on_epoch_end(epoch, metrics)
         if state["stopped_early"]:
             print(f"early stop: val_loss has not improved for {bad_epochs} epochs", flush=True)
 

@@ -18,7 +18,6 @@ import optuna.visualization.matplotlib as optuna_plots
 import sqlalchemy
 import torch
 import yaml
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnistflow import data as datasets
 from mnistflow import logged_model, models, report, tracking
@@ -302,14 +301,11 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
         if epoch < train_cfg.epochs and trial.should_prune():
             raise optuna.TrialPruned(f"val_accuracy {metrics['val_accuracy']:.4f} after epoch {epoch}")
 
-    tags = {MLFLOW_PARENT_RUN_ID: parent.info.run_id, "trial_number": str(trial.number),
-            **tracking.run_tags("tuning", cfg.dataset)}
     pruned = None
-    # nested: in worker 0 the parent run is this process's active run.
-    with tracking.tracked_run(experiment_id=parent.info.experiment_id, run_name=f"trial-{trial.number}", tags=tags,
-                              nested=True, log_system_metrics=train_cfg.system_metrics) as (run, log_metrics):
+    with tracking.step_run(f"trial-{trial.number}", train_cfg, "tuning", parent=parent,
+                           tags={"trial_number": str(trial.number)},
+                           log_system_metrics=train_cfg.system_metrics) as (run, log_metrics):
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-        tracking.log_config(train_cfg)
         mlflow.log_params(tracking.model_params(train_cfg, net, device))
         try:
             state = fit(train_cfg, net, data, device, log_metrics=log_metrics, on_epoch_end=report_epoch)
@@ -336,8 +332,8 @@ def work(cfg: TuneConfig, space: dict, parent_run_id: str, worker: int, n_trials
     cores (0 = this machine's, shared out over the workers: none oversubscribed).
 
     Runs in the step's own process (worker 0, with the progress bar), in each extra worker
-    process the step starts, and in each task of its Slurm array (mnistflow/slurm.py); workers
-    on other machines run it through the same step.
+    process and in each task of a Slurm array (mnistflow/workers.py); workers on other machines
+    run it through the same step.
     """
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // cfg.workers))
     if data is None:
@@ -365,14 +361,6 @@ def invocation_failure(study: optuna.Study, first_trial: int, dead: list[str]) -
     if added and all(t.state == optuna.trial.TrialState.FAIL for t in added):
         return f"all {len(added)} trials of this invocation failed; Optuna's warnings above say why"
     return None
-
-
-def shares(n_trials: int, workers: int) -> list[int | None]:
-    """Trials per worker: n_trials split as evenly as possible, or no count when only a timeout
-    limits the study. A worker whose share would be 0 is not started."""
-    if not n_trials:
-        return [None] * workers
-    return [n_trials // workers + (i < n_trials % workers) for i in range(min(workers, n_trials))]
 
 
 def load_data(cfg: TuneConfig):

@@ -11,22 +11,24 @@ allow_pickled_models=true (see mnistflow/logged_model.py).
 The run holds test_loss, test_accuracy, per-class precision/recall/F1, the classification
 report and the confusion matrix, exactly as a train run does, so the two compare side by side.
 """
-import mlflow
-
-from mnistflow import cli, data as datasets, logged_model, report, tracking
+from mnistflow import cli
 from mnistflow.config import EvaluateConfig
 
 
 def evaluate(cfg: EvaluateConfig) -> None:
+    # Here, not at the top: --help and a bad flag answer without loading torch or MLflow.
+    import mlflow
+
+    from mnistflow import data as datasets, logged_model, report, tracking
+
     model = logged_model.load(cfg.model_uri, cfg.allow_pickled_models)
     dataset = logged_model.dataset_for(model, cfg.model_uri, cfg.dataset)
     data = datasets.load(dataset, cfg.data_dir)
 
-    with tracking.tracked_run(run_name=f"evaluate-{dataset}") as (run, _):
-        tracking.log_config(cfg)  # dataset as given ("" = the model's); the one scored is resolved_dataset
+    # Its params hold the dataset as given ("" = the model's); the one scored is resolved_dataset.
+    with tracking.step_run(f"evaluate-{dataset}", cfg, "development", dataset=dataset, data=data, contexts=("test",),
+                           tags={"model_uri": cfg.model_uri}) as (run, _):
         mlflow.log_params({"resolved_dataset": dataset, "test_size": len(data.test)})
-        mlflow.set_tags({**tracking.run_tags("development", dataset), "model_uri": cfg.model_uri})
-        tracking.log_datasets(data, contexts=("test",))
         log_probs = logged_model.log_probabilities(model, data.pixels(data.test).numpy())
         results = report.log_test_scores(log_probs, data)
     print(f"evaluated {cfg.model_uri} on the {dataset} test set ({len(data.test)} images): "

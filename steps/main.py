@@ -16,10 +16,7 @@ instead of rerun; the summary says why each step ran or was reused.
 """
 import dataclasses
 
-import mlflow
-from mlflow.exceptions import ExecutionException
-
-from mnistflow import cli, pipeline, tracking, tuning
+from mnistflow import cli
 from mnistflow.config import PipelineConfig
 from mnistflow.errors import StepFailed
 
@@ -29,7 +26,12 @@ def study_name(cfg: PipelineConfig) -> str:
     return f"{cfg.dataset}-pipeline-{cfg.tune_epochs}ep-{cfg.max_train_samples or 'all'}"
 
 
-def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
+def run_steps(cfg: PipelineConfig, env: str) -> list:
+    """Each step's StepRun (mnistflow/pipeline.py), run or reused, in the order they ran."""
+    import mlflow  # here, as in run_pipeline: not loaded for --help
+
+    from mnistflow import pipeline, tuning
+
     common = {"dataset": cfg.dataset, "max_train_samples": cfg.max_train_samples, "data_dir": cfg.data_dir}
     # What "" leaves to the environment: a step run on other data or another study is not reused.
     data = {"data_dir": pipeline.data_dir(cfg.data_dir)}
@@ -49,10 +51,14 @@ def run_steps(cfg: PipelineConfig, env: str) -> list[pipeline.StepRun]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> None:
+    # Here, not at the top: --help and a bad flag answer without loading torch or MLflow.
+    import mlflow
+    from mlflow.exceptions import ExecutionException
+
+    from mnistflow import pipeline, tracking
+
     try:
-        with tracking.tracked_run(run_name="pipeline") as (run, _):
-            tracking.log_config(cfg)
-            mlflow.set_tags(tracking.run_tags("development", cfg.dataset))
+        with tracking.step_run("pipeline", cfg, "development") as (run, _):
             steps = run_steps(cfg, pipeline.env_manager(mlflow.get_run(run.info.run_id)))
             table = pipeline.summary_table(steps)
             mlflow.log_text(table + "\n", "pipeline_summary.txt")

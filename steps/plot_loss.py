@@ -7,17 +7,18 @@ A train run gets its step-level `loss` and per-epoch `train_loss` / `val_loss` w
 boundaries marked; a tune parent run gets every trial's `val_loss` overlaid (pruned trials are
 the short lines). The PNG goes to the run as plots/plot_loss.png.
 """
-from mnistflow import cli, tracking
+from mnistflow import cli
 from mnistflow.config import PlotLossConfig
-from mnistflow.plot_loss import ARTIFACT, save_and_log
 
 
 def plot_loss(cfg: PlotLossConfig) -> None:
-    launcher_run = cli.launcher_run()
+    # Here, not at the top: --help and a bad flag answer without loading torch or MLflow.
+    from mnistflow import tracking
+    from mnistflow.plot_loss import ARTIFACT, save_and_log
+
     save_and_log(cfg.run_id, cfg.out)
-    if launcher_run:  # (reading the plotted run's name only then)
-        cli.describe_launcher(launcher_run, f"plot_loss-{tracking.existing_run(cfg.run_id).info.run_name}",
-                              f"plotted the losses of run {cfg.run_id} as its {ARTIFACT}")
+    tracking.describe_launcher(f"plot_loss-{tracking.existing_run(cfg.run_id).info.run_name}",
+                               f"plotted the losses of run {cfg.run_id} as its {ARTIFACT}")
     print(f"wrote {cfg.out} and logged it to run {cfg.run_id} as {ARTIFACT}")
 
 

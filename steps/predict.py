@@ -12,9 +12,7 @@ Only models mnistflow logs are loaded unless --allow_pickled_models true (see mn
 import json
 import os
 
-import numpy as np
-
-from mnistflow import cli, images, logged_model, plots
+from mnistflow import cli
 from mnistflow.config import PredictConfig
 from mnistflow.errors import OutputError
 
@@ -25,7 +23,7 @@ def class_names(model) -> list[str]:
     return metadata.get("classes") or [str(i) for i in range(10)]
 
 
-def write_payload(path: str, inputs: np.ndarray) -> None:
+def write_payload(path: str, inputs) -> None:
     """The inputs as the JSON body `mlflow models serve` takes; OutputError if the file cannot be written."""
     try:
         with open(path, "w") as f:
@@ -35,7 +33,11 @@ def write_payload(path: str, inputs: np.ndarray) -> None:
 
 
 def predict(cfg: PredictConfig) -> None:
-    launcher_run = cli.launcher_run()
+    # Here, not at the top: --help and a bad flag answer without loading torch, MLflow or numpy.
+    import numpy as np
+
+    from mnistflow import images, logged_model, plots, tracking
+
     originals = [images.read(path) for path in cfg.images]
     model = logged_model.load(cfg.model_uri, cfg.allow_pickled_models)
     # Made as the model's training images were: digits into 20x20 at full brightness, garments filling the field.
@@ -59,8 +61,8 @@ def predict(cfg: PredictConfig) -> None:
     if cfg.payload:
         write_payload(cfg.payload, inputs)
         print(f"wrote {cfg.payload} ({len(inputs)} images) for POST /invocations")
-    cli.describe_launcher(launcher_run, f"predict-{len(cfg.images)}-images",
-                          f"classified with {cfg.model_uri}:\n\n" + "\n".join(f"- {line}" for line in predictions))
+    tracking.describe_launcher(f"predict-{len(cfg.images)}-images",
+                               f"classified with {cfg.model_uri}:\n\n" + "\n".join(f"- {line}" for line in predictions))
 
 
 def main(argv=None) -> None:

@@ -9,11 +9,7 @@ and chart (plots/progressive.png) of test accuracy beside the doc's expected fig
 training time and parameter count. A run done before with the same settings, git commit and
 uncommitted changes is reused.
 """
-import mlflow
-import pandas as pd
-from mlflow.exceptions import ExecutionException
-
-from mnistflow import cli, pipeline, plots, report, tracking
+from mnistflow import cli
 from mnistflow.config import ProgressiveConfig
 from mnistflow.errors import StepFailed
 
@@ -31,28 +27,36 @@ COLUMNS = ("run", "model", "lr", "batch_size", "test_accuracy", "doc_accuracy", 
            "num_params", "run_id")
 
 
-def row(name: str, step: pipeline.StepRun) -> dict:
-    run = step.run
+def row(name: str, run) -> dict:
+    """The comparison table's row of one of the RUNS, from its train run."""
+    import mlflow  # here, as in progressive: not loaded for --help
+
     epoch_times = mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch_time_s")
     return {"run": name, **RUNS[name], "test_accuracy": run.data.metrics["test_accuracy"],
-            "doc_accuracy": DOC_ACCURACY[name], "test_loss": run.data.metrics["test_loss"], "train_time_s": round(sum(m.value for m in epoch_times), 1),
+            "doc_accuracy": DOC_ACCURACY[name], "test_loss": run.data.metrics["test_loss"],
+            "train_time_s": round(sum(m.value for m in epoch_times), 1),
             "num_params": int(run.data.params["num_params"]), "run_id": run.info.run_id}
 
 
 def progressive(cfg: ProgressiveConfig) -> None:
+    # Here, not at the top: --help and a bad flag answer without loading torch, MLflow or pandas.
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import ExecutionException
+
+    from mnistflow import pipeline, plots, report, tracking
+
     common = {"dataset": cfg.dataset, "epochs": cfg.epochs, "max_train_samples": cfg.max_train_samples,
               "data_dir": cfg.data_dir, **PLAIN_ADAM}
     try:
-        with tracking.tracked_run(run_name="progressive") as (run, _):
-            tracking.log_config(cfg)
-            mlflow.set_tags(tracking.run_tags("development", cfg.dataset))
+        with tracking.step_run("progressive", cfg, "development") as (run, _):
             env = pipeline.env_manager(mlflow.get_run(run.info.run_id))
             rows, data = [], {"data_dir": pipeline.data_dir(cfg.data_dir)}
             for name, settings in RUNS.items():
                 step = pipeline.get_or_run("train", {**common, **settings, "note": name}, data, env, cfg.force)
                 # Runs 2 and 3 train the same net, which the train step's own run name says, not the run.
                 mlflow.MlflowClient().update_run(step.run.info.run_id, name=name)
-                rows.append(row(name, step))
+                rows.append(row(name, step.run))
             table = pd.DataFrame(rows, columns=COLUMNS)
             mlflow.log_text(table.to_csv(index=False), "progressive_comparison.csv")
             report.log_figure(plots.comparison(rows), "plots/progressive.png")
@@ -61,8 +65,8 @@ def progressive(cfg: ProgressiveConfig) -> None:
         raise StepFailed(f"a run failed ({exc}); its output is above") from None
     print(f"\nprogressive run {run.info.run_id}:")
     print(table.drop(columns="run_id").to_string(index=False, formatters={
-        "lr": "{:g}".format, "test_accuracy": "{:.4f}".format, "doc_accuracy": "{:.3f}".format, "test_loss": "{:.4f}".format,
-        "num_params": "{:,}".format}), flush=True)
+        "lr": "{:g}".format, "test_accuracy": "{:.4f}".format, "doc_accuracy": "{:.3f}".format,
+        "test_loss": "{:.4f}".format, "num_params": "{:,}".format}), flush=True)
 
 
 def main(argv=None) -> None:

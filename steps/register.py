@@ -12,16 +12,18 @@ version registered and the alias moved. Exit code 1: refused (also when the vers
 holding the alias fails a check), registry unchanged; 2: bad input, a model that may not be
 loaded (see mnistflow/logged_model.py), a champion or model name that cannot be read or used.
 """
-from mnistflow import cli, registry
+from mnistflow import cli
 from mnistflow.config import RegisterConfig
 from mnistflow.errors import Refused
 
 
 def register(cfg: RegisterConfig) -> None:
+    # Here, not at the top: --help and a bad flag answer without loading torch or MLflow.
+    from mnistflow import registry, tracking
+
     if cfg.rollback:  # moves an alias, in no run of its own: the one `mlflow run` opened says so
-        launcher_run = cli.launcher_run()
         target, version = registry.rollback(cfg)
-        cli.describe_launcher(launcher_run, f"rollback-{target}", f"rolled {target} back to version {version}")
+        tracking.describe_launcher(f"rollback-{target}", f"rolled {target} back to version {version}")
         return
     outcome = registry.gate_and_promote(cfg)
     if outcome.refused:  # a dry run that would be refused

@@ -14,15 +14,18 @@ import contextlib
 import tempfile
 import time
 
-import mlflow
-
-from mnistflow import (checkpoints, cli, data as datasets, logged_model, models, registry, report,
-                       tensorboard_log, tracking)
+from mnistflow import cli
 from mnistflow.config import RegisterConfig, TrainConfig
-from mnistflow.train import fit, seed_everything, select_device, steps_per_epoch
 
 
 def train(cfg: TrainConfig) -> None:
+    # Here, not at the top: --help and a bad flag answer without loading torch or MLflow.
+    import mlflow
+
+    from mnistflow import checkpoints, data as datasets, logged_model, models, registry, report, tensorboard_log
+    from mnistflow import tracking
+    from mnistflow.train import fit, seed_everything, select_device, steps_per_epoch
+
     started = time.perf_counter()
     with contextlib.ExitStack() as lease:  # this process's hold on the run, released once the run has ended
         if cfg.resume:  # every flag checked, then the run taken before any work: one process trains it
@@ -34,42 +37,27 @@ def train(cfg: TrainConfig) -> None:
         state = checkpoints.resume_state(cfg.resume) if cfg.resume else None
         seed_everything(cfg.seed, cfg.deterministic)
         net = models.build(cfg.model, cfg.mirror)
-        launcher_run = cli.launcher_run()
 
-        # A resumed run keeps its name; a new one, or the one `mlflow run` opened for it, gets this one.
-        run_name = None if cfg.resume else f"train-{cfg.model}-{cfg.dataset}"
-        with tracking.tracked_run(run_id=cfg.resume or launcher_run, run_name=run_name,
-                                  log_system_metrics=cfg.system_metrics) as (run, log_metrics), \
+        with tracking.step_run(f"train-{cfg.model}-{cfg.dataset}", cfg, cfg.phase, note=cfg.note, data=data,
+                               continues=cfg.resume, log_system_metrics=cfg.system_metrics) as (run, log_metrics), \
                 tempfile.TemporaryDirectory() as checkpoint_dir:
             run_id = run.info.run_id
-            if cfg.resume:  # the run `mlflow run` opened, if it did, points here
-                cli.describe_launcher(launcher_run, f"resume-{run.info.run_name}", f"resumed run {run_id}")
-            else:  # a new run: taken before the step writes to it
+            if not cfg.resume:  # a new run: taken before the step writes to it
                 lease.enter_context(tracking.take_lease(run_id, new_run=True))
             if events:  # before metrics_once, so that the epochs a resume writes again reach the event files too
                 log_metrics = events.tee(log_metrics)
             if cfg.resume:  # a resumed run may have logged more than its checkpoint holds
                 log_metrics = checkpoints.metrics_once(run_id, state["history"] if state else [], log_metrics)
             if state is None:
-                tracking.log_config(cfg)
-                mlflow.log_params({
-                    **tracking.model_params(cfg, net, device),
-                    "train_size": len(data.train), "val_size": len(data.val), "test_size": len(data.test),
-                    "steps_per_epoch": steps_per_epoch(cfg, data),
-                })
-                mlflow.set_tags(tracking.run_tags(cfg.phase, cfg.dataset, cfg.note))
-                tracking.log_datasets(data)
-                mlflow.log_text(models.summary(net), "model_summary.txt")
+                report.log_model(cfg, net, device, data)
                 print(f"run {run_id}: {cfg.model} ({models.count_params(net):,} params) on {cfg.dataset}, "
                       f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
             else:
                 print(f"run {run_id}: resuming after epoch {state['epoch']} of {cfg.epochs}", flush=True)
             if cfg.checkpoint_models:
                 log_metrics = logged_model.with_checkpoint_models(net, data, log_metrics, steps_per_epoch(cfg, data))
-
-            epoch_end = {"on_epoch_end": events.on_epoch_end} if events else {}
             state = fit(cfg, net, data, device, log_metrics=log_metrics, state=state,
-                        save_checkpoint=checkpoints.saver(checkpoint_dir), **epoch_end)
+                        save_checkpoint=checkpoints.saver(checkpoint_dir), on_epoch_end=events and events.on_epoch_end)
             report.log_curves(state["history"])
             # The net holds the best epoch's weights: the model is that epoch's, at its last optimizer step.
             model_id = logged_model.log(net, data, step=state["best"]["epoch"] * steps_per_epoch(cfg, data))

@@ -1,6 +1,7 @@
 """Data flows one way: a core module imports only modules below it, and no step imports another."""
 import ast
 import os
+import sys
 
 import pytest
 
@@ -9,7 +10,7 @@ from conftest import ROOT
 # Bottom to top: each module may import only the ones before it.
 ORDER = ["errors", "flags", "config", "data", "augment", "models", "images", "metrics", "plots", "train", "tracking",
          "checkpoints", "report", "tensorboard_log", "logged_model", "robustness", "plot_loss", "registry", "tuning",
-         "slurm", "pipeline", "cli_guard", "auth", "keystore", "cli"]
+         "slurm", "workers", "pipeline", "cli_guard", "auth", "keystore", "cli"]
 
 
 def imported(path: str, package: str) -> set[str]:
@@ -42,3 +43,49 @@ def test_no_step_imports_another():
     for name in os.listdir(os.path.join(ROOT, "steps")):
         if name.endswith(".py"):
             assert imported(os.path.join(ROOT, "steps", name), "steps") == set(), name
+
+
+STEPS = sorted(name for name in os.listdir(os.path.join(ROOT, "steps")) if name.endswith(".py"))
+LIGHT = {"mnistflow.cli", "mnistflow.config", "mnistflow.errors"}  # what a step may import at its top
+
+
+def calls(path: str, function: str) -> int:
+    """How many times the file at `path` calls `function`, by its name or as an attribute (tracking.x)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    return sum(isinstance(node, ast.Call)
+               and function in (getattr(node.func, "id", None), getattr(node.func, "attr", None))
+               for node in ast.walk(tree))
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_a_step_reads_in_one_screen(name):
+    with open(os.path.join(ROOT, "steps", name)) as f:
+        assert len(f.readlines()) <= 80
+
+
+@pytest.mark.parametrize("function", ["start_run", "tracked_run", "log_config", "run_tags"])
+def test_one_place_opens_a_run_and_sets_it_up(function):
+    # tracking.step_run: each step's run gets its name, params, tags, datasets and the `mlflow run` rule there.
+    sources = [os.path.join(ROOT, "mnistflow", name) for name in sorted(os.listdir(os.path.join(ROOT, "mnistflow")))
+               if name.endswith(".py")] + [os.path.join(ROOT, "steps", name) for name in STEPS]
+    callers = {os.path.relpath(path, ROOT): count for path in sources if (count := calls(path, function))}
+    assert callers == {"mnistflow/tracking.py": 1}
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_a_step_imports_only_the_standard_library_and_light_modules_at_its_top(name):
+    # torch, MLflow and the rest load inside the function that does the step's work: --help does not wait for them.
+    with open(os.path.join(ROOT, "steps", name)) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "mnistflow":
+            modules = [f"mnistflow.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module]
+        else:
+            continue
+        for module in modules:
+            assert module in LIGHT or module.split(".")[0] in sys.stdlib_module_names, f"{name} imports {module}"

@@ -5,7 +5,7 @@ import sqlite3
 import optuna
 import pytest
 
-from mnistflow import plots, tuning
+from mnistflow import plots, tuning, workers
 from mnistflow.config import TuneConfig
 from mnistflow.errors import ConfigError, StoreError
 
@@ -62,9 +62,9 @@ def test_a_missing_search_space_file_is_refused(tmp_path):
 
 
 def test_trials_are_shared_exactly_over_the_workers():
-    assert tuning.shares(5, 2) == [3, 2]
-    assert tuning.shares(2, 4) == [1, 1]        # no worker with nothing to do
-    assert tuning.shares(0, 3) == [None] * 3    # timeout only: each runs until it
+    assert workers.shares(5, 2) == [3, 2]
+    assert workers.shares(2, 4) == [1, 1]        # no worker with nothing to do
+    assert workers.shares(0, 3) == [None] * 3    # timeout only: each runs until it
 
 
 @pytest.mark.parametrize("change, message", [
