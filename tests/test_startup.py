@@ -48,3 +48,16 @@ def test_no_core_module_loads_torchvision():
     code = (f"import json, sys, {', '.join(f'mnistflow.{name}' for name in modules)}\n"
             "print(json.dumps([m for m in ('torchvision',) if m in sys.modules]), file=sys.stderr)")
     assert heavy_modules_loaded("-c", code) == (0, [])
+
+
+STEPS = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "steps")) if name.endswith(".py") and name != "__init__.py")
+# Runs `python -m steps.<step> args`, then says on stderr's last line which of HEAVY it loaded.
+RUN_STEP_AND_LIST_HEAVY = RUN_AND_LIST_HEAVY.replace(
+    "sys.path.insert(0, os.path.dirname(sys.argv[0]))\nrunpy.run_path(sys.argv[0], run_name='__main__')\n",
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("flag, exit_code", [("--help", 0), ("--no-such-flag", 2)])
+def test_a_step_reads_its_flags_without_torch_or_mlflow(step, flag, exit_code):
+    assert heavy_modules_loaded("-c", RUN_STEP_AND_LIST_HEAVY, f"steps.{step}", flag) == (exit_code, [])
