@@ -50,7 +50,8 @@ def test_no_core_module_loads_torchvision():
     assert heavy_modules_loaded("-c", code) == (0, [])
 
 
-STEPS = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "steps")) if name.endswith(".py") and name != "__init__.py")
+STEPS = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "steps"))
+               if name.endswith(".py") and name != "__init__.py")
 # Runs `python -m steps.<step> args`, then says on stderr's last line which of HEAVY it loaded.
 RUN_STEP_AND_LIST_HEAVY = RUN_AND_LIST_HEAVY.replace(
     "sys.path.insert(0, os.path.dirname(sys.argv[0]))\nrunpy.run_path(sys.argv[0], run_name='__main__')\n",
