@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 import mlflow
-import mnistflow.tracking  # noqa: F401  (first imported, torch makes a cache folder in the temp folder: not the bench's)
+import torch._dynamo  # noqa: F401  (first imported, it makes a cache folder in the temp folder: not the bench's)
 import pytest
 
 from conftest import ROOT, refused_script, run_step, step_env
