@@ -7,10 +7,34 @@ import pytest
 
 from conftest import ROOT
 
+# The core package's layers, top to bottom, as README.md and docs/design.md draw them: a module
+# imports only modules on the rows below it, or to its right on its own row.
+LAYERS = [
+    (["cli"], "around each step: flags → access check → work → one-line error"),
+    (["keystore", "auth", "cli_guard"], "API keys (server, client) · the `mlflow run` check"),
+    (["pipeline", "workers", "slurm"], "what the steps do: the chain, tune's workers (local, Slurm)"),
+    (["tuning", "registry", "plot_loss"], "a study's trials, the gated registry, loss plots"),
+    (["robustness", "logged_model", "tensorboard_log"], "robustness, the one logged model form, event files"),
+    (["report", "checkpoints", "tracking"], "test reports, checkpoints, runs (step_run opens each)"),
+    (["train", "plots", "metrics", "images"], "fit (the loop, no MLflow), figures, scores, pictures"),
+    (["models", "augment", "data"], "the nets, augmentation, the datasets"),
+    (["config"], "each step's settings: default, meaning, checks"),
+    (["flags", "errors"], "command lines and --help · error kinds and exit codes"),
+]
 # Bottom to top: each module may import only the ones before it.
-ORDER = ["errors", "flags", "config", "data", "augment", "models", "images", "metrics", "plots", "train", "tracking",
-         "checkpoints", "report", "tensorboard_log", "logged_model", "robustness", "plot_loss", "registry", "tuning",
-         "slurm", "workers", "pipeline", "cli_guard", "auth", "keystore", "cli"]
+ORDER = [module for modules, _ in reversed(LAYERS) for module in reversed(modules)]
+
+
+def diagram() -> str:
+    """The rows of mnistflow/ in the layout diagrams."""
+    width = max(len(" · ".join(modules)) for modules, _ in LAYERS)
+    return "\n".join(f"    {' · '.join(modules):<{width}}  {what}" for modules, what in LAYERS)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
+def test_the_layout_diagrams_draw_the_layers(doc):
+    with open(os.path.join(ROOT, doc)) as f:
+        assert diagram() in f.read(), f"{doc} should draw mnistflow/ as:\n{diagram()}"
 
 
 def imported(path: str, package: str) -> set[str]:
