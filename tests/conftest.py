@@ -99,13 +99,15 @@ def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProces
 
 
 def refused(capsys, command) -> str:
-    """Call `command()`, which must refuse its input as a command line does: exit code 2 and one
-    line on stderr, which is returned."""
+    """Call `command()`, which must refuse its input as a command line does: exit code 2, one
+    line on stderr, which is returned, and nothing on stdout."""
     capsys.readouterr()  # what fixtures wrote before is not the command's
     with pytest.raises(SystemExit) as exit:
         command()
     assert exit.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
+    said = capsys.readouterr()
+    [line] = said.err.strip().splitlines()
+    assert said.out == "", said.out
     return line
 
 
