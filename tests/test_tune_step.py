@@ -13,7 +13,7 @@ import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
-from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env, wait_until
+from conftest import EXPERIMENT, ROOT, python_step, refused_step, run_step, step_env, wait_until
 from mnistflow import tuning
 from mnistflow.config import TuneConfig
 
@@ -206,25 +206,30 @@ def test_a_worker_killed_as_soon_as_its_trial_has_a_run_leaves_a_trial_the_step_
     (["--search_space", "tests/bad_space.yaml"], "dropout: unknown setting"),
     (["--storage", "sqlite:////no/such/dir/o.db"], "cannot open storage sqlite:////no/such/dir/o.db"),
 ])
-def test_bad_input_fails_in_one_line_before_any_study_or_run(store, tiny_data, tmp_path, args, message):
+def test_bad_input_fails_in_one_line_before_any_study_or_run(monkeypatch, capsys, store, tiny_data, tmp_path, args,
+                                                            message):
     (tmp_path / "bad.yaml").write_text("dropout: {type: float, low: 0, high: 0.5}\n")
     args = [str(tmp_path / "bad.yaml") if a == "tests/bad_space.yaml" else a for a in args]
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    result = python_step("steps.tune", *tune_args(storage, tiny_data), *args)
+    line = refused_step(monkeypatch, capsys, "steps.tune", *tune_args(storage, tiny_data), *args)
+    assert line.startswith("tune: error: ") and message in line, line
+    assert_no_study_or_run(storage, tmp_path)
+
+
+def test_bad_input_through_python_m_fails_in_one_line_before_any_study_or_run(store, tiny_data, tmp_path):
+    # The table above runs in this process; the command line once here, and through `mlflow run`
+    # in test_config.py.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    result = python_step("steps.tune", *tune_args(storage, tiny_data), "--sampler", "grid")
     assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith("tune: error: ") and message in line
+    assert result.stderr == "tune: error: unknown sampler 'grid'; choose from tpe, random\n"
+    assert_no_study_or_run(storage, tmp_path)
+
+
+def assert_no_study_or_run(storage: str, tmp_path) -> None:
     assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
     if os.path.exists(tmp_path / "optuna.db"):
         assert optuna.get_all_study_names(storage) == []
-
-
-def test_bad_input_through_mlflow_run_leaves_no_running_run(store, tiny_data, tmp_path):
-    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "pruner=asha",
-                      "-P", f"storage=sqlite:///{tmp_path}/optuna.db", "-P", f"data_dir={tiny_data}")
-    assert result.returncode != 0
-    assert "tune: error: unknown pruner 'asha'" in result.stderr
-    assert [r.info.status for r in mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")] == ["FAILED"]
 
 
 def test_tune_exits_1_when_every_trial_of_the_invocation_failed(store, tiny_data, tmp_path):
