@@ -14,6 +14,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
 from conftest import EXPERIMENT, ROOT, python_step, refused_step, run_step, step_env, wait_until
+import test_plot_loss
 from mnistflow import tuning
 from mnistflow.config import TuneConfig
 
@@ -79,6 +80,7 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     model = mlflow.pyfunc.load_model(f"runs:/{parent_id}/model")
     assert np.asarray(model.predict(np.zeros((2, 1, 28, 28), np.float32))).shape == (2, 10)
     assert "test_accuracy" in parent.data.metrics
+    test_plot_loss.assert_one_line_per_trial(parent_id)  # this tune's study, plotted (no run opened)
 
     # the same command again adds trials to the same study and parent run
     again = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
@@ -95,6 +97,7 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     [launcher] = [run for run in mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
                   if run.info.run_id != parent_id and run.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_id]
     assert launcher.info.run_name == "add-trials-s" and launcher.data.tags[tuning.STUDY_PARENT_TAG] == parent_id
+    test_plot_loss.assert_mlflow_run_plot_loss_logs_to_the_parent(parent_id, tmp_path / "study.png")
 
 
 def two_workers(storage: str, tiny_data: str, name: str):
