@@ -1,5 +1,6 @@
 """Shared fixtures: tiny MNIST-format IDX files, a throw-away MLflow store per test, a PostgreSQL server."""
 import contextlib
+import importlib
 import os
 import runpy
 import secrets
@@ -97,17 +98,35 @@ def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProces
     return run_step(sys.executable, "-m", module, *args, **kwargs)
 
 
+def refused(capsys, command) -> str:
+    """Call `command()`, which must refuse its input as a command line does: exit code 2, one
+    line on stderr, which is returned, and nothing on stdout."""
+    capsys.readouterr()  # what fixtures wrote before is not the command's
+    with pytest.raises(SystemExit) as exit:
+        command()
+    assert exit.value.code == 2
+    said = capsys.readouterr()
+    [line] = said.err.strip().splitlines()
+    assert said.out == "", said.out
+    return line
+
+
 def refused_script(monkeypatch, capsys, path: str, *args: str) -> str:
-    """Run a script file in this process, as `python path args` would, on input it must refuse:
-    exit code 2 and one line on stderr, which is returned. (Faster than a new interpreter, for
-    tables of bad input whose command line is run once elsewhere.)"""
+    """Run a script file in this process, as `python path args` would, on input it must refuse (see
+    `refused`). (Faster than a new interpreter, for tables of bad input whose command line is run
+    once elsewhere.)"""
     monkeypatch.setattr(sys, "argv", [path, *args])
     monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(path)))  # as python puts a script's folder first
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_path(path, run_name="__main__")
-    assert exit.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
-    return line
+    return refused(capsys, lambda: runpy.run_path(path, run_name="__main__"))
+
+
+def refused_step(monkeypatch, capsys, module: str, *args: str) -> str:
+    """Run a step's `main(args)` in this process, from the project root as `python -m module args`
+    would, on input it must refuse (see `refused`); for tables of bad input whose command line is
+    run once elsewhere."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # no run of `mlflow run` to reopen
+    return refused(capsys, lambda: importlib.import_module(module).main(list(args)))
 
 
 def wait_until(condition, what: str, timeout: float = 120) -> None:

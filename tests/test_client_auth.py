@@ -17,7 +17,7 @@ import sys
 import mlflow
 import pytest
 
-from conftest import ROOT, python_step, refused_script, require, run_step
+from conftest import ROOT, python_step, refused_script, refused_step, require, run_step
 import netns_recorder
 from netns_recorder import REMOTE, Recorder
 from mnistflow import auth
@@ -163,14 +163,15 @@ def test_steps_refuse_a_plain_http_server_elsewhere_before_any_request(other_hos
 
 
 @pytest.mark.parametrize("status, health", [(502, None), (500, 200)])  # a proxy alone; a server in trouble
-def test_a_server_error_during_the_access_check_is_one_line(recorders, monkeypatch, tiny_data, status, health):
+def test_a_server_error_during_the_access_check_is_one_line(recorders, monkeypatch, capsys, tiny_data, status,
+                                                           health):
     server = recorders("127.0.0.1", status=status, health=health)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow would retry a 5xx for minutes
     message = (f"error: the tracking server {server.uri} failed to answer (HTTP {status}); try again later, "
                "or tell the server's admin\n")
-    step = python_step("steps.train", "--epochs", "1", "--data_dir", tiny_data)
-    assert (step.returncode, step.stderr, step.stdout) == (2, "train: " + message, "")
+    line = refused_step(monkeypatch, capsys, "steps.train", "--epochs", "1", "--data_dir", tiny_data)
+    assert line == "train: " + message.rstrip("\n")
     launched = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", "epochs=1",
                         "-P", f"data_dir={tiny_data}", timeout=120)
     assert_one_line_from_mlflow_run(launched, message)
@@ -201,29 +202,33 @@ def test_a_redirect_to_another_host_carries_neither_the_key_nor_the_login(record
     assert carried(elsewhere.requests, "X-Api-Key") == carried(elsewhere.requests, "Authorization") == {None}
 
 
-@pytest.mark.parametrize("uri, settings, message", [
+# The step in this process; `mlflow run` once for each of its two checks before it creates a run:
+# the access check of the first request (auth.py) and the store URI's (cli_guard.py).
+@pytest.mark.parametrize("uri, settings, message, through_mlflow_run", [
     ("HTTPS://127.0.0.1:{port}", {}, "cannot reach the tracking server HTTPS://127.0.0.1:{port}: ConnectionError; "
-                                     "is it running, and is MLFLOW_TRACKING_URI right?"),
+                                     "is it running, and is MLFLOW_TRACKING_URI right?", True),
     ("https://127.0.0.1:{port}", {"MLFLOW_TRACKING_SERVER_CERT_PATH": "{tmp}/ca.pem"},
      "MLFLOW_TRACKING_SERVER_CERT_PATH names no file: '{tmp}/ca.pem'; set it to the certificate file the server's "
-     "admin gives you, or unset it"),
+     "admin gives you, or unset it", False),
     ("sqlit:///{tmp}/mlflow.db", {}, "the tracking URI 'sqlit:///{tmp}/mlflow.db' names no store MLflow knows "
                                      "(sqlit:); use https://host, http://host, a path, file:, sqlite:, postgresql:, "
-                                     "mysql:, mssql: or databricks"),
+                                     "mysql:, mssql: or databricks", True),
     ("bogus://x", {}, "the tracking URI 'bogus://x' names no store MLflow knows (bogus:); use https://host, "
-                      "http://host, a path, file:, sqlite:, postgresql:, mysql:, mssql: or databricks"),
+                      "http://host, a path, file:, sqlite:, postgresql:, mysql:, mssql: or databricks", False),
 ])
-def test_a_tracking_setting_that_cannot_work_is_one_line_and_creates_nothing(monkeypatch, tmp_path, tiny_data,
-                                                                            closed_port, uri, settings, message):
+def test_a_tracking_setting_that_cannot_work_is_one_line_and_creates_nothing(monkeypatch, capsys, tmp_path, tiny_data,
+                                                                            closed_port, uri, settings, message,
+                                                                            through_mlflow_run):
     fill = functools.partial(str.format, port=closed_port, tmp=tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", fill(uri))
     for name, value in settings.items():
         monkeypatch.setenv(name, fill(value))
-    step = python_step("steps.train", "--epochs", "1", "--data_dir", tiny_data, timeout=120)
-    assert (step.returncode, step.stderr, step.stdout) == (2, f"train: error: {fill(message)}\n", "")
-    launched = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", "epochs=1",
-                        "-P", f"data_dir={tiny_data}", timeout=120)
-    assert_one_line_from_mlflow_run(launched, f"error: {fill(message)}")
+    line = refused_step(monkeypatch, capsys, "steps.train", "--epochs", "1", "--data_dir", tiny_data)
+    assert line == f"train: error: {fill(message)}"
+    if through_mlflow_run:
+        launched = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", "epochs=1",
+                            "-P", f"data_dir={tiny_data}", timeout=120)
+        assert_one_line_from_mlflow_run(launched, f"error: {fill(message)}")
     assert os.listdir(tmp_path) == []
 
 

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
-from conftest import EXPERIMENT, ROOT, run_step, step_env
+from conftest import EXPERIMENT, ROOT, refused_step, run_step, step_env
 from test_mlflow_ui import look_at_the_pipeline_run
 from mnistflow import pipeline
 
@@ -184,10 +184,18 @@ def test_the_working_tree_digest_follows_uncommitted_changes(tmp_path):
     ("recall_margin", "1.5", "recall_margin=1.5 is not allowed; it must be in [0, 1]"),
     ("model_name", "a'b", "model_name \"a'b\" is not allowed"),
 ])
-def test_bad_main_parameter_is_one_line(store, flag, value, message):
-    result = run_step("python", "-m", "steps.main", f"--{flag}", value)
-    assert result.returncode == 2 and result.stderr.startswith(f"main: error: {message}") and result.stderr.count("\n") == 1
-    assert runs_of("main") == [] and mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
+def test_bad_main_parameter_is_one_line(monkeypatch, capsys, store, flag, value, message):
+    line = refused_step(monkeypatch, capsys, "steps.main", f"--{flag}", value)
+    assert line.startswith(f"main: error: {message}"), line
+    assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
+
+
+def test_bad_main_parameter_through_python_m_is_one_line(store):
+    # The table above runs in this process; the command line once here, and through `mlflow run`
+    # in test_config.py.
+    result = run_step("python", "-m", "steps.main", "--n_trials", "0")
+    assert (result.returncode, result.stderr) == (2, "main: error: n_trials=0 is not allowed; it must be >= 1\n")
+    assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
 
 
 def test_progressive_compares_the_three_runs_of_the_pipeline_doc(store, tiny_data):

@@ -1,10 +1,11 @@
-"""plot_loss (the step and researcher/log_plot.py) on real runs: a train run, a tune parent, bad input."""
+"""plot_loss (the step and researcher/log_plot.py) on real runs: a train run, a tune parent (plotted in
+test_tune_step.py's tune, with the checks here), bad input."""
 import mlflow
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 from PIL import Image
 
-from conftest import EXPERIMENT, python_step, run_step
+from conftest import EXPERIMENT, run_step
 from mnistflow.plot_loss import ARTIFACT, draw
 from steps import plot_loss
 
@@ -38,27 +39,24 @@ def test_mlflow_run_plot_loss_on_a_train_run(registry_store, tmp_path):
     assert epoch_ends == [9, 18]
 
 
-def test_plot_loss_overlays_the_trials_of_a_tune_parent(store, tiny_data, tmp_path):
-    # The tune test's setting, known to prune some of its 7 trials after their first epoch.
-    result = python_step("steps.tune", "--n_trials", "7", "--epochs", "2", "--data_dir", tiny_data,
-                         "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study_name", "s")
-    assert result.returncode == 0, result.stderr[-2000:]
-    [parent] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
-                                  filter_string="tags.study_name = 's'")
+def assert_one_line_per_trial(parent_id: str) -> None:
+    """The plot of a tune parent run overlays its trials' val_loss, each labelled with its number
+    and state, a pruned trial's one epoch long (test_tune_step.py's tune, which prunes some)."""
     trials = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
-                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-
-    lines = labelled_lines(draw(parent.info.run_id))
-    assert len(lines) == len(trials) == 7
+                                filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    lines = labelled_lines(draw(parent_id))
+    assert len(lines) == len(trials)
     for trial in trials:
         label = f"trial {trial.data.tags['trial_number']} ({trial.data.tags['trial_state']})"
         assert lines[label] == (1 if trial.data.tags["trial_state"] == "PRUNED" else 2), label
     assert any("PRUNED" in label for label in lines)
 
+
+def assert_mlflow_run_plot_loss_logs_to_the_parent(parent_id: str, out) -> None:
     result = run_step("mlflow", "run", ".", "-e", "plot_loss", "--env-manager", "local",
-                      "-P", f"run_id={parent.info.run_id}", "-P", f"out={tmp_path / 'study.png'}")
+                      "-P", f"run_id={parent_id}", "-P", f"out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert ARTIFACT in logged(parent.info.run_id) and (tmp_path / "study.png").exists()
+    assert ARTIFACT in logged(parent_id) and out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--run-id", "--run_id"])

@@ -8,7 +8,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import EXPERIMENT, run_step
+from conftest import EXPERIMENT, refused_step, run_step
 from mnistflow import cli_guard
 
 SECRET = "S3cret-pw-9f2c"
@@ -19,17 +19,26 @@ IN_USER_PART = f"postgresql://optuna:{SECRET}@127.0.0.1:1/optuna"
 IN_QUERY = f"postgresql://optuna@127.0.0.1:1/optuna?password={SECRET}"
 
 
-@pytest.mark.parametrize("command, storage, shown", [
-    (["python", "-m", "steps.tune", "--storage"], IN_USER_PART, "tune: error: storage 'postgresql://optuna:***@127.0.0.1:1/optuna'"),
-    (["python", "-m", "steps.main", "--storage"], IN_QUERY, "main: error: storage 'postgresql://optuna@127.0.0.1:1/optuna?password=hidden'"),
-    (["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P"], IN_USER_PART,
-     "mlflow run: error: storage 'postgresql://optuna:***@127.0.0.1:1/optuna'"),
-    (["mlflow", "run", ".", "--env-manager", "local", "-P"], IN_QUERY,
-     "mlflow run: error: storage 'postgresql://optuna@127.0.0.1:1/optuna?password=hidden'"),
+# The steps in this process (their command lines have tests of their own); `mlflow run`, which
+# refuses in its own process before it creates a run (cli_guard.py), through its command line.
+@pytest.mark.parametrize("step, storage, shown", [
+    ("tune", IN_USER_PART, "tune: error: storage 'postgresql://optuna:***@127.0.0.1:1/optuna'"),
+    ("main", IN_QUERY, "main: error: storage 'postgresql://optuna@127.0.0.1:1/optuna?password=hidden'"),
 ])
-def test_a_storage_with_a_password_is_refused_before_anything_is_logged(store, command, storage, shown):
-    value = f"storage={storage}" if command[-1] == "-P" else storage
-    result = run_step(*command, value, timeout=120)
+def test_a_storage_with_a_password_is_refused_before_anything_is_logged(monkeypatch, capsys, store, step, storage,
+                                                                        shown):
+    assert refused_step(monkeypatch, capsys, f"steps.{step}", "--storage", storage) == f"{shown} {REFUSAL}"
+    assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
+
+
+@pytest.mark.parametrize("entry_point, storage, shown", [
+    (["-e", "tune"], IN_USER_PART, "mlflow run: error: storage 'postgresql://optuna:***@127.0.0.1:1/optuna'"),
+    ([], IN_QUERY, "mlflow run: error: storage 'postgresql://optuna@127.0.0.1:1/optuna?password=hidden'"),
+])
+def test_a_storage_with_a_password_is_refused_by_mlflow_run_before_anything_is_logged(store, entry_point, storage,
+                                                                                      shown):
+    result = run_step("mlflow", "run", ".", *entry_point, "--env-manager", "local", "-P", f"storage={storage}",
+                      timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"{shown} {REFUSAL}"] and result.stdout == ""
     assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []  # not even a RUNNING run
@@ -55,14 +64,15 @@ def test_the_storage_in_the_environment_is_used_and_never_recorded(store, tiny_d
     main = {"n_trials": "1", "tune_epochs": "1", "epochs": "2", "data_dir": tiny_data, "min_accuracy": "0.5",
             "recall_margin": "1", "min_robust_accuracy": "0", "max_latency_ms": "100000", "model_name": "Secrets"}
     outputs = []
-    for command in (["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", *mlflow_run_parameters(tune)],
-                    ["python", "-m", "steps.tune", *[arg for k, v in tune.items() for arg in (f"--{k}", v)]],
+    # The tune step by hand; the pipeline runs it through `mlflow run`'s machinery (mlflow.projects.run).
+    for command in (["python", "-m", "steps.tune", *[arg for k, v in tune.items() for arg in (f"--{k}", v)]],
                     ["mlflow", "run", ".", "--env-manager", "local", *mlflow_run_parameters(main)]):
         result = run_step(*command)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(result.stdout + result.stderr)
     assert "study mnist-cnn (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in outputs[0]
-    assert len(optuna.load_study(study_name="mnist-cnn", storage=storage).trials) == 2
+    assert "study mnist-pipeline-1ep-all (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in outputs[1]
+    assert len(optuna.load_study(study_name="mnist-cnn", storage=storage).trials) == 1
     assert len(optuna.load_study(study_name="mnist-pipeline-1ep-all", storage=storage).trials) == 1
 
     # Everything MLflow stored (params, tags, metrics: the SQLite file; artifacts: their files) and

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env
+from conftest import EXPERIMENT, ROOT, python_step, refused_step, run_step, step_env
 from mnistflow import tracking
 from mnistflow.config import TuneConfig
 from steps import train as train_step
@@ -91,11 +91,18 @@ def test_mlflow_run_train_tracks_everything(store, tiny_data):
     (["--epochs", "five"], "argument --epochs: invalid int value: 'five'"),
     (["--resume", "0123456789abcdef"], "unknown resume run id '0123456789abcdef'"),
 ])
-def test_bad_input_fails_in_one_line_without_a_run(store, tiny_data, args, message):
-    result = python_step("steps.train", "--data_dir", tiny_data, *args)
+def test_bad_input_fails_in_one_line_without_a_run(monkeypatch, capsys, store, tiny_data, args, message):
+    line = refused_step(monkeypatch, capsys, "steps.train", "--data_dir", tiny_data, *args)
+    assert line.startswith("train: error: ") and message in line, line
+    assert runs() == []
+
+
+def test_bad_input_through_python_m_is_one_line_without_a_run(store, tiny_data):
+    # The table above runs in this process; the command line once here, and through `mlflow run`
+    # in test_config.py.
+    result = python_step("steps.train", "--data_dir", tiny_data, "--epochs", "0")
     assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr == "train: error: epochs=0 is not allowed; it must be >= 1\n"
     assert runs() == []
 
 
@@ -115,26 +122,16 @@ def test_a_run_whose_loss_diverges_ends_failed_in_one_line_and_registers_nothing
 
 
 @pytest.mark.parametrize("make_dir", ["empty", "wrong"])
-def test_bad_data_dir_fails_in_one_line(store, tmp_path, make_dir):
+def test_bad_data_dir_fails_in_one_line(monkeypatch, capsys, store, tmp_path, make_dir):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     if make_dir == "wrong":
         (data_dir / "MNIST" / "raw").mkdir(parents=True)
         (data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
-    result = python_step("steps.train", "--data_dir", str(data_dir))
-    assert result.returncode == 2
-    assert f"mnist data not found or unreadable in {data_dir}/MNIST/raw" in result.stderr
-    assert "MNISTFLOW_DATA_DIR" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    line = refused_step(monkeypatch, capsys, "steps.train", "--data_dir", str(data_dir))
+    assert f"mnist data not found or unreadable in {data_dir}/MNIST/raw" in line
+    assert "MNISTFLOW_DATA_DIR" in line
     assert runs() == []
-
-
-def test_bad_input_through_mlflow_run_leaves_no_running_run(store, tiny_data):
-    result = run_step("mlflow", "run", ".", "-e", "train", "--env-manager", "local",
-                      "-P", "epochs=0", "-P", f"data_dir={tiny_data}")
-    assert result.returncode != 0
-    assert "epochs=0 is not allowed; it must be >= 1" in result.stderr
-    assert [r.info.status for r in runs()] == ["FAILED"]  # `mlflow run` opened it; never RUNNING
 
 
 def checkpoints(tmp_path, run_id: str = "*") -> str:

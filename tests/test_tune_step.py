@@ -13,7 +13,8 @@ import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.storages._rdb.models import MAX_INDEXED_STRING_LENGTH
 
-from conftest import EXPERIMENT, ROOT, python_step, run_step, step_env, wait_until
+from conftest import EXPERIMENT, ROOT, python_step, refused_step, run_step, step_env, wait_until
+import test_plot_loss
 from mnistflow import tuning
 from mnistflow.config import TuneConfig
 
@@ -79,6 +80,7 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     model = mlflow.pyfunc.load_model(f"runs:/{parent_id}/model")
     assert np.asarray(model.predict(np.zeros((2, 1, 28, 28), np.float32))).shape == (2, 10)
     assert "test_accuracy" in parent.data.metrics
+    test_plot_loss.assert_one_line_per_trial(parent_id)  # this tune's study, plotted (no run opened)
 
     # the same command again adds trials to the same study and parent run
     again = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
@@ -95,6 +97,7 @@ def test_mlflow_run_tune_nests_trials_prunes_and_resumes(store, tiny_data, tmp_p
     [launcher] = [run for run in mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
                   if run.info.run_id != parent_id and run.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_id]
     assert launcher.info.run_name == "add-trials-s" and launcher.data.tags[tuning.STUDY_PARENT_TAG] == parent_id
+    test_plot_loss.assert_mlflow_run_plot_loss_logs_to_the_parent(parent_id, tmp_path / "study.png")
 
 
 def two_workers(storage: str, tiny_data: str, name: str):
@@ -206,25 +209,30 @@ def test_a_worker_killed_as_soon_as_its_trial_has_a_run_leaves_a_trial_the_step_
     (["--search_space", "tests/bad_space.yaml"], "dropout: unknown setting"),
     (["--storage", "sqlite:////no/such/dir/o.db"], "cannot open storage sqlite:////no/such/dir/o.db"),
 ])
-def test_bad_input_fails_in_one_line_before_any_study_or_run(store, tiny_data, tmp_path, args, message):
+def test_bad_input_fails_in_one_line_before_any_study_or_run(monkeypatch, capsys, store, tiny_data, tmp_path, args,
+                                                            message):
     (tmp_path / "bad.yaml").write_text("dropout: {type: float, low: 0, high: 0.5}\n")
     args = [str(tmp_path / "bad.yaml") if a == "tests/bad_space.yaml" else a for a in args]
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    result = python_step("steps.tune", *tune_args(storage, tiny_data), *args)
+    line = refused_step(monkeypatch, capsys, "steps.tune", *tune_args(storage, tiny_data), *args)
+    assert line.startswith("tune: error: ") and message in line, line
+    assert_no_study_or_run(storage, tmp_path)
+
+
+def test_bad_input_through_python_m_fails_in_one_line_before_any_study_or_run(store, tiny_data, tmp_path):
+    # The table above runs in this process; the command line once here, and through `mlflow run`
+    # in test_config.py.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    result = python_step("steps.tune", *tune_args(storage, tiny_data), "--sampler", "grid")
     assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith("tune: error: ") and message in line
+    assert result.stderr == "tune: error: unknown sampler 'grid'; choose from tpe, random\n"
+    assert_no_study_or_run(storage, tmp_path)
+
+
+def assert_no_study_or_run(storage: str, tmp_path) -> None:
     assert mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list") == []
     if os.path.exists(tmp_path / "optuna.db"):
         assert optuna.get_all_study_names(storage) == []
-
-
-def test_bad_input_through_mlflow_run_leaves_no_running_run(store, tiny_data, tmp_path):
-    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "pruner=asha",
-                      "-P", f"storage=sqlite:///{tmp_path}/optuna.db", "-P", f"data_dir={tiny_data}")
-    assert result.returncode != 0
-    assert "tune: error: unknown pruner 'asha'" in result.stderr
-    assert [r.info.status for r in mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")] == ["FAILED"]
 
 
 def test_tune_exits_1_when_every_trial_of_the_invocation_failed(store, tiny_data, tmp_path):
