@@ -12,7 +12,6 @@ import platform
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -237,6 +236,14 @@ def _recent_writes(run: mlflow.entities.Run, now: float) -> str | None:
     return None
 
 
+def say_last(message: str) -> None:
+    """Write `message` as the last thing this process puts on stderr: what other threads write
+    from now on (an epoch's progress bar) goes nowhere, so the message ends the output."""
+    stderr = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(stderr, message.encode())
+
+
 def take_lease(run_id: str, new_run: bool = False) -> "Lease":
     """Make this process the one writer of a run, before it writes anything to it; ConfigError
     naming the holder when another process may still write to it, or has just taken it.
@@ -287,9 +294,8 @@ class Lease:
                 newest, holder = _newest_lease(client.get_run(self.run_id))
                 if newest != self.number:
                     # Not even the end of the run may be written now: the new holder writes to it.
-                    # (On a line of its own, after the epoch's progress bar.)
-                    print(f"\nrun {self.run_id} was taken over by {holder} while this process was silent; "
-                          "stopping without another write", file=sys.stderr, flush=True)
+                    say_last(f"\nrun {self.run_id} was taken over by {holder} while this process was silent; "
+                             "stopping without another write\n")
                     os._exit(1)
                 client.set_tag(self.run_id, HEARTBEAT_TAG, f"{self.number} {time.time():.0f}")
             except MlflowException as exc:  # the next one may get through

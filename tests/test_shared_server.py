@@ -142,7 +142,7 @@ def test_train_over_https_with_a_key_lands_in_the_server_stores(server, tiny_dat
     assert glob.glob(str(server["root"] / "server" / "artifacts" / "**" / "MLmodel"), recursive=True)
     assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").metadata.run_id == run.info.run_id
     # The requests came as alice: the auth app made her the manager of the experiment she created.
-    permission = users.AuthServiceClient(server["url"]).get_user_permission("alice", "experiment",
+    permission = users.admin_client(server["url"]).get_user_permission("alice", "experiment",
                                                                             run.info.experiment_id)
     assert permission.permission == "MANAGE"
     # A model version may point at the server's artifacts, not at a path on the server's disk.
@@ -212,7 +212,7 @@ def test_user_and_permission_scripts(server, as_admin, capsys, monkeypatch):
         users.main(["grant", "carol", "carols-target", "MANAGE"])
     assert "refused the admin login" in capsys.readouterr().err
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-    assert users.AuthServiceClient(url).get_user_permission("carol", "experiment", experiment_id).permission \
+    assert users.admin_client(url).get_user_permission("carol", "experiment", experiment_id).permission \
         == "DENY"
 
 
