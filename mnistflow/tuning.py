@@ -326,16 +326,23 @@ def objective(trial: optuna.Trial, cfg: TuneConfig, space: dict, data, parent) -
     return best["val_accuracy"]
 
 
+def cores_per_worker(workers: int) -> int:
+    """The cores each of `workers` local workers may use, none oversubscribed: OMP_NUM_THREADS
+    when the user set it (PyTorch's own setting), else this machine's, shared out."""
+    cores = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, (int(cores) if cores.isdigit() else os.cpu_count() or 1) // workers)
+
+
 def work(cfg: TuneConfig, space: dict, parent_run_id: str, worker: int, n_trials: int | None,
          data=None, threads: int = 0) -> None:
     """One worker: load the data, join the study and run its share of the trials on `threads`
-    cores (0 = this machine's, shared out over the workers: none oversubscribed).
+    cores (0 = its share of this machine's: `cores_per_worker`).
 
     Runs in the step's own process (worker 0, with the progress bar), in each extra worker
     process and in each task of a Slurm array (mnistflow/workers.py); workers on other machines
     run it through the same step.
     """
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // cfg.workers))
+    torch.set_num_threads(threads or cores_per_worker(cfg.workers))
     if data is None:
         data = load_data(cfg)
     parent = mlflow.get_run(parent_run_id)

@@ -49,7 +49,9 @@ def test_quick_leaves_out_slow_tests_and_tests_on_a_shared_fixture(suite):
         "test_short.py::test_one", "test_short.py::test_two", "test_long.py::test_fast"]
 
 
-def test_record_durations_writes_this_runs_times_and_keeps_the_others(suite):
+def test_record_durations_writes_this_runs_times_and_keeps_the_other_files(suite):
+    recorded = json.loads((suite / "durations.json").read_text())
+    (suite / "durations.json").write_text(json.dumps({**recorded, "test_short.py::test_renamed_since": 9.0}))
     pytest_in(suite, "--record-durations", "test_short.py")
     durations = json.loads((suite / "durations.json").read_text())
     assert set(durations) == set(RECORDED) and durations["test_short.py::test_one"] < 5

@@ -1,4 +1,5 @@
 """The search-space file, the trial split over workers, and the storage: checked without training."""
+import os
 import re
 import sqlite3
 
@@ -65,6 +66,15 @@ def test_trials_are_shared_exactly_over_the_workers():
     assert workers.shares(5, 2) == [3, 2]
     assert workers.shares(2, 4) == [1, 1]        # no worker with nothing to do
     assert workers.shares(0, 3) == [None] * 3    # timeout only: each runs until it
+
+
+def test_workers_share_the_cores_the_user_gave_pytorch(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the user (or the test suite's worker) set it
+    assert tuning.cores_per_worker(1) == 1 and tuning.cores_per_worker(3) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert tuning.cores_per_worker(2) == 4
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert tuning.cores_per_worker(1) == os.cpu_count()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -77,8 +77,10 @@ def pytest_sessionfinish(session):
     config = session.config
     if not config.getoption("--record-durations") or hasattr(config, "workerinput"):
         return  # a worker: the controller writes the file
-    durations = {nodeid: seconds for nodeid, seconds in recorded().items()  # tests not run this time stay
-                 if (config.rootpath / nodeid.split("::")[0]).exists()}
+    # A file run this time is recorded anew (a renamed test leaves no entry behind); the others stay.
+    files_run = {nodeid.split("::")[0] for nodeid in SECONDS}
+    durations = {nodeid: seconds for nodeid, seconds in recorded().items()
+                 if nodeid.split("::")[0] not in files_run and (config.rootpath / nodeid.split("::")[0]).exists()}
     durations.update({nodeid: round(seconds, 2) for nodeid, seconds in SECONDS.items()})
     with open(DURATIONS, "w") as f:
         json.dump(dict(sorted(durations.items())), f, indent=0)
