@@ -163,10 +163,13 @@ def page_text(driver) -> str:
 
 def wait_for(driver, shown) -> str:
     """Wait until `shown(driver)` is true, at most PAGE_TIMEOUT_S: the UI is a single-page app
-    that fills the page piece by piece after it loads. Return the page's text either way, so the
-    test's asserts say what is missing."""
-    with contextlib.suppress(TimeoutException):
+    that fills the page piece by piece after it loads. Return the page's text. A page that never
+    shows it fails the test, with the page's text: a wait that runs out is never a pass."""
+    try:
         until(driver, shown)
+    except TimeoutException:
+        pytest.fail(f"the page did not show what the test waits for within {PAGE_TIMEOUT_S} s; it shows:\n"
+                    f"{page_text(driver)}")
     return page_text(driver)
 
 
@@ -371,6 +374,7 @@ def test_the_pages_read_alike_while_they_re_render(ui, browser):
         assert (wait_for(browser, link_to(version_route)), link_texts(browser, version_route)) == (text, links)
 
     runs = f"{url}/#/experiments/{logged.experiment_id}/runs"
+    browser.execute_script("localStorage.clear()")  # the UI keeps which runs a test above expanded there
     open_page(browser, runs, lambda driver: len(shown_runs(driver)) == 3)
     shown = shown_runs(browser)
     with re_rendered_before_every_command(browser):
