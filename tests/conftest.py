@@ -98,6 +98,24 @@ def python_step(module: str, *args: str, **kwargs) -> subprocess.CompletedProces
     return run_step(sys.executable, "-m", module, *args, **kwargs)
 
 
+def git(directory, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost", *args],
+                          cwd=directory, capture_output=True, text=True, check=True).stdout
+
+
+def project_copy(destination) -> str:
+    """This project (its files git does not ignore, committed or not) as a git repository of its
+    own, whose working tree a test may change."""
+    for path in filter(None, git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")):
+        if os.path.isfile(os.path.join(ROOT, path)):  # a tracked file deleted in the checkout is still listed
+            os.makedirs(os.path.join(destination, os.path.dirname(path)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, path), os.path.join(destination, path))
+    git(destination, "init", "-q")
+    git(destination, "add", "-A")
+    git(destination, "commit", "-q", "-m", "the project under test")
+    return str(destination)
+
+
 def refused(capsys, command) -> str:
     """Call `command()`, which must refuse its input as a command line does: exit code 2, one
     line on stderr, which is returned, and nothing on stdout."""

@@ -7,13 +7,14 @@ import mlflow
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
-from conftest import EXPERIMENT, ROOT, refused_step, run_step, step_env
+from conftest import EXPERIMENT, git, project_copy, refused_step, run_step, step_env
 from test_mlflow_ui import look_at_the_pipeline_run
 from mnistflow import pipeline
 
 
 def runs_of(entry_point: str) -> list:
-    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+    """The runs of this entry point, newest first."""
+    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}'")
 
 
@@ -23,46 +24,33 @@ def children(parent_id: str) -> dict:
     return {run.data.tags[MLFLOW_PROJECT_ENTRY_POINT]: run for run in found if MLFLOW_PROJECT_ENTRY_POINT in run.data.tags}
 
 
-def git(directory, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost", *args],
-                          cwd=directory, capture_output=True, text=True, check=True).stdout
-
-
-def project_copy(destination) -> str:
-    """This project (its files git does not ignore, committed or not) as a git repository of its
-    own, whose working tree a test may change."""
-    for path in filter(None, git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")):
-        if os.path.isfile(os.path.join(ROOT, path)):  # a tracked file deleted in the checkout is still listed
-            os.makedirs(os.path.join(destination, os.path.dirname(path)), exist_ok=True)
-            shutil.copy2(os.path.join(ROOT, path), os.path.join(destination, path))
-    git(destination, "init", "-q")
-    git(destination, "add", "-A")
-    git(destination, "commit", "-q", "-m", "the project under test")
-    return str(destination)
-
-
 def summary_rows(stdout: str) -> dict:
     """The pipeline's summary table, by step: {step: row}."""
     table = stdout[stdout.index("pipeline run"):].splitlines()[2:]
     return {row.split()[0]: row for row in table if row.strip()}
 
 
-def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny_data, tmp_path):
+def test_main_runs_the_chain_reuses_it_and_reruns_a_step_whose_inputs_code_or_force_changed(store, tiny_data, tmp_path):
+    # data_dir and storage left empty: the environment names them, and reuse must follow it.
     project = project_copy(tmp_path / "project")
+    other_data = shutil.copytree(tiny_data, tmp_path / "other-data")
     pipeline_args = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "n_trials=1",
-                     "-P", "tune_epochs=1", "-P", f"data_dir={tiny_data}", "-P", f"storage=sqlite:///{tmp_path}/optuna.db",
-                     "-P", "model_name=Pipeline", "-P", "min_accuracy=0.5", "-P", "recall_margin=1",
+                     "-P", "tune_epochs=1", "-P", "model_name=Pipeline", "-P", "min_accuracy=0.5", "-P", "recall_margin=1",
                      # The tiny data's patches are no digits (see test_register), and MNIST's default
                      # augmentation moves them far enough to mix up neighbouring ones in 2 epochs.
                      "-P", "min_robust_accuracy=0", "-P", "max_latency_ms=100000"]  # any speed: a busy host
 
-    def run_pipeline(*extra: str) -> dict:
+    def run_pipeline(data_dir, storage: str | None = None, *extra: str) -> subprocess.CompletedProcess:
+        env = {**step_env(), "MNISTFLOW_DATA_DIR": str(data_dir)}
+        env.pop("MNISTFLOW_OPTUNA_STORAGE", None)
+        if storage:
+            env["MNISTFLOW_OPTUNA_STORAGE"] = storage
         result = subprocess.run([*pipeline_args, *extra], cwd=project, capture_output=True, text=True, timeout=600,
-                                env=step_env())
+                                env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
-    first = run_pipeline()
+    first = run_pipeline(tiny_data)  # the study in the project's optuna.db
     [pipeline_run] = runs_of("main")
     assert pipeline_run.info.status == "FINISHED"
     steps = children(pipeline_run.info.run_id)
@@ -82,60 +70,38 @@ def test_main_runs_the_chain_then_reuses_it_then_reruns_what_changed(store, tiny
         "Registered [Pipeline version 1](#/models/Pipeline/versions/1) @production")
     assert all(" new " in row and row.endswith(" no earlier run with these parameters") for row in rows.values())
 
-    second = run_pipeline()
+    second = run_pipeline(tiny_data)
     assert len(runs_of("train")) == 1 and len(runs_of("tune")) == 1 and len(runs_of("register")) == 1
     assert all(" reused " in row and "and working tree" in row for row in summary_rows(second.stdout).values())
     assert "== train: reusing run" in second.stdout
 
+    rows = summary_rows(run_pipeline(other_data).stdout)
+    for step in ("train", "tune"):
+        assert rows[step].endswith(f" data_dir changed since run {steps[step].info.run_id[:8]}")
+    [train, tune] = (runs_of(step)[0] for step in ("train", "tune"))  # this pipeline's
+    rows = summary_rows(run_pipeline(other_data, f"sqlite:///{tmp_path}/other-optuna.db").stdout)
+    assert " reused " in rows["train"]
+    assert rows["tune"].endswith(f" storage changed since run {tune.info.run_id[:8]}")
+    assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 3
+    tune = runs_of("tune")[0]
+
     # An uncommitted edit: the same commit, but not the same code.
     with open(os.path.join(project, "mnistflow", "train.py"), "a") as f:
         f.write("# an uncommitted edit\n")
-    edited = run_pipeline()
-    assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 2
-    rows = summary_rows(edited.stdout)
+    rows = summary_rows(run_pipeline(other_data, f"sqlite:///{tmp_path}/other-optuna.db").stdout)
+    assert len(runs_of("train")) == 3 and len(runs_of("tune")) == 4
     assert all(" new " in row for row in rows.values())
-    for step in ("train", "tune"):
-        assert rows[step].endswith(f" working tree differs from run {steps[step].info.run_id[:8]}'s")
+    for step, earlier in (("train", train), ("tune", tune)):
+        assert rows[step].endswith(f" working tree differs from run {earlier.info.run_id[:8]}'s")
 
-    forced = run_pipeline("-P", "force=true")
-    assert len(runs_of("train")) == 3 and len(runs_of("tune")) == 3 and len(runs_of("plot_loss")) == 3
+    plots = len(runs_of("plot_loss"))
+    forced = run_pipeline(other_data, f"sqlite:///{tmp_path}/other-optuna.db", "-P", "force=true")
+    assert len(runs_of("train")) == 4 and len(runs_of("tune")) == 5 and len(runs_of("plot_loss")) == plots + 1
     assert all(" new " in row and row.endswith(" force") for row in summary_rows(forced.stdout).values())
 
     # Last, as it needs a browser (it skips the test, or fails it in CI, without one): the first
     # pipeline run in the MLflow UI.
     look_at_the_pipeline_run(store, tmp_path, pipeline_run, steps, tmp_path / "screenshots")
-
-
-def test_main_runs_a_step_again_on_other_data_or_another_study_storage(store, tiny_data, tmp_path):
-    # data_dir and storage left empty: the environment names them, and reuse must follow it.
-    project = project_copy(tmp_path / "project")
-    other_data = shutil.copytree(tiny_data, tmp_path / "other-data")
-    args = ["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "n_trials=1", "-P", "tune_epochs=1",
-            "-P", "model_name=PipelineInputs", "-P", "min_accuracy=0.5", "-P", "recall_margin=1",
-            "-P", "min_robust_accuracy=0", "-P", "max_latency_ms=100000"]
-
-    def run_pipeline(data_dir, storage: str | None = None) -> dict:
-        env = {**step_env(), "MNISTFLOW_DATA_DIR": str(data_dir)}
-        env.pop("MNISTFLOW_OPTUNA_STORAGE", None)
-        if storage:
-            env["MNISTFLOW_OPTUNA_STORAGE"] = storage
-        result = subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return summary_rows(result.stdout)
-
-    assert all(" new " in row for row in run_pipeline(tiny_data).values())  # its optuna.db in the project
-    [train] = runs_of("train")
-    [tune] = runs_of("tune")
-
-    rows = run_pipeline(other_data)
-    assert rows["train"].endswith(f" data_dir changed since run {train.info.run_id[:8]}")
-    assert rows["tune"].endswith(f" data_dir changed since run {tune.info.run_id[:8]}")
-    tune = next(run for run in runs_of("tune") if run.info.run_id != tune.info.run_id)
-
-    rows = run_pipeline(other_data, storage=f"sqlite:///{tmp_path}/other-optuna.db")
-    assert " reused " in rows["train"]
-    assert rows["tune"].endswith(f" storage changed since run {tune.info.run_id[:8]}")
-    assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 3
 
 
 def test_the_study_storage_is_compared_by_what_it_resolves_to_and_an_environment_one_only_by_digest(monkeypatch):

@@ -15,7 +15,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import EXPERIMENT, ROOT, python_step, refused_script, require, run_step, step_env
+from conftest import EXPERIMENT, ROOT, project_copy, python_step, refused_script, require, run_step, step_env
 import local_slurm
 from mnistflow import slurm, tuning
 from mnistflow.errors import ConfigError, StepFailed
@@ -92,18 +92,25 @@ def jobs() -> str:
     return subprocess.run(squeue, capture_output=True, text=True, check=True).stdout
 
 
-def test_mlflow_run_tunes_with_a_slurm_array_of_two_workers(cluster, store, tiny_data, postgres_url):
+def test_mlflow_run_tunes_with_a_slurm_array_of_two_workers_from_a_project_path_with_a_space(cluster, store, tiny_data,
+                                                                                           postgres_url, tmp_path):
+    project = project_copy(tmp_path / "my project")
+    # with an unquoted time (a number to YAML 1.1) and a flag whose value holds a space
+    (tmp_path / "my project" / "slurm.yaml").write_text('time: 2:00:00\nsbatch_flags: --comment="from my project"\n')
     name = study_name()
-    result = run_step("mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "launcher=slurm",
-                      "-P", "workers=2", "-P", "n_trials=3", "-P", "epochs=1", "-P", "pruner=none",
-                      "-P", "system_metrics=false", "-P", f"storage={postgres_url}", "-P", f"data_dir={tiny_data}",
-                      "-P", f"study_name={name}")
+    result = subprocess.run(["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "launcher=slurm",
+                             "-P", "slurm_config=slurm.yaml", "-P", "workers=2", "-P", "n_trials=3", "-P", "epochs=1",
+                             "-P", "pruner=none", "-P", "system_metrics=false", "-P", f"storage={postgres_url}",
+                             "-P", f"data_dir={tiny_data}", "-P", f"study_name={name}"],
+                            cwd=project, env=step_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = optuna.load_study(study_name=name, storage=postgres_url)
     assert sorted(t.number for t in study.trials) == [0, 1, 2]
     assert {t.state.name for t in study.trials} == {"COMPLETE"}
     [job] = {t.user_attrs[tuning.SLURM_JOB_ATTR] for t in study.trials}
     assert f"Slurm task {job}_0: COMPLETED" in result.stdout and f"Slurm task {job}_1: COMPLETED" in result.stdout
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    assert "Comment=from my project" in shown and "TimeLimit=02:00:00" in shown
 
     # one parent run (the one `mlflow run` opened), each trial a nested run tagged with its array task
     parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
@@ -127,7 +134,7 @@ def test_mlflow_run_tunes_with_a_slurm_array_of_two_workers(cluster, store, tiny
     script = mlflow.artifacts.load_text(f"runs:/{parent_id}/slurm/tune.sbatch")
     assert "#SBATCH --array=0-1" in script
     assert os.environ["PGPASSWORD"] not in script  # the tasks got it from the environment
-    assert job_folders() == []  # the job folder went to the parent run
+    assert job_folders(project) == []  # the job folder went to the parent run
     assert jobs() == ""
 
 
@@ -353,27 +360,6 @@ def test_a_tune_whose_array_is_held_ends_with_one_line_and_nothing_left_running(
     assert mlflow.get_run(study.user_attrs[tuning.PARENT_RUN_ATTR]).info.status == "FAILED"
     no_run_or_trial_left_running(postgres_url, name)
     assert jobs() == "" and job_folders() == []
-
-
-def test_a_tune_from_a_project_path_with_a_space_runs_on_slurm(cluster, store, tiny_data, postgres_url, tmp_path):
-    project = tmp_path / "my project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", slurm.JOBS_FOLDER, "__pycache__"))
-    # with an unquoted time (a number to YAML 1.1) and a flag whose value holds a space
-    (project / "slurm.yaml").write_text('time: 2:00:00\nsbatch_flags: --comment="from my project"\n')
-    name = study_name()
-    result = subprocess.run(tune(postgres_url, tiny_data, name, "--slurm_config", "slurm.yaml", "--n_trials", "1",
-                                 *SMALL), cwd=project, env=step_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    study = optuna.load_study(study_name=name, storage=postgres_url)
-    [trial] = study.trials
-    assert trial.state.name == "COMPLETE"
-    job = trial.user_attrs[tuning.SLURM_JOB_ATTR]
-    assert f"Slurm task {job}_0: COMPLETED" in result.stdout
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
-    assert "Comment=from my project" in shown and "TimeLimit=02:00:00" in shown
-    parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
-    assert "slurm/task-0.out" in {f.path for f in mlflow.MlflowClient().list_artifacts(parent_id, "slurm")}
-    assert job_folders(project) == []
 
 
 def test_a_step_as_a_slurm_job_logs_to_the_same_store_tagged_with_the_job(cluster, store, tiny_data, tmp_path):
