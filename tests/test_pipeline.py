@@ -9,6 +9,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_
 
 from conftest import EXPERIMENT, git, project_copy, refused_step, run_step, step_env
 from test_mlflow_ui import look_at_the_pipeline_run
+from test_secrets import assert_never_recorded, secret_storage
 from mnistflow import pipeline
 
 
@@ -48,7 +49,10 @@ def test_main_runs_the_chain_reuses_it_and_reruns_a_step_whose_inputs_code_or_fo
         result = subprocess.run([*pipeline_args, *extra], cwd=project, capture_output=True, text=True, timeout=600,
                                 env=env)
         assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
         return result
+
+    outputs = []
 
     first = run_pipeline(tiny_data)  # the study in the project's optuna.db
     [pipeline_run] = runs_of("main")
@@ -79,7 +83,12 @@ def test_main_runs_the_chain_reuses_it_and_reruns_a_step_whose_inputs_code_or_fo
     for step in ("train", "tune"):
         assert rows[step].endswith(f" data_dir changed since run {steps[step].info.run_id[:8]}")
     [train, tune] = (runs_of(step)[0] for step in ("train", "tune"))  # this pipeline's
-    rows = summary_rows(run_pipeline(other_data, f"sqlite:///{tmp_path}/other-optuna.db").stdout)
+    # A storage in the environment, as a password-carrying URL would be given: used, never recorded
+    # (assert_never_recorded, at the end).
+    storage = secret_storage(tmp_path)
+    other = run_pipeline(other_data, storage)
+    assert "study mnist-pipeline-1ep-all (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in other.stdout + other.stderr
+    rows = summary_rows(other.stdout)
     assert " reused " in rows["train"]
     assert rows["tune"].endswith(f" storage changed since run {tune.info.run_id[:8]}")
     assert len(runs_of("train")) == 2 and len(runs_of("tune")) == 3
@@ -88,16 +97,17 @@ def test_main_runs_the_chain_reuses_it_and_reruns_a_step_whose_inputs_code_or_fo
     # An uncommitted edit: the same commit, but not the same code.
     with open(os.path.join(project, "mnistflow", "train.py"), "a") as f:
         f.write("# an uncommitted edit\n")
-    rows = summary_rows(run_pipeline(other_data, f"sqlite:///{tmp_path}/other-optuna.db").stdout)
+    rows = summary_rows(run_pipeline(other_data, storage).stdout)
     assert len(runs_of("train")) == 3 and len(runs_of("tune")) == 4
     assert all(" new " in row for row in rows.values())
     for step, earlier in (("train", train), ("tune", tune)):
         assert rows[step].endswith(f" working tree differs from run {earlier.info.run_id[:8]}'s")
 
     plots = len(runs_of("plot_loss"))
-    forced = run_pipeline(other_data, f"sqlite:///{tmp_path}/other-optuna.db", "-P", "force=true")
+    forced = run_pipeline(other_data, storage, "-P", "force=true")
     assert len(runs_of("train")) == 4 and len(runs_of("tune")) == 5 and len(runs_of("plot_loss")) == plots + 1
     assert all(" new " in row and row.endswith(" force") for row in summary_rows(forced.stdout).values())
+    assert_never_recorded(tmp_path, outputs)
 
     # Last, as it needs a browser (it skips the test, or fails it in CI, without one): the first
     # pipeline run in the MLflow UI.

@@ -54,33 +54,32 @@ def test_the_mlflow_run_check_reads_every_spelling_of_a_parameter(args):
     assert not cli_guard.is_mlflow_run_command(["/venv/bin/mlflow", "server", *args])
 
 
-def test_the_storage_in_the_environment_is_used_and_never_recorded(store, tiny_data, tmp_path, monkeypatch):
-    # An SQLite storage under a directory named after the secret stands in for a URL with a
-    # password: any copy of the URL anywhere would carry it.
-    storage = f"sqlite:///{tmp_path}/{SECRET}/optuna.db"
-    os.makedirs(tmp_path / SECRET)
-    monkeypatch.setenv("MNISTFLOW_OPTUNA_STORAGE", storage)
-    tune = {"n_trials": "1", "epochs": "1", "data_dir": tiny_data}
-    main = {"n_trials": "1", "tune_epochs": "1", "epochs": "2", "data_dir": tiny_data, "min_accuracy": "0.5",
-            "recall_margin": "1", "min_robust_accuracy": "0", "max_latency_ms": "100000", "model_name": "Secrets"}
-    outputs = []
-    # The tune step by hand; the pipeline runs it through `mlflow run`'s machinery (mlflow.projects.run).
-    for command in (["python", "-m", "steps.tune", *[arg for k, v in tune.items() for arg in (f"--{k}", v)]],
-                    ["mlflow", "run", ".", "--env-manager", "local", *mlflow_run_parameters(main)]):
-        result = run_step(*command)
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs.append(result.stdout + result.stderr)
-    assert "study mnist-cnn (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in outputs[0]
-    assert "study mnist-pipeline-1ep-all (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in outputs[1]
-    assert len(optuna.load_study(study_name="mnist-cnn", storage=storage).trials) == 1
-    assert len(optuna.load_study(study_name="mnist-pipeline-1ep-all", storage=storage).trials) == 1
+def secret_storage(folder) -> str:
+    """An SQLite storage under a directory named after the secret: it stands in for a URL with a
+    password, as any copy of the URL anywhere would carry it."""
+    os.makedirs(folder / SECRET, exist_ok=True)
+    return f"sqlite:///{folder}/{SECRET}/optuna.db"
 
-    # Everything MLflow stored (params, tags, metrics: the SQLite file; artifacts: their files) and
-    # everything printed.
-    stored = [tmp_path / "mlflow.db", *glob.glob(str(tmp_path / "artifacts" / "**" / "*"), recursive=True)]
+
+def assert_never_recorded(store_folder, outputs: list[str]) -> None:
+    """The secret is in nothing MLflow stored in the `store` fixture's folder (params, tags,
+    metrics: the SQLite file; artifacts: their files) and in nothing printed."""
+    stored = [store_folder / "mlflow.db", *glob.glob(str(store_folder / "artifacts" / "**" / "*"), recursive=True)]
     leaks = [str(path) for path in stored if os.path.isfile(path) and SECRET.encode() in open(path, "rb").read()]
     assert leaks == [] and not any(SECRET in output for output in outputs)
-    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")) > 5  # it did log
+    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")) > 1  # it did log
+
+
+# The pipeline, which runs the tune step through `mlflow run`'s machinery (mlflow.projects.run),
+# with the storage in the environment: test_pipeline.py's chain test.
+def test_the_storage_in_the_environment_is_used_and_never_recorded(store, tiny_data, tmp_path, monkeypatch):
+    storage = secret_storage(tmp_path)
+    monkeypatch.setenv("MNISTFLOW_OPTUNA_STORAGE", storage)
+    result = run_step("python", "-m", "steps.tune", "--n_trials", "1", "--epochs", "1", "--data_dir", tiny_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "study mnist-cnn (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in result.stdout + result.stderr
+    assert len(optuna.load_study(study_name="mnist-cnn", storage=storage).trials) == 1
+    assert_never_recorded(tmp_path, [result.stdout + result.stderr])
 
 
 def mlflow_run_parameters(parameters: dict) -> list[str]:
