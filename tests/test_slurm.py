@@ -363,11 +363,14 @@ def test_a_tune_whose_array_is_held_ends_with_one_line_and_nothing_left_running(
 
 
 def test_a_step_as_a_slurm_job_logs_to_the_same_store_tagged_with_the_job(cluster, store, tiny_data, tmp_path):
-    # The template's command, as docs/cluster.md gives it (--wait: until the job ends; --output: not in the project)
-    result = run_step("sbatch", "--wait", f"--output={tmp_path}/%j.out", "slurm/step.sbatch", "train",
-                      "-P", "epochs=1", "-P", f"data_dir={tiny_data}", "-P", "system_metrics=false", timeout=300)
-    [log] = [name for name in os.listdir(tmp_path) if name.endswith(".out")]
-    assert result.returncode == 0, (tmp_path / log).read_text()[-3000:]
+    # The template's command, as docs/cluster.md gives it (--parsable: the job id; --output: not in the
+    # project). Its end is polled here: `sbatch --wait` polls at 2, 8 and 32 s.
+    submitted = run_step("sbatch", "--parsable", f"--output={tmp_path}/%j.out", "slurm/step.sbatch", "train",
+                         "-P", "epochs=1", "-P", f"data_dir={tiny_data}", "-P", "system_metrics=false")
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    states = until(lambda: slurm.ended(states := slurm.task_states(job)) and states, "the job's end", timeout=300)
+    assert list(states.values()) == ["COMPLETED"], (tmp_path / f"{job}.out").read_text()[-3000:]
     [run] = runs()
-    assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == log.removesuffix(".out")
+    assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == job
     assert "slurm_array_task_id" not in run.data.tags
