@@ -317,23 +317,9 @@ def test_a_champion_that_cannot_be_read_stops_the_step(untrained, tiny_data, tmp
     assert aliases("Unread") == {"production": "1"} and len(versions("Unread")) == 1
 
 
-def test_tune_parent_run_registers_its_best_trial(store, tiny_data, tmp_path):
-    result = python_step("steps.tune", "--n_trials", "2", "--epochs", "1", "--data_dir", tiny_data,
-                         "--storage", f"sqlite:///{tmp_path}/optuna.db")
-    assert result.returncode == 0, result.stderr[-2000:]
-    [parent] = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
-                                  filter_string="tags.study_name = 'mnist-cnn'")
-    # force: this test is about which model a parent run stands for, not whether 1 epoch passes the gate.
-    result = python_step("steps.register", "--run_id", parent.info.run_id, "--data_dir", tiny_data, "--force", "true")
-    assert result.returncode == 0, result.stderr[-2000:]
-    [version] = versions("MNIST_CNN")
-    assert version.run_id == parent.info.run_id
-    assert version.tags["best_trial_run_id"] == parent.data.tags["best_trial_run_id"]
-
-
-def test_a_study_tuned_twice_registers_its_newest_model(store, tiny_data, tmp_path, capsys):
+def test_a_study_tuned_twice_registers_its_parent_run_with_its_newest_model(store, tiny_data, tmp_path, capsys):
     # The first invocation's trial learns nothing, the second one's learns: the best trial changes,
-    # and the parent run logs a second model.
+    # and the parent run logs a second model. The version is the parent run's, naming its best trial.
     storage = f"sqlite:///{tmp_path}/optuna.db"
     for name, lr in (("poor", "1.0e-6"), ("good", "0.01")):
         space = tmp_path / f"{name}.yaml"
@@ -351,7 +337,7 @@ def test_a_study_tuned_twice_registers_its_newest_model(store, tiny_data, tmp_pa
     code, _, err = call(capsys, "--run_id", parent.info.run_id, "--data_dir", tiny_data, "--force", "true")
     assert code == 0, err
     [version] = versions("MNIST_CNN")
-    assert version.source == f"models:/{newest.model_id}"
+    assert version.run_id == parent.info.run_id and version.source == f"models:/{newest.model_id}"
     best_trial_run = parent.data.tags["best_trial_run_id"]
     assert mlflow.get_run(best_trial_run).data.tags["trial_number"] == "1"  # the second invocation's trial
     trials = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
