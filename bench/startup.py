@@ -103,10 +103,12 @@ def main() -> None:
                      "(or set MNISTFLOW_DATA_DIR)")
 
     store = f"sqlite:///{tempfile.mkdtemp()}/startup.db"
-    # The checkout's own mnistflow first (the installed one may be another checkout), and a store of
+    # The checkout's own mnistflow first (the installed one may be another checkout), this
+    # interpreter's `python` for the one `mlflow run --env-manager local` starts, and a store of
     # the bench's own for the run.
     env = {**{name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_EXPERIMENT_")},
-           "PYTHONPATH": repo, "MLFLOW_TRACKING_URI": store}
+           "PYTHONPATH": repo, "MLFLOW_TRACKING_URI": store,
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
     run_args = ["-P", f"data_dir={data_dir}", "-P", f"max_train_samples={args.train_samples}"]
     measured = commands(repo, rows, run_args)
     times = {name: [] for name in measured}
