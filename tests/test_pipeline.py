@@ -4,6 +4,7 @@ import shutil
 import subprocess
 
 import mlflow
+import optuna
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
@@ -88,6 +89,7 @@ def test_main_runs_the_chain_reuses_it_and_reruns_a_step_whose_inputs_code_or_fo
     storage = secret_storage(tmp_path)
     other = run_pipeline(other_data, storage)
     assert "study mnist-pipeline-1ep-all (0 trials so far) in $MNISTFLOW_OPTUNA_STORAGE" in other.stdout + other.stderr
+    assert len(optuna.load_study(study_name="mnist-pipeline-1ep-all", storage=storage).trials) == 1
     rows = summary_rows(other.stdout)
     assert " reused " in rows["train"]
     assert rows["tune"].endswith(f" storage changed since run {tune.info.run_id[:8]}")

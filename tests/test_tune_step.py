@@ -273,7 +273,7 @@ def worker_processes(pid: int) -> list[int]:
 def test_tune_exits_1_when_a_worker_process_died(store, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     step = subprocess.Popen([sys.executable, "-m", "steps.tune", *tune_args(storage, tiny_data),
-                             "--workers", "2", "--n_trials", "2", "--epochs", "5", "--pruner", "none"],
+                             "--workers", "2", "--n_trials", "2", "--epochs", "20", "--pruner", "none"],
                             cwd=ROOT, env=step_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while True:  # until both workers are training a trial
@@ -285,6 +285,11 @@ def test_tune_exits_1_when_a_worker_process_died(store, tiny_data, tmp_path):
         except KeyError:  # the study is not created yet
             pass
     [worker] = worker_processes(step.pid)
+    # Frozen first, then checked: the worker must die mid-trial, not after its trial completed
+    # (it may have started well before the other worker).
+    os.kill(worker, signal.SIGSTOP)
+    [victim] = [t for t in load(storage).trials if t.user_attrs.get(tuning.WORKER_ATTR) == tuning.worker_name(worker)]
+    assert victim.state.name == "RUNNING", "the worker completed its trial before it was stopped: raise --epochs"
     os.kill(worker, signal.SIGKILL)
     _, stderr = step.communicate(timeout=300)
     assert step.returncode == 1
