@@ -224,9 +224,9 @@ def test_user_and_permission_scripts(server, as_admin, capsys, monkeypatch):
                        "MLFLOW_TRACKING_SERVER_CERT_PATH ({ca}): set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA "
                        "certificate the server's admin gives you"),
 ])
+# SQLite only: the client's checks do not depend on the server's backend store.
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 def test_steps_stop_at_start_up_with_one_line(server, tiny_data, tmp_path, key, ca, message):
-    if server["backend"].startswith("postgresql"):
-        pytest.skip("the client's checks do not depend on the server's backend store")
     if ca == "other":
         assert run_step("bash", "serverFolder/make_certs.sh", str(tmp_path)).returncode == 0
     ca_path = server["ca"] if ca == "server" else str(tmp_path / "ca.crt")
@@ -301,9 +301,9 @@ def test_the_servers_files_are_owner_only_and_no_password_is_on_a_command_line(s
     assert urllib.parse.quote(password, safe="") not in (root / "server.log").read_text()
 
 
+# SQLite only: the proxy does not depend on the server's backend store.
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 def test_the_tls_proxy_is_hardened(server, tmp_path):
-    if server["backend"].startswith("postgresql"):
-        pytest.skip("the proxy does not depend on the server's backend store")
     url, ca, proxy = server["url"], server["ca"], server["proxy_root"]
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     dumped = subprocess.run([nginx, "-T", "-c", str(proxy / "nginx.conf")], capture_output=True, text=True).stdout
@@ -463,6 +463,8 @@ def users_main(capsys, server, *args: str, stdin: str = "") -> str:
     return capsys.readouterr().out
 
 
+# SQLite only: the client's checks do not depend on the server's backend store.
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("key, ca, message", [
     (None, "server", "the tracking server {url} refused this client (HTTP 401): set AM_SC_API_KEY to your API key"),
     ("not-a-key", "server", "the tracking server {url} refused this client (HTTP 401): the key in AM_SC_API_KEY "
@@ -474,8 +476,6 @@ def test_mlflow_run_stops_before_its_first_request_with_the_steps_line(server, t
     """`mlflow run`, as the README has users start steps, runs the access check in its own process
     (mnistflow/auth.py's request auth plugin), so MLflow's CLI neither fails with a traceback nor retries
     for minutes, and creates nothing."""
-    if server["backend"].startswith("postgresql"):
-        pytest.skip("the client's checks do not depend on the server's backend store")
     env = {**user_env(server), "MLFLOW_EXPERIMENT_NAME": "refused-mlflow-run",
            "AM_SC_API_KEY": server["key"] if key == "valid" else key or ""}
     if ca is None:
@@ -488,12 +488,12 @@ def test_mlflow_run_stops_before_its_first_request_with_the_steps_line(server, t
     assert "refused-mlflow-run" not in experiment_names(server)
 
 
+# SQLite only: the client's handling of a refusal does not depend on the server's backend store.
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 def test_a_model_name_another_user_owns_is_one_line_and_changes_nothing(server, tiny_data, monkeypatch):
     """Alice created a registered model name; bob, another user of the server, registering under it
     is told in one line that the name is hers and how to choose another (whether he may read it,
     as by default, or not), and the registry stays as it was."""
-    if server["backend"].startswith("postgresql"):
-        pytest.skip("the client's handling of a refusal does not depend on the server's backend store")
     from mnistflow import data, logged_model, models  # noqa: E402  (only this test logs a model itself)
     url, ca, name = server["url"], server["ca"], "alice-owned"
     assert call(url, ca, "/api/2.0/mlflow/registered-models/create", {"name": name}, key=server["key"])[0] == 200
