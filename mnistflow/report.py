@@ -46,7 +46,7 @@ def log_curves(history: list[dict]) -> None:
     log_figure(plots.curves(history), "plots/loss_accuracy_curves.png")
 
 
-def log_model(cfg, net: torch.nn.Module, device: torch.device, data: Data) -> None:
+def log_net_summary(cfg, net: torch.nn.Module, device: torch.device, data: Data) -> None:
     """A new train run's net (size, summary), device, libraries and data sizes."""
     mlflow.log_params({**tracking.model_params(cfg, net, device), "train_size": len(data.train),
                        "val_size": len(data.val), "test_size": len(data.test),

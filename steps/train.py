@@ -49,7 +49,7 @@ def train(cfg: TrainConfig) -> None:
             if cfg.resume:  # a resumed run may have logged more than its checkpoint holds
                 log_metrics = checkpoints.metrics_once(run_id, state["history"] if state else [], log_metrics)
             if state is None:
-                report.log_model(cfg, net, device, data)
+                report.log_net_summary(cfg, net, device, data)
                 print(f"run {run_id}: {cfg.model} ({models.count_params(net):,} params) on {cfg.dataset}, "
                       f"{len(data.train)} train / {len(data.val)} val images, device {device}", flush=True)
             else:
