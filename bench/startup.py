@@ -10,7 +10,9 @@ ratio to the import floor, `python -c "import torch, mlflow"`:
   - run: the fixed cost of a 1-epoch run, `mlflow run <repo> -e train -P epochs=1 --env-manager
     local` on --train_samples real images: its wall time less its epoch's time as the train step
     logs it (epoch_time_s: the training pass and validation), so what is left is start-up, the data,
-    the test set's scores, the logged model and the exit (goal: <= 2x the floor).
+    the test set's scores, the logged model and the exit (goal: <= 2x the floor); beside it the
+    same for the step alone (`python -m steps.train`), and what any entry point costs through
+    `mlflow run`: one whose command only imports torch and MLflow and opens and ends a run.
 --repo measures another checkout of the project (e.g. `git worktree add /tmp/before <commit>`):
 its own mnistflow, steps and scripts, with this interpreter.
 """
@@ -30,6 +32,14 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("help", "servers", "imports", "run")
 FLOOR = "import torch, mlflow (floor)"
 RUN = "1-epoch run: wall - epoch"
+STEP = "1-epoch steps.train: wall - epoch"
+BOUND = "mlflow run: import + empty run (bound)"
+# The least an entry point can do: what every step does before its work, and nothing more.
+EMPTY_PROJECT = """name: empty
+entry_points:
+  main:
+    command: "python -c 'import torch, mlflow; mlflow.start_run(); mlflow.end_run()'"
+"""
 GOALS = {"help": "< 1", "servers": "< 1", "run": "<= 2"}
 
 
@@ -39,7 +49,7 @@ def names(repo: str, folder: str) -> list[str]:
                   if name.endswith(".py") and name != "__init__.py")
 
 
-def commands(repo: str, rows: list[str], run_args: list[str]) -> dict[str, tuple[str, list[str]]]:
+def commands(repo: str, rows: list[str], params: dict[str, str]) -> dict[str, tuple[str, list[str]]]:
     """name -> (kind of row, command) of each row to measure, the floor first."""
     python = sys.executable
     measured = {FLOOR: ("floor", [python, "-c", "import torch, mlflow"])}
@@ -53,8 +63,16 @@ def commands(repo: str, rows: list[str], run_args: list[str]) -> dict[str, tuple
         measured.update({f"import mnistflow.{module}": ("imports", [python, "-c", f"import mnistflow.{module}"])
                          for module in names(repo, "mnistflow")})
     if "run" in rows:
-        measured[RUN] = ("run", [os.path.join(os.path.dirname(python), "mlflow"), "run", repo, "-e", "train",
-                                 "-P", "epochs=1", *run_args, "--env-manager", "local"])
+        mlflow = os.path.join(os.path.dirname(python), "mlflow")
+        params = {"epochs": "1", **params}
+        measured[RUN] = ("run", [mlflow, "run", repo, "-e", "train", "--env-manager", "local",
+                                 *[arg for name, value in params.items() for arg in ("-P", f"{name}={value}")]])
+        measured[STEP] = ("run", [python, "-m", "steps.train",
+                                  *[arg for name, value in params.items() for arg in (f"--{name}", value)]])
+        empty = tempfile.mkdtemp()
+        with open(os.path.join(empty, "MLproject"), "w") as project:
+            project.write(EMPTY_PROJECT)
+        measured[BOUND] = ("bound", [mlflow, "run", empty, "--env-manager", "local"])
     return measured
 
 
@@ -109,8 +127,7 @@ def main() -> None:
     env = {**{name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_EXPERIMENT_")},
            "PYTHONPATH": repo, "MLFLOW_TRACKING_URI": store,
            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
-    run_args = ["-P", f"data_dir={data_dir}", "-P", f"max_train_samples={args.train_samples}"]
-    measured = commands(repo, rows, run_args)
+    measured = commands(repo, rows, {"data_dir": data_dir, "max_train_samples": str(args.train_samples)})
     times = {name: [] for name in measured}
     for r in range(args.repeats):  # interleaved, so drift in machine load hits every row alike
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)

@@ -37,12 +37,12 @@ class Local:
         for process in others:
             process.start()
         tuning.work(self.cfg, space, parent_run_id, 0, self.counts[0], data)
-        for process in others:
+        dead = []
+        for i, process in enumerate(others, start=1):
             process.join()
             if process.exitcode:
                 tuning.fail_trials_of(study, tuning.WORKER_ATTR, tuning.worker_name(process.pid))
-        dead = [f"worker {i} died (exit code {process.exitcode})" for i, process in enumerate(others, start=1)
-                if process.exitcode]
+                dead.append(f"worker {i} died (exit code {process.exitcode})")
         if dead:  # a worker killed mid-epoch leaves its progress bar's line unfinished on the terminal
             print(file=sys.stderr, flush=True)
         return dead

@@ -147,13 +147,17 @@ def refused_step(monkeypatch, capsys, module: str, *args: str) -> str:
     return refused(capsys, lambda: importlib.import_module(module).main(list(args)))
 
 
-def wait_until(condition, what: str, timeout: float = 120) -> None:
-    """Poll `condition()` until it is true; fail the test, naming `what` it waited for, after `timeout` s."""
+def wait_until(condition, what: str, timeout: float = 120, alive: subprocess.Popen | None = None, every: float = 0.1):
+    """Poll `condition()` every `every` s until it is true and return what it gave; fail the test,
+    naming `what` it waited for, after `timeout` s, or as soon as the process `alive` has exited."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (found := condition()):
+        if alive is not None and alive.poll() is not None:
+            pytest.fail(f"the process exited while waiting for {what}: {alive.communicate()[1][-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(0.1)
+        time.sleep(every)
+    return found
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -52,6 +52,8 @@ def test_startup_prints_each_row_against_the_import_floor(tiny_data):
     for row in ["serverFolder/local_server.py --help", "serverFolder/users.py --help"]:
         assert re.search(rf"{re.escape(row)}\s+\d+\.\d+\s+\d+\.\d+\s+< 1\s", result.stdout), row
     assert re.search(r"1-epoch run: wall - epoch\s+\d+\.\d+\s+\d+\.\d+\s+<= 2\s", result.stdout)
+    assert re.search(r"1-epoch steps.train: wall - epoch\s+\d+\.\d+\s+\d+\.\d+\s+<= 2\s", result.stdout)
+    assert re.search(r"mlflow run: import \+ empty run \(bound\)\s+\d+\.\d+\s+\d+\.\d+\s+\d", result.stdout)
     assert "steps.train --help" not in result.stdout  # rows not asked for are not measured
 
 

@@ -15,7 +15,8 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import EXPERIMENT, ROOT, project_copy, python_step, refused_script, require, run_step, step_env
+from conftest import (EXPERIMENT, ROOT, project_copy, python_step, refused_script, require, run_step, step_env,
+                      wait_until)
 import local_slurm
 from mnistflow import slurm, tuning
 from mnistflow.errors import ConfigError, StepFailed
@@ -144,17 +145,6 @@ def job_folders(project=ROOT) -> list[str]:
     return os.listdir(folder) if os.path.isdir(folder) else []
 
 
-def wait_for(condition, what: str, step: subprocess.Popen, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert step.poll() is None, step.communicate()[1][-3000:]
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"{what} did not happen within {timeout} s")
-
-
 def training_trials(storage: str, name: str) -> list:
     """The trials that have started training (their run exists), once the study does."""
     try:
@@ -170,7 +160,7 @@ def test_a_slurm_worker_killed_mid_trial_fails_it_and_the_trial_is_rerun(cluster
     step = subprocess.Popen(tune(postgres_url, tiny_data, name, "--workers", "2", "--n_trials", "2",
                                  "--pruner", "none", "--system_metrics", "false", "--epochs", "30"),
                             cwd=ROOT, env=step_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    [victim, *_] = wait_for(lambda: training_trials(postgres_url, name), "a trial's training", step)
+    [victim, *_] = wait_until(lambda: training_trials(postgres_url, name), "a trial's training", 180, alive=step, every=0.5)
     pid = int(victim.user_attrs[tuning.WORKER_ATTR].rsplit(":", 1)[1])  # a task's process on this one node
     os.kill(pid, 9)
     stdout, stderr = step.communicate(timeout=300)
@@ -207,8 +197,8 @@ def test_a_stopped_array_ends_the_step_with_nothing_left_running(cluster, store,
                                  "--epochs", "500", "--pruner", "none", "--system_metrics", "false"),
                             cwd=ROOT, env=step_env(), preexec_fn=sigint_as_in_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    trials = wait_for(lambda: len(training_trials(postgres_url, name)) == 2 and training_trials(postgres_url, name),
-                      "both trials' training", step)
+    trials = wait_until(lambda: len(training_trials(postgres_url, name)) == 2 and training_trials(postgres_url, name),
+                        "both trials' training", 180, alive=step, every=0.5)
     job = trials[0].user_attrs[tuning.SLURM_JOB_ATTR]
     if stop == "scancel":
         subprocess.run(["scancel", job], check=True)  # as a user would, from another shell
@@ -316,15 +306,6 @@ def submitted(*sbatch_args: str) -> str:
     return done.stdout.strip()
 
 
-def until(condition, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := condition():
-            return found
-        time.sleep(0.2)
-    pytest.fail(f"{what} did not happen within {timeout} s")
-
-
 @pytest.mark.parametrize("case, message", [
     ("requeued held", "is PENDING (held), which it leaves only when someone acts on it; cancelled job"),
     ("special exit", "is SPECIAL_EXIT, which it leaves only when someone acts on it; cancelled job"),
@@ -335,7 +316,7 @@ def test_waiting_on_a_stuck_or_overdue_array_cancels_it_with_one_line(cluster, c
         job = submitted("--array=0-1", "--wrap=sleep 600")
     else:  # scontrol puts a job that ran back in the queue, held, as a node's health check or an admin may
         job = submitted("--array=0", "--wrap=true")
-        until(lambda: slurm.task_states(job) == {"0": "COMPLETED"}, "the job's end")
+        wait_until(lambda: slurm.task_states(job) == {"0": "COMPLETED"}, "the job's end")
         subprocess.run(["scontrol", "requeuehold", *(["State=SpecialExit"] if case == "special exit" else []), job],
                        check=True)
     with pytest.raises(StepFailed) as failed:
@@ -366,7 +347,7 @@ def test_a_step_as_a_slurm_job_logs_to_the_same_store_tagged_with_the_job(cluste
                          "-P", "epochs=1", "-P", f"data_dir={tiny_data}", "-P", "system_metrics=false")
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip()
-    states = until(lambda: slurm.ended(states := slurm.task_states(job)) and states, "the job's end", timeout=300)
+    states = wait_until(lambda: slurm.ended(states := slurm.task_states(job)) and states, "the job's end", timeout=300)
     assert list(states.values()) == ["COMPLETED"], (tmp_path / f"{job}.out").read_text()[-3000:]
     [run] = runs()
     assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == job
