@@ -192,6 +192,11 @@ PROBES = [
     step("predict", "no --images", *MODEL, args=()),
     step("predict", "--model_uri models:/Nope@production", "--images", "{png}"),
 
+    # The serve step: flags, and a model that is not registered (nothing is started for either).
+    *(step("serve", bad) for bad in (
+        "--workers 0", "--workers 33", "--port 70000", "--host 0.0.0.0", "--poll_interval nan", "--poll_interval 0",
+        "--check_accuracy 2", "--alias 'a b'", "--model_name /bad", "--model_name Nope")),
+
     # The plot_loss step.
     step("plot_loss", "no --run_id", args=()),
     step("plot_loss", "--run_id nosuchrun"),
@@ -222,6 +227,8 @@ PROBES = [
     mlflow_run("evaluate", "model_uri=models:/Nope@production"),
     mlflow_run("predict", "images=<missing file>", params=("images={tmp}/missing.png",)),
     mlflow_run("predict", "plot={tmp}/preds.txt", "model_uri=runs:/{run}/model", "images={png}"),
+    mlflow_run("serve", "workers=0"),
+    mlflow_run("serve", "model_name=Nope"),
     mlflow_run("plot_loss", "run_id=nosuchrun"),
     mlflow_run("plot_loss", "out={tmp}/loss.txt", "run_id={run}"),
     mlflow_run("main", "epochs=0"),

@@ -52,6 +52,8 @@ MAX_WEIGHT_DECAY = 1.0       # beyond it the decay outweighs the data whatever t
 SEEDS = 2**32                # numpy and Optuna's samplers take seeds in [0, 2**32)
 MAX_HEARTBEAT_S = 86_400     # a day; a wait longer than threading allows ends Optuna's heartbeat thread silently
 MAX_WORKERS = 1000           # Slurm's default MaxArraySize allows 1001 tasks; as many local processes would thrash
+MAX_SERVE_WORKERS = 32      # model processes of one version; each holds the model and a Python
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 NOTE_MAX = 6000              # MLflow's longest param value: `mlflow run` logs -P note=... as one
 STUDY_NAME_MAX = 512         # the study_name column of Optuna's RDB storage (tests/test_config.py keeps them equal)
 # The Optuna storage URL when it holds a password: read by the tune step, never logged or printed.
@@ -402,6 +404,39 @@ class PredictConfig:
 
 
 @dataclass
+class ServeConfig:
+    model_name: str = setting("MNIST_CNN", "the registered model to serve")
+    alias: str = setting("production", "the alias to follow: the version it names answers, and when it moves the "
+                                       "endpoint moves with it")
+    host: str = setting("127.0.0.1", "the address the proxy listens on: a loopback one (`127.0.0.1`, `::1`, "
+                                     "`localhost`)")
+    port: int = setting(5001, "the proxy's port")
+    workers: int = setting(2, f"model processes behind the proxy, 1 to {MAX_SERVE_WORKERS}")
+    poll_interval: float = setting(2.0, "seconds between looks at the alias, in (0, 3600]")
+    check_accuracy: float = setting(0.8, "a version takes traffic only once each of its processes classifies at "
+                                         "least this fraction of the known pictures (the first 100 of its dataset's "
+                                         "test split) right; in [0, 1]")
+    data_dir: str = like(TrainConfig, "data_dir")
+
+    def validate(self) -> "ServeConfig":
+        _check_numbers(self)
+        if not MODEL_NAME.fullmatch(self.model_name):
+            raise ConfigError(f"model_name {self.model_name!r} is not allowed; give letters, digits, '_', '.', '-' "
+                              "or spaces, starting with a letter or digit")
+        if not ALIAS.fullmatch(self.alias):
+            raise ConfigError(f"alias {self.alias!r} is not allowed; give letters, digits, '_' or '-'")
+        if self.host not in LOOPBACK_HOSTS:
+            raise ConfigError(f"host {self.host!r} is not allowed; give {', '.join(LOOPBACK_HOSTS)}: the endpoint "
+                              "has no TLS or API keys of its own yet")
+        _in_range(self, "port", 1, 65535)
+        _in_range(self, "workers", 1, MAX_SERVE_WORKERS)
+        if not 0 < self.poll_interval <= 3600:
+            raise ConfigError(f"poll_interval={self.poll_interval} is not allowed; it must be in (0, 3600]")
+        _in_range(self, "check_accuracy", 0, 1)
+        return self
+
+
+@dataclass
 class PlotLossConfig:
     run_id: str = setting("", "a train run or a tune parent run (required)")
     out: str = setting("", "where to save the picture (PNG, or another format by the name's ending); empty = "
@@ -469,7 +504,8 @@ def refuse_storage_password(storage: str) -> None:
 
 ENTRY_POINTS = {
     "main": PipelineConfig, "train": TrainConfig, "tune": TuneConfig, "register": RegisterConfig,
-    "evaluate": EvaluateConfig, "predict": PredictConfig, "plot_loss": PlotLossConfig, "progressive": ProgressiveConfig,
+    "evaluate": EvaluateConfig, "predict": PredictConfig, "serve": ServeConfig, "plot_loss": PlotLossConfig,
+    "progressive": ProgressiveConfig,
 }
 
 

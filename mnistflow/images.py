@@ -8,6 +8,7 @@ lack: a page lit unevenly, a faint halo of blur or noise around the strokes, and
 by blur or downscaling where MNIST's are mostly at full brightness. Each of those steps was
 chosen by its effect on bench/robustness.py (docs/results.md, Robustness).
 """
+import io
 import os
 import warnings
 
@@ -29,20 +30,26 @@ CONVENTIONS = {"mnist": {"box": BOX, "strokes": True}, "fashion_mnist": {"box": 
 def read(path: str) -> Image.Image:
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise ImageError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        return decode(f.read(), path)
+
+
+def decode(data: bytes, name: str = "image") -> Image.Image:
+    """The picture in `data` (PNG, JPEG, ...), named `name` in errors."""
+    if not data:
+        raise ImageError(f"{name}: the file is empty")
     try:
         # Pillow only warns between its pixel limit and twice that; a decompression bomb is
         # refused either way, before its pixels fill the memory.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: refused, {exc}") from None
+        raise ImageError(f"{name}: refused, {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageError(f"{path}: not an image Pillow can read ({type(exc).__name__})") from None
+        raise ImageError(f"{name}: not an image Pillow can read ({type(exc).__name__})") from None
 
 
 def grayscale(image: Image.Image) -> np.ndarray:

@@ -11,22 +11,13 @@ Started as root, nginx's workers run as www-data. Responses carry HSTS; request 
 limited to --max-body-size; requests with a password (basic auth) are rate-limited per address.
 """
 import argparse
-import getpass
 import os
-import pwd
 import re
-import shutil
 import sys
 
 from local_server import HERE, address, folder, is_host, launch, positive, stop
+from mnistflow import nginx
 from mnistflow.flags import OneLineParser
-
-# When started as root, nginx's workers run as this account, with Debian's own temporary
-# directories (owned by it), not as root.
-WORKER_USER, WORKER_TEMP = "www-data", "/var/lib/nginx"
-# nginx.conf holds the paths given in double quotes, where nginx reads a space, ';', '{' or '#' as
-# part of the path; a quote or backslash would end or escape the string, '$' names a variable.
-NGINX_PATH = re.compile(r'[^"\\$\x00-\x1f\x7f]+')
 
 
 def body_size(text: str) -> str:
@@ -41,14 +32,6 @@ def request_rate(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give requests per second or per minute "
                                          "(nginx's limit_req_zone rate), e.g. 5r/s or 30r/m")
     return text
-
-
-def has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,7 +65,7 @@ def unusable(args: argparse.Namespace) -> str:
     if not is_host(args.server_name):
         return f"--server-name {args.server_name!r} is not allowed; give a host name or an IP address"
     for option, path in (("--cert", args.cert), ("--key", args.key), ("--root", args.root)):
-        if not NGINX_PATH.fullmatch(os.path.abspath(path)):
+        if not nginx.NGINX_PATH.fullmatch(os.path.abspath(path)):
             return (f"{option} {path!r} is not allowed; nginx.conf takes a path without a double quote, "
                     "backslash, '$' or control character")
     for option, path in (("--cert", args.cert), ("--key", args.key)):
@@ -91,10 +74,8 @@ def unusable(args: argparse.Namespace) -> str:
     return ""
 
 
-def render(args: argparse.Namespace, root: str) -> str:
-    as_root = os.geteuid() == 0
-    values = {"USER": WORKER_USER if as_root else getpass.getuser(), "ROOT": root,
-              "TEMP": WORKER_TEMP if as_root else os.path.join(root, "tmp"), "LISTEN": args.listen,
+def render(args: argparse.Namespace, root: str, user: str, temp: str) -> str:
+    values = {"USER": user, "ROOT": root, "TEMP": temp, "LISTEN": args.listen,
               "SERVER_NAME": args.server_name, "CERT": os.path.abspath(args.cert), "KEY": os.path.abspath(args.key),
               "UPSTREAM": args.upstream, "MAX_BODY_SIZE": args.max_body_size, "LOGIN_RATE": args.login_rate}
     with open(os.path.join(HERE, "nginx.conf")) as f:
@@ -107,19 +88,20 @@ def render(args: argparse.Namespace, root: str) -> str:
 
 
 def start(args: argparse.Namespace) -> None:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(nginx):
+    program = nginx.binary()
+    if not program:
         sys.exit("tls_proxy: nginx is not installed (apt-get install nginx-light)")
     root = os.path.abspath(args.root)
-    if os.geteuid() == 0 and not (has_user(WORKER_USER) and os.path.isdir(WORKER_TEMP)):
-        sys.exit(f"tls_proxy: started as root, nginx's workers run as {WORKER_USER} with {WORKER_TEMP}, "
+    os.makedirs(root, exist_ok=True)
+    user, temp = nginx.workers_account(root)
+    if not user:
+        sys.exit(f"tls_proxy: started as root, nginx's workers run as {nginx.WORKER_USER} with {nginx.WORKER_TEMP}, "
                  "which Debian's nginx package creates; install it or start tls_proxy.py as another user")
-    os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
-    config = render(args, root)
+    config = render(args, root, user, temp)
     sibling_ca = os.path.join(os.path.dirname(os.path.abspath(args.cert)), "ca.crt")
     port = args.listen.rsplit(":", 1)[1]
     url = f"https://[{args.server_name}]:{port}" if ":" in args.server_name else f"https://{args.server_name}:{port}"
-    launch("tls_proxy", [nginx, "-c", config, "-e", os.path.join(root, "error.log")], root, url, args.timeout,
+    launch("tls_proxy", [program, "-c", config, "-e", os.path.join(root, "error.log")], root, url, args.timeout,
            cafile=args.cafile or (sibling_ca if os.path.exists(sibling_ca) else ""))
     print(f"export MLFLOW_TRACKING_URI={url}")
 

@@ -147,13 +147,19 @@ def refused_step(monkeypatch, capsys, module: str, *args: str) -> str:
     return refused(capsys, lambda: importlib.import_module(module).main(list(args)))
 
 
+def readme_line(start: str) -> str:
+    """The one line of README.md that starts with `start`: the tests run the commands users copy."""
+    [line] = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith(start)]
+    return line
+
+
 def wait_until(condition, what: str, timeout: float = 120, alive: subprocess.Popen | None = None, every: float = 0.1):
     """Poll `condition()` every `every` s until it is true and return what it gave; fail the test,
     naming `what` it waited for, after `timeout` s, or as soon as the process `alive` has exited."""
     deadline = time.monotonic() + timeout
     while not (found := condition()):
         if alive is not None and alive.poll() is not None:
-            pytest.fail(f"the process exited while waiting for {what}: {alive.communicate()[1][-3000:]}")
+            pytest.fail(f"the process exited while waiting for {what}: {(alive.communicate()[1] or '')[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"waited {timeout} s for {what}")
         time.sleep(every)
@@ -172,14 +178,15 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> 
     pytest.fail(f"{url} did not answer within {timeout} s")
 
 
-def require(installed: bool, what: str, debian_package: str) -> None:
-    """Skip a test that needs a server program which is not installed, unless
+def require(installed: bool, what: str, debian_package: str = "", fix: str = "") -> None:
+    """Skip a test that needs a server program (or files) which is not installed, unless
     MNISTFLOW_REQUIRE_SERVERS=1 (as in CI) makes that a failure."""
     if installed:
         return
+    fix = fix or f"apt-get install {debian_package}"
     if os.environ.get("MNISTFLOW_REQUIRE_SERVERS") == "1":
-        pytest.fail(f"{what} is required here but not installed (apt-get install {debian_package})")
-    pytest.skip(f"{what} is not installed (apt-get install {debian_package})")
+        pytest.fail(f"{what} is required here but not installed ({fix})")
+    pytest.skip(f"{what} is not installed ({fix})")
 
 
 @pytest.fixture(scope="session")

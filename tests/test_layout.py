@@ -12,14 +12,16 @@ from conftest import ROOT
 LAYERS = [
     (["cli"], "around each step: flags → access check → work → one-line error"),
     (["keystore", "auth", "cli_guard"], "API keys (server, client) · the `mlflow run` check"),
-    (["pipeline", "workers", "slurm"], "what the steps do: the chain, tune's workers (local, Slurm)"),
-    (["tuning", "registry", "plot_loss"], "a study's trials, the gated registry, loss plots"),
+    (["pipeline", "workers", "slurm", "rollout"], "what the steps do: the chain, tune's workers (local, Slurm), "
+                                                  "versions behind nginx"),
+    (["tuning", "registry", "plot_loss", "serving"], "a study's trials, the gated registry, loss plots, "
+                                                     "a model process"),
     (["robustness", "logged_model", "tensorboard_log"], "robustness, the one logged model form, event files"),
     (["report", "checkpoints", "tracking"], "test reports, checkpoints, runs (step_run opens each)"),
     (["train", "plots", "metrics", "images"], "fit (the loop, no MLflow), figures, scores, pictures"),
     (["models", "augment", "data"], "the nets, augmentation, the datasets"),
     (["config"], "each step's settings: default, meaning, checks"),
-    (["flags", "errors"], "command lines and --help · error kinds and exit codes"),
+    (["flags", "errors", "nginx"], "command lines and --help · error kinds and exit codes · nginx's account"),
 ]
 # Bottom to top: each module may import only the ones before it.
 ORDER = [module for modules, _ in reversed(LAYERS) for module in reversed(modules)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from conftest import EXPERIMENT, ROOT, free_port, python_step, run_step, step_env, wait_until_up
+from conftest import EXPERIMENT, ROOT, free_port, python_step, readme_line, run_step, step_env, wait_until_up
 from mnistflow import data as datasets
 from mnistflow import logged_model, models, pipeline
 from mnistflow.config import REGISTRY_DEFAULTS
@@ -401,12 +401,6 @@ def test_mlflow_run_register_then_evaluate_and_serve(registry_store, tiny_data, 
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def readme_line(start: str) -> str:
-    """The one line of README.md that starts with `start`: the tests run the commands users copy."""
-    [line] = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith(start)]
-    return line
 
 
 def test_train_with_register_true_gates_its_run_with_the_default_gate(store, tiny_data):

@@ -19,7 +19,7 @@ from conftest import (EXPERIMENT, ROOT, project_copy, python_step, refused_scrip
                       wait_until)
 import local_slurm
 from mnistflow import slurm, tuning
-from mnistflow.errors import ConfigError, StepFailed
+from mnistflow.errors import StepFailed
 
 SMALL = ["--epochs", "1", "--pruner", "none", "--system_metrics", "false"]
 

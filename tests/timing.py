@@ -12,8 +12,6 @@
 import json
 import os
 
-import pytest
-
 DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
 QUICK_S = 2.0
 CHEAP_SHARED_FIXTURES = {"tiny_data", "tmp_path_factory", "monkeypatch_session", "worker_id", "testrun_uid"}

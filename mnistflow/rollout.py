@@ -1,0 +1,395 @@
+"""The serve step's machinery: model processes (mnistflow/serving.py) behind nginx, following a
+registry alias, one version at a time.
+
+Blue/green: when the alias names another version, a second set of model processes starts on it
+(green), each is checked (it answers /health, and classifies the known pictures, the first of its
+dataset's test set, well enough), and only then does nginx point at them; nginx's reload lets
+requests in flight finish on the old set (blue), which is stopped once nginx's old workers are
+gone. A version that fails to start or to pass the check never takes traffic: the old one keeps
+serving, and the refusal is one line here and a tag on the model version in the registry.
+nginx retries a request on another process when one fails to answer (a crashed process), and a
+process that dies is started again.
+"""
+import base64
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from mnistflow import nginx, serving
+from mnistflow.errors import ConfigError, NotFound, StepError, first_line
+
+REFUSED_TAG = "mnistflow.serve_refused"  # on a model version: why the serve step would not send it traffic
+KNOWN_PICTURES = 100
+START_TIMEOUT_S = 120
+CONFIG = """\
+{user}worker_processes 1;
+pid "{root}/nginx.pid";
+error_log "{root}/error.log" warn;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+    access_log "{root}/access.log";
+    client_body_temp_path "{temp}/body";
+    proxy_temp_path "{temp}/proxy";
+    fastcgi_temp_path "{temp}/fastcgi";
+    uwsgi_temp_path "{temp}/uwsgi";
+    scgi_temp_path "{temp}/scgi";
+    client_max_body_size {max_body};
+    client_body_buffer_size {max_body};  # a request's pictures stay in memory, not in a temporary file
+    include "{root}/upstream.conf";
+    server {{
+        listen {listen};
+        # nginx's own refusals as the model processes' are: one line of JSON.
+        error_page 413 /413.json;
+        error_page 502 503 504 /5xx.json;
+        location = /413.json {{
+            internal;
+            default_type application/json;
+            return 413 '{{"error": "the body is over {max_body} bytes, the most allowed"}}\n';
+        }}
+        location = /5xx.json {{
+            internal;
+            default_type application/json;
+            return 503 '{{"error": "no model process answered; try again"}}\n';
+        }}
+        location / {{
+            proxy_pass http://models;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # A process that refuses the connection or drops it (crashed, or being replaced) costs
+            # the client nothing: the request goes to the next one. Predictions change no state,
+            # so a POST may be sent again.
+            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+            proxy_next_upstream_tries 3;
+            proxy_read_timeout 60s;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 5) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def post_json(url: str, body: dict, timeout: float = 60) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+class Pool:
+    """The model processes of one version, each on a loopback port of its own. They start as
+    spares (mnistflow/serving.py), so that a pool can be made ready before it is needed; `load`
+    gives them their version."""
+
+    def __init__(self, count: int, root: str, token: str, warm_uri: str = ""):
+        """`warm_uri`: a version the spares load once and forget, which makes their next load quick."""
+        self.root, self.token, self.warm_uri, self.model_uri, self.version = root, token, warm_uri, "", ""
+        self.processes = {free_port(): None for _ in range(count)}
+        for port in self.processes:
+            self.start(port)
+
+    def log_path(self, port: int) -> str:
+        return os.path.join(self.root, f"model-{port}.log")
+
+    def start(self, port: int) -> None:
+        """A spare on `port`, or, once the pool has its version, a process that loads it as it starts."""
+        env = {**os.environ, serving.TOKEN_ENV: self.token, serving.MODEL_ENV: self.model_uri,
+               serving.WARM_ENV: self.warm_uri}
+        with open(self.log_path(port), "ab") as log:
+            self.processes[port] = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "mnistflow.serving:create_app", "--host", "127.0.0.1",
+                 "--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "30"],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def up(self, timeout: float = START_TIMEOUT_S) -> str:
+        """"" once every process answers (a spare says 503: no version yet); else why not."""
+        deadline = time.monotonic() + timeout
+        waiting = set(self.processes)
+        while waiting:
+            for port in list(waiting):
+                if self.processes[port].poll() is not None:
+                    return f"its model process exited ({self.last_line(port)})"
+                try:
+                    get(f"http://127.0.0.1:{port}/health", timeout=2)
+                    waiting.discard(port)
+                except urllib.error.HTTPError:
+                    waiting.discard(port)
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                return f"its model processes did not answer within {timeout:.0f} s"
+            time.sleep(0.1)
+        return ""
+
+    def load(self, model_uri: str, version: str) -> str:
+        """"" once every process has loaded `model_uri`; else why not."""
+        self.model_uri, self.version = model_uri, version
+        for port in self.processes:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/load", data=json.dumps({"model_uri": model_uri}).encode(),
+                                             headers={"Content-Type": "application/json", "X-Serve-Token": self.token})
+            try:
+                with urllib.request.urlopen(request, timeout=START_TIMEOUT_S):
+                    pass
+            except urllib.error.HTTPError as exc:
+                return f"it did not load ({json.loads(exc.read() or b'{}').get('error', exc)})"
+            except OSError as exc:
+                return f"it did not load ({exc})"
+        return ""
+
+    def last_line(self, port: int) -> str:
+        with open(self.log_path(port), errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        return lines[-1] if lines else "no output"
+
+    def check(self, known: "KnownPictures", min_accuracy: float) -> str:
+        """"" when each process classifies the known pictures well enough; else why not."""
+        for port in self.processes:
+            base = f"http://127.0.0.1:{port}"
+            try:
+                metadata = json.loads(get(f"{base}/metadata"))
+                pictures, labels = known.of(metadata["dataset"])
+                answer = post_json(f"{base}/predict", {"pictures": pictures})
+                right = sum(metadata["classes"].index(prediction["class"]) == label
+                            for prediction, label in zip(answer["predictions"], labels))
+            except (OSError, ValueError, KeyError) as exc:
+                return f"its check request failed ({exc})"
+            if right / len(labels) < min_accuracy:
+                return (f"it classified {right} of the {len(labels)} known {metadata['dataset']} pictures right, "
+                        f"below check_accuracy={min_accuracy}")
+        return ""
+
+    def restart_dead(self) -> list[int]:
+        """Start again each process that has exited, loading the pool's version; their ports."""
+        dead = [port for port, process in self.processes.items() if process.poll() is not None]
+        for port in dead:
+            self.start(port)
+        return dead
+
+    def stop(self) -> None:
+        """SIGTERM: uvicorn finishes the requests it holds, then exits."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+class KnownPictures:
+    """The first pictures of each dataset's test split, as PNG in base64, with their labels."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir, self.cache = data_dir, {}
+
+    def of(self, dataset: str) -> tuple[list[str], list[int]]:
+        if dataset not in self.cache:
+            from PIL import Image
+
+            from mnistflow import data as datasets
+
+            data = datasets.load(dataset, self.data_dir)
+            pixels = (data.pixels(data.test)[:KNOWN_PICTURES, 0].numpy() * 255).round().astype("uint8")
+            encoded = []
+            for picture in pixels:
+                png = io.BytesIO()
+                Image.fromarray(picture).save(png, "PNG")
+                encoded.append(base64.b64encode(png.getvalue()).decode())
+            self.cache[dataset] = encoded, data.test.labels[:KNOWN_PICTURES].tolist()
+        return self.cache[dataset]
+
+
+class Proxy:
+    """nginx on host:port in front of one pool at a time."""
+
+    def __init__(self, listen: str, root: str):
+        program = nginx.binary()
+        if not program:
+            raise ConfigError("the serve step needs nginx (apt-get install nginx-light)")
+        if not nginx.NGINX_PATH.fullmatch(root):
+            raise ConfigError(f"{root!r} cannot be written into nginx.conf; set TMPDIR to a plainer directory")
+        user, temp = nginx.workers_account(root)
+        if not user:
+            raise ConfigError(f"started as root, nginx's workers run as {nginx.WORKER_USER} with {nginx.WORKER_TEMP}, "
+                              "which Debian's nginx package creates; install it or serve as another user")
+        self.root = root
+        config = os.path.join(root, "nginx.conf")
+        with open(config, "w") as f:
+            f.write(CONFIG.format(user=f"user {user};\n" if os.geteuid() == 0 else "", root=root, temp=temp,
+                                  listen=listen, max_body=serving.MAX_BODY_BYTES))
+        self.command = [program, "-c", config, "-e", os.path.join(root, "error.log")]
+        self.process = None
+
+    def point_at(self, ports) -> None:
+        """Send new requests to `ports`: a reload lets the requests in flight finish where they are."""
+        with open(os.path.join(self.root, "upstream.conf"), "w") as f:
+            servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=1s;\n" for port in ports)
+            f.write(f"upstream models {{\n{servers}    keepalive 16;\n}}\n")
+        if self.process is None:
+            self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return
+        old_workers = self.workers()
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while old_workers & self.workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def workers(self) -> set[int]:
+        """The pids of nginx's worker processes (the master's children)."""
+        import psutil
+
+        return {child.pid for child in psutil.Process(self.process.pid).children()}
+
+    def wait_up(self, url: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                with open(os.path.join(self.root, "error.log"), errors="replace") as log:
+                    lines = log.read().strip().splitlines() or ["no error logged"]
+                raise ConfigError(f"nginx did not start: {lines[-1]}")
+            try:
+                get(f"{url}/health", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise StepError(f"nginx did not answer at {url} within {timeout} s") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # graceful: requests in flight finish
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def alias_version(client, name: str, alias: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        raise NotFound(f"{name}@{alias}: no such registered model or alias; promote a version with "
+                       "`mlflow run . -e register` first") from None
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether nginx could listen on host:port (as nginx does, past connections closing there)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interval: float,
+          check_accuracy: float, data_dir: str) -> None:
+    """Serve models:/<name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    version = alias_version(client, name, alias)
+    if not port_free(host, port):
+        raise ConfigError(f"port {port} on {host} is in use; give another port")
+    root = tempfile.mkdtemp(prefix="mnistflow-serve-")
+    token = secrets.token_hex(16)
+    known = KnownPictures(data_dir)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    url = f"http://{listen}"
+    refused, pools = set(), []  # pools: every one started and not yet stopped, for Ctrl-C at any point
+
+    def new_pool(warm_uri: str = "") -> Pool:
+        pools.append(Pool(workers, root, token, warm_uri))
+        return pools[-1]
+
+    def checked(pool: Pool, version: str) -> bool:
+        """Whether `pool` has loaded `version` and answers right; if not, one line, a tag, and the pool stopped."""
+        reason = pool.up() or pool.load(f"models:/{name}/{version}", version) or pool.check(known, check_accuracy)
+        if not reason:
+            return True
+        pool.stop()
+        pools.remove(pool)
+        refused.add(version)
+        say(f"refused version {version} of {name}: {reason}")
+        try:
+            client.set_model_version_tag(name, version, REFUSED_TAG, reason[:5000])
+        except MlflowException as exc:
+            say(f"cannot tag version {version} with {REFUSED_TAG}: {first_line(exc)}")
+        return False
+
+    def stop_on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    proxy = None
+    try:
+        proxy = Proxy(listen, root)
+        live = new_pool()
+        if not checked(live, version):
+            raise StepError(f"version {version} of {name}@{alias} cannot be served (see the line above)")
+        proxy.point_at(live.processes)
+        proxy.wait_up(url)
+        print(f"serving {name}@{alias} (version {version}) at {url} with {workers} model processes; "
+              "POST /predict takes pictures, /invocations arrays; Ctrl-C stops", flush=True)
+        spare = new_pool(live.model_uri)  # the next version's processes, made ready while this one serves
+        while True:
+            time.sleep(poll_interval)
+            for port in live.restart_dead():
+                say(f"the model process on port {port} exited; started again")
+            try:
+                wanted = alias_version(client, name, alias)
+            except (NotFound, MlflowException, OSError) as exc:
+                say(f"cannot read {name}@{alias} ({first_line(exc)}); version {live.version} keeps serving")
+                continue
+            if wanted == live.version or wanted in refused:
+                continue
+            green, spare = spare, None
+            green.restart_dead()  # a spare that died waiting is no fault of the version's
+            if checked(green, wanted):
+                proxy.point_at(green.processes)
+                blue, live = live, green
+                blue.stop()
+                pools.remove(blue)
+                print(f"serving {name}@{alias} version {wanted} (was {blue.version}) at {url}", flush=True)
+            spare = new_pool(live.model_uri)
+    except KeyboardInterrupt:
+        print("serve: stopped", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proxy is not None:
+            proxy.stop()
+        for pool in pools:
+            pool.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def say(line: str) -> None:
+    print(f"serve: {line}", file=sys.stderr, flush=True)

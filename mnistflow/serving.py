@@ -1,0 +1,204 @@
+"""One model process of the serve step: MLflow's scoring server for one registered model version,
+with a route that takes pictures.
+
+    MNISTFLOW_SERVE_MODEL=models:/MNIST_CNN/3 uvicorn --factory mnistflow.serving:create_app --port 5101
+
+Started without MNISTFLOW_SERVE_MODEL, it is a spare: everything imported, no version loaded,
+until the serve step tells it which to load (POST /load), so that a new version takes traffic
+in about the time its weights take to read rather than an interpreter's start.
+
+MLflow's own routes answer as under `mlflow models serve` (`/invocations` takes the signature's
+(N, 1, 28, 28) arrays; `/ping`, `/health`, `/version`). `POST /predict` takes pictures (PNG,
+JPEG, ...), either as a file upload (`curl -F picture=@digit.png`, any number of files) or as
+JSON `{"pictures": ["<base64>", ...]}`, brings each to the MNIST convention as the predict step
+does, and answers per picture its class, its probabilities and an id; every response names the
+version that answered in the header X-Model-Version. A bad request gets a 4xx with one line of
+JSON, {"error": "..."}, and the process goes on serving.
+"""
+import asyncio
+import base64
+import binascii
+import json
+import os
+import uuid
+
+import numpy as np
+
+from mnistflow import images, logged_model
+from mnistflow.errors import ImageError, StepError
+
+MODEL_ENV = "MNISTFLOW_SERVE_MODEL"  # models:/<name>/<version>: the one version this process serves
+WARM_ENV = "MNISTFLOW_SERVE_WARM"  # a spare's: a version to load once and forget, so that its next load is quick
+TOKEN_ENV = "MNISTFLOW_SERVE_TOKEN"  # what a POST /load must carry: only the serve step picks the version
+MAX_BODY_BYTES = 10 * 1024 * 1024  # a request's pictures, all together
+MAX_PICTURES = 1000
+VERSION_HEADER = "X-Model-Version"
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def pictures_of_json(body: bytes) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each picture of a JSON body {"pictures": [base64, ...]}."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the body is not JSON ({exc}); send {{\"pictures\": [\"<base64 PNG or JPEG>\", ...]}} "
+                         "or upload files with -F picture=@file.png") from None
+    pictures = request.get("pictures") if isinstance(request, dict) else None
+    if not isinstance(pictures, list) or not all(isinstance(p, str) for p in pictures):
+        raise BadRequest("the JSON must be {\"pictures\": [\"<base64 PNG or JPEG>\", ...]}, a list of strings")
+    decoded = []
+    for i, text in enumerate(pictures):
+        try:
+            decoded.append((f"picture {i}", base64.b64decode(text, validate=True)))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"picture {i} is not base64") from None
+    return decoded
+
+
+async def body_of(request) -> bytes:
+    """The request's body, refused once it passes MAX_BODY_BYTES (a chunked one declares no length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BadRequest(f"the body is over {MAX_BODY_BYTES} bytes, the most allowed", 413)
+    if not body:
+        raise BadRequest("the body is empty; send {\"pictures\": [\"<base64 PNG or JPEG>\", ...]} "
+                         "or upload files with -F picture=@file.png")
+    return bytes(body)
+
+
+async def pictures_of_upload(headers, body: bytes) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each file of a multipart/form-data body."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=MAX_PICTURES).parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"the upload cannot be read: {exc.message}") from None
+    files = [value for _, value in form.multi_items() if not isinstance(value, str)]
+    return [(upload.filename or f"picture {i}", await upload.read()) for i, upload in enumerate(files)]
+
+
+def version_app(uri: str):
+    """The FastAPI app of one model version: MLflow's scoring server and /predict, /metadata."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from mlflow.pyfunc import scoring_server
+
+    model = logged_model.load(uri)
+    version = uri.rstrip("/").rsplit("/", 1)[-1]
+    metadata = model.metadata.metadata or {}
+    dataset = metadata.get("dataset", "mnist")
+    classes = metadata.get("classes") or [str(i) for i in range(10)]
+    app = scoring_server.init(model)
+
+    def answer(pictures: list[tuple[str, bytes]]) -> dict:
+        inputs = np.stack([images.to_mnist(images.decode(data, name), name, dataset) for name, data in pictures])
+        probabilities = logged_model.probabilities(model, inputs[:, None])
+        return {"model_uri": uri, "version": version, "predictions": [
+            {"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
+             "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)}}
+            for p in probabilities]}
+
+    @app.middleware("http")
+    async def name_the_version(request: Request, call_next):
+        response = await call_next(request)
+        response.headers[VERSION_HEADER] = version
+        return response
+
+    @app.get("/metadata")
+    async def describe():
+        return {"model_uri": uri, "version": version, "dataset": dataset, "classes": classes}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            body = await body_of(request)
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                pictures = await pictures_of_upload(request.headers, body)
+            else:
+                pictures = pictures_of_json(body)
+            if len(pictures) > MAX_PICTURES:
+                raise BadRequest(f"{len(pictures)} pictures; at most {MAX_PICTURES} per request are allowed", 413)
+            if not pictures:
+                raise BadRequest("no pictures: send {\"pictures\": [\"<base64 PNG or JPEG>\", ...]} "
+                                 "or upload files with -F picture=@file.png")
+            return await asyncio.to_thread(answer, pictures)
+        except (BadRequest, ImageError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))
+
+    return app
+
+
+class Process:
+    """What uvicorn runs: the app of the version loaded, or, in a spare process that has loaded
+    none yet, 503 to everything but POST /load. A spare has imported everything a version needs,
+    so that loading one takes about as long as reading its weights."""
+
+    def __init__(self, token: str):
+        self.token, self.app = token, None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.lifespan(receive, send)
+        if scope["type"] == "http" and scope["path"] == "/load" and scope["method"] == "POST":
+            return await self.load(scope, receive, send)
+        if self.app is None:
+            return await respond(send, 503, {"error": "no model loaded yet"})
+        await self.app(scope, receive, send)
+
+    async def lifespan(self, receive, send):
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def load(self, scope, receive, send):
+        """POST /load {"model_uri": "models:/<name>/<version>"}, with the token the serve step gave
+        this process in X-Serve-Token: once, in a spare."""
+        headers = dict(scope["headers"])
+        if not self.token or headers.get(b"x-serve-token", b"").decode() != self.token:
+            return await respond(send, 403, {"error": "a wrong or missing X-Serve-Token"})
+        if self.app is not None:
+            return await respond(send, 409, {"error": "this process has loaded a version already"})
+        body = b""
+        while (message := await receive())["type"] == "http.request":
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            uri = json.loads(body)["model_uri"]
+            self.app = await asyncio.to_thread(version_app, uri)
+        except StepError as exc:
+            return await respond(send, 400, {"error": str(exc)})
+        except (ValueError, KeyError, TypeError):
+            return await respond(send, 400, {"error": "send {\"model_uri\": \"models:/<name>/<version>\"}"})
+        await respond(send, 200, {"loaded": uri})
+
+
+async def respond(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app():
+    """uvicorn's --factory: the app of the version $MNISTFLOW_SERVE_MODEL names, or a spare
+    process that loads one when the serve step (token $MNISTFLOW_SERVE_TOKEN) asks."""
+    process = Process(os.environ.get(TOKEN_ENV, ""))
+    if os.environ.get(MODEL_ENV):
+        process.app = version_app(os.environ[MODEL_ENV])
+    elif os.environ.get(WARM_ENV):
+        # A first load imports and caches for seconds (the store, torch.export's loader, MLflow's
+        # check of the installed packages); a spare does it now, on the version serving, and forgets it.
+        version_app(os.environ[WARM_ENV])
+    return process

@@ -1,0 +1,350 @@
+"""The serve step, for real: model processes behind nginx, on a SQLite registry holding a good
+model trained on the real MNIST files, the same model again, one that answers wrongly and one
+that cannot load; a steady load while the alias moves, a process is killed, and bad requests come."""
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from conftest import EXPERIMENT, ROOT, readme_line, refused_step, require, step_env, wait_until
+from mnistflow import rollout
+
+REAL_DATA = os.environ.get("MNISTFLOW_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data")
+NAME = "MNIST_CNN"
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """A picture as a user would send it: dark ink on white paper."""
+    out = io.BytesIO()
+    Image.fromarray(255 - (pixels * 255).round().astype(np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+class Registry:
+    def __init__(self, uri: str, versions: dict, pictures: list[bytes], labels: list[int]):
+        self.uri, self.versions, self.pictures, self.labels = uri, versions, pictures, labels
+
+    def point(self, alias_to: str) -> float:
+        """Move MNIST_CNN@production to the version called `alias_to`; when it moved."""
+        mlflow.MlflowClient(self.uri).set_registered_model_alias(NAME, "production", self.versions[alias_to])
+        return time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_data) -> Registry:
+    require(os.path.isdir(os.path.join(REAL_DATA, "MNIST", "raw")), "the real MNIST files",
+            fix=f"put them in {REAL_DATA} or name their folder in MNISTFLOW_DATA_DIR")
+    from mnistflow import data as datasets
+    from steps import train
+
+    root = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    runs = {}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        env.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        # good: real MNIST; wrong: the tiny data, whose labels say where a patch is, which a real digit does not
+        for kind, data_dir, samples in (("good", REAL_DATA, "3000"), ("wrong", tiny_data, "600")):
+            train.main(["--data_dir", data_dir, "--epochs", "1", "--max_train_samples", samples, "--augment", "shift"])
+            runs[kind] = mlflow.last_active_run().info.run_id
+        versions = {kind: str(mlflow.register_model(f"runs:/{run}/model", NAME).version)
+                    for kind, run in (("v1", runs["good"]), ("v2", runs["good"]), ("wrong", runs["wrong"]))}
+        mlflow.set_tracking_uri(None)
+    broken = root / "broken-model"
+    broken.mkdir()
+    (broken / "MLmodel").write_text("not: [a model\n")
+    versions["broken"] = str(client.create_model_version(NAME, str(broken)).version)
+    data = datasets.load("mnist", REAL_DATA)
+    pixels = data.pixels(data.test)[100:110, 0].numpy()  # not among the known pictures the serve step checks with
+    registry = Registry(uri, versions, [png(p) for p in pixels], data.test.labels[100:110].tolist())
+    registry.point("v1")
+    return registry
+
+
+def sigint_as_in_a_terminal():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell's "ignore" would stick
+
+
+class Serving:
+    def __init__(self, process: subprocess.Popen, url: str, out, err):
+        self.process, self.url, self.out, self.err = process, url, out, err
+
+    def stderr(self) -> str:
+        return open(self.err.name).read()
+
+    def stdout(self) -> str:
+        return open(self.out.name).read()
+
+
+@pytest.fixture(scope="module")
+def served(registry, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serving")
+    port = rollout.free_port()
+    out, err = open(folder / "out.txt", "w"), open(folder / "err.txt", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "steps.serve", "--port", str(port), "--poll_interval", "0.5", "--data_dir", REAL_DATA],
+        cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": registry.uri}, stdout=out, stderr=err,
+        preexec_fn=sigint_as_in_a_terminal)
+    serving = Serving(process, f"http://127.0.0.1:{port}", out, err)
+    wait_until(lambda: "serving MNIST_CNN@production" in serving.stdout(), "the endpoint", 300, alive=process)
+    yield serving
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def post(url: str, body: bytes, content_type: str, timeout: float = 30):
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read().decode()
+
+
+def upload(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body, as `curl -F picture=@a.png -F picture=@b.png` sends it."""
+    boundary = uuid.uuid4().hex
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"picture\"; filename=\"{name}\"\r\n"
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def served_version(served, registry) -> str:
+    status, headers, _ = post(f"{served.url}/predict", *upload([("a.png", registry.pictures[0])]))
+    assert status == 200
+    return headers["X-Model-Version"]
+
+
+class Load:
+    """A steady load on /predict (one picture per request) from `threads` threads, until stopped:
+    (when sent, status, version) of every request."""
+
+    def __init__(self, served, picture: bytes, threads: int = 4, pause: float = 0.05):
+        self.body, self.content_type = upload([("digit.png", picture)])
+        self.served, self.pause, self.results, self.running = served, pause, [], True
+        self.threads = [threading.Thread(target=self.send) for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def send(self) -> None:
+        deadline = time.monotonic() + 300  # bounded, whatever the test does
+        while self.running and time.monotonic() < deadline:
+            sent = time.monotonic()
+            try:
+                status, headers, _ = post(f"{self.served.url}/predict", self.body, self.content_type)
+                self.results.append((sent, status, headers.get("X-Model-Version")))
+            except OSError as exc:
+                self.results.append((sent, str(exc), None))
+            time.sleep(self.pause)
+
+    def stop(self) -> list:
+        self.running = False
+        for thread in self.threads:
+            thread.join()
+        return self.results
+
+    def rate(self) -> float:
+        return len(self.results) / (self.results[-1][0] - self.results[0][0])
+
+
+def test_pictures_get_their_class_probabilities_an_id_and_the_version(registry, served):
+    files = [(f"{i}.png", picture) for i, picture in enumerate(registry.pictures)]
+    status, headers, answer = post(f"{served.url}/predict", *upload(files))
+    assert status == 200 and headers["X-Model-Version"] == registry.versions["v1"] == answer["version"]
+    classes = list(answer["predictions"][0]["probabilities"])
+    found = [classes.index(p["class"]) for p in answer["predictions"]]
+    assert sum(f == label for f, label in zip(found, registry.labels)) >= 8, (found, registry.labels)
+    assert len({p["id"] for p in answer["predictions"]}) == len(files)
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-3 for p in answer["predictions"])
+    # The same pictures as base64 in JSON get the same classes.
+    body = json.dumps({"pictures": [base64.b64encode(p).decode() for p in registry.pictures]}).encode()
+    status, _, again = post(f"{served.url}/predict", body, "application/json")
+    assert status == 200 and [p["class"] for p in again["predictions"]] == [p["class"] for p in answer["predictions"]]
+    # Today's clients: the signature's arrays at MLflow's /invocations.
+    inputs = np.zeros((2, 1, 28, 28), dtype=np.float32).tolist()
+    status, headers, arrays = post(f"{served.url}/invocations", json.dumps({"inputs": inputs}).encode(),
+                                   "application/json")
+    assert status == 200 and np.asarray(arrays["predictions"]).shape == (2, 10)
+    assert headers["X-Model-Version"] == registry.versions["v1"]
+
+
+@pytest.mark.parametrize("body, content_type, status, error", [
+    (b"", "application/json", 400, "the body is empty"),
+    (b"{\"pictures\": \"abc\"}", "application/json", 400, "a list of strings"),
+    (b"[1, 2]", "application/json", 400, "a list of strings"),
+    (b"not json", "application/json", 400, "the body is not JSON"),
+    (json.dumps({"pictures": ["%%%"]}).encode(), "application/json", 400, "picture 0 is not base64"),
+    (json.dumps({"pictures": [base64.b64encode(b"hello").decode()]}).encode(), "application/json", 400,
+     "picture 0: not an image"),
+    (upload([("notes.txt", b"not an image")])[0], None, 400, "notes.txt: not an image"),
+    (b"x" * (50 * 1024 * 1024), "application/json", 413, "the most allowed"),
+])
+def test_a_bad_request_gets_a_4xx_with_one_line_of_json_and_serving_goes_on(registry, served, body, content_type,
+                                                                            status, error):
+    if content_type is None:
+        body, content_type = upload([("notes.txt", b"not an image")])
+    got, _, answer = post(f"{served.url}/predict", body, content_type)
+    assert got == status, answer
+    assert len(answer.strip().splitlines()) == 1 and error in json.loads(answer)["error"]
+    assert served_version(served, registry) == registry.versions["v1"]
+
+
+def test_the_endpoint_follows_the_alias_under_load_without_a_failed_request(registry, served):
+    load = Load(served, registry.pictures[0])
+    wait_until(lambda: len(load.results) > 40, "the load's first requests")
+    switches = []
+    for to in ("v2", "v1"):  # a promotion, then a rollback
+        wanted = registry.versions[to]
+        moved = registry.point(to)
+
+        def answered_by_old():
+            return [sent for sent, _, version in list(load.results) if sent > moved and version != wanted]
+
+        def switched() -> bool:
+            """Whether the last 40 requests sent were all answered by the new version."""
+            latest = sorted(list(load.results))[-40:]
+            return all(sent > moved and version == wanted for sent, _, version in latest)
+
+        wait_until(switched, f"version {to} answering every request", 120)
+        switches.append(max(answered_by_old(), default=moved) - moved)  # until every response is the new one's
+    results = load.stop()
+    assert [r for r in results if r[1] != 200] == []
+    assert load.rate() >= 20
+    print(f"from the alias move to the new version: {', '.join(f'{s:.1f}' for s in switches)} s, "
+          f"at {load.rate():.0f} requests/s")
+
+
+@pytest.mark.parametrize("version, reason", [
+    ("wrong", "known mnist pictures right, below check_accuracy=0.8"),
+    ("broken", "it did not load"),
+])
+def test_a_version_that_answers_wrongly_or_cannot_load_never_takes_traffic(registry, served, version, reason):
+    load = Load(served, registry.pictures[0])
+    registry.point(version)
+    number = registry.versions[version]
+    wait_until(lambda: f"refused version {number} of MNIST_CNN" in served.stderr(), "the refusal", 180,
+               alive=served.process)
+    results = load.stop()
+    registry.point("v1")
+    assert {(status, answered) for _, status, answered in results} == {(200, registry.versions["v1"])}
+    [line] = [line for line in served.stderr().splitlines() if f"refused version {number}" in line]
+    assert reason in line
+    tag = mlflow.MlflowClient(registry.uri).get_model_version(NAME, number).tags[rollout.REFUSED_TAG]
+    assert reason in tag
+
+
+def test_a_killed_model_process_costs_no_request_and_is_replaced(registry, served):
+    def live():
+        """The model processes nginx sends requests to: those on the ports of its upstream.conf."""
+        children = psutil.Process(served.process.pid).children()
+        [config] = [arg for child in children for arg in child.cmdline() if arg.endswith("nginx.conf")]
+        with open(os.path.join(os.path.dirname(config), "upstream.conf")) as f:
+            ports = re.findall(r"server 127\.0\.0\.1:(\d+)", f.read())
+        return [child for child in children if "--port" in child.cmdline()
+                and child.cmdline()[child.cmdline().index("--port") + 1] in ports]
+
+    wait_until(lambda: len(live()) == 2, "two live model processes")
+    load = Load(served, registry.pictures[0])
+    wait_until(lambda: len(load.results) > 20, "the load's first requests")
+    victim = live()[0]
+    victim.kill()
+    killed = time.monotonic()
+    wait_until(lambda: "exited; started again" in served.stderr(), "the replacement", 60)
+    wait_until(lambda: len(live()) == 2 and all(c.pid != victim.pid for c in live()), "two live processes again")
+    wait_until(lambda: len([r for r in load.results if r[0] > killed]) > 40, "requests after the kill")
+    results = load.stop()
+    assert [r for r in results if r[1] != 200] == []
+
+
+def test_ctrl_c_stops_the_proxy_and_every_model_process(served):
+    children = psutil.Process(served.process.pid).children(recursive=True)
+    assert len(children) >= 5  # nginx's master and worker, two live processes, two spares
+    served.process.send_signal(signal.SIGINT)
+    assert served.process.wait(timeout=120) == 0
+    psutil.wait_procs(children, timeout=60)
+    assert not [child for child in children if child.is_running()]
+    assert "serve: stopped" in served.stdout()
+    assert rollout.port_free("127.0.0.1", int(served.url.rsplit(":", 1)[1]))
+
+
+def test_the_readme_serves_through_mlflow_run_and_answers_its_curl_line(registry, tmp_path):
+    env = {**step_env(), "MLFLOW_TRACKING_URI": registry.uri, "MNISTFLOW_DATA_DIR": REAL_DATA}
+    made = subprocess.run(["bash", "-c", readme_line("python -c \"from torchvision.datasets import MNIST")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    port = rollout.free_port()
+    command = readme_line("mlflow run . -e serve").split("#")[0] + f" -P port={port}"
+    out = tmp_path / "out.txt"
+    with open(out, "w") as log:  # a session of its own, as a terminal's: Ctrl-C reaches mlflow run and the step
+        process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, preexec_fn=sigint_as_in_a_terminal, start_new_session=True)
+    try:
+        wait_until(lambda: "serving MNIST_CNN@production" in out.read_text(), "the endpoint", 300, alive=process)
+        curl = readme_line("curl -s -F picture=@a.png").replace("5001", str(port))
+        answer = subprocess.run(["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert [p["class"] for p in json.loads(answer.stdout)["predictions"]] == ["7 - seven", "2 - two"]
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=120)
+    assert "serve: stopped" in out.read_text()
+    client = mlflow.MlflowClient(registry.uri)
+    launchers = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   filter_string="tags.`mlflow.project.entryPoint` = 'serve'")
+    assert [run.info.status for run in launchers] and "RUNNING" not in [run.info.status for run in launchers]
+
+
+def test_a_port_in_use_is_one_line(registry):
+    port = rollout.free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        result = subprocess.run([sys.executable, "-m", "steps.serve", "--port", str(port)], cwd=ROOT,
+                                env={**step_env(), "MLFLOW_TRACKING_URI": registry.uri}, capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"serve: error: port {port} on 127.0.0.1 is in use; give another port"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "workers=0 is not allowed; it must be in [1, 32]"),
+    (["--host", "0.0.0.0"], "host '0.0.0.0' is not allowed; give 127.0.0.1, ::1, localhost"),
+    (["--poll_interval", "nan"], "poll_interval=nan is not allowed; it must be a finite number"),
+    (["--check_accuracy", "1.5"], "check_accuracy=1.5 is not allowed; it must be in [0, 1]"),
+    (["--model_name", "Nope"], "Nope@production: no such registered model or alias"),
+])
+def test_bad_serve_flags_are_one_line(registry, monkeypatch, capsys, args, message):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+    line = refused_step(monkeypatch, capsys, "steps.serve", *args)
+    assert line.startswith("serve: error: ") and message in line
+
+
+def test_a_bad_serve_parameter_through_mlflow_run_is_one_line_and_fails_the_run(registry, tmp_path):
+    store = f"sqlite:///{tmp_path / 'runs.db'}"  # the launcher's run, apart from the registry
+    result = subprocess.run(["mlflow", "run", ".", "-e", "serve", "--env-manager", "local", "-P", "workers=0"],
+                            cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": store}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("serve: ")] == [
+        "serve: error: workers=0 is not allowed; it must be in [1, 32]"]
+    client = mlflow.MlflowClient(store)
+    [run] = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert run.info.status == "FAILED"
