@@ -11,6 +11,8 @@ nginx retries a request on another process when one fails to answer (a crashed p
 process that dies is started again.
 """
 import base64
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -21,9 +23,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
 
 from mnistflow import nginx, serving
 from mnistflow.errors import ConfigError, NotFound, StepError, first_line
@@ -288,6 +293,87 @@ class Proxy:
                 self.process.wait()
 
 
+class AliasWebhook:
+    """MLflow's registry webhook for the alias's events, received here on loopback: `moved` is set
+    when MLflow says the alias was set or deleted, so that the step looks at once instead of at
+    its next poll. Each delivery must carry MLflow's HMAC signature made with this webhook's secret,
+    and be less than five minutes old (a replayed one is not)."""
+
+    MAX_AGE_S = 300
+
+    def __init__(self, client, name: str, alias: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.client, self.name, self.alias = client, name, alias
+        self.secret, self.moved = secrets.token_urlsafe(32), threading.Event()
+        webhook = self
+
+        class Delivery(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(min(length, 65536))
+                status = 204 if webhook.accept(self.headers, body) else 401
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):  # the step's output stays its own
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Delivery)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{self.server.server_port}/alias"
+        try:
+            self.webhook_id = client.create_webhook(
+                name=f"mnistflow-serve-{uuid.uuid4().hex[:8]}", url=url, secret=self.secret,
+                events=["model_version_alias.created", "model_version_alias.deleted"],
+                description=f"the serve step following {name}@{alias} (removed when it stops)").webhook_id
+        except Exception:
+            self.server.shutdown()
+            raise
+
+    def accept(self, headers, body: bytes) -> bool:
+        delivery, sent = headers.get("X-MLflow-Delivery-Id", ""), headers.get("X-MLflow-Timestamp", "")
+        signed = f"{delivery}.{sent}.{body.decode(errors='replace')}".encode()
+        expected = "v1," + base64.b64encode(hmac.new(self.secret.encode(), signed, hashlib.sha256).digest()).decode()
+        if not (hmac.compare_digest(headers.get("X-MLflow-Signature", ""), expected) and sent.isdigit()
+                and abs(time.time() - int(sent)) < self.MAX_AGE_S):
+            return False
+        try:
+            data = json.loads(body).get("data") or {}
+        except (ValueError, AttributeError):
+            return False
+        if data.get("name") == self.name and data.get("alias") == self.alias:
+            self.moved.set()
+        return True
+
+    def close(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_webhook(self.webhook_id)
+        except MlflowException as exc:
+            say(f"cannot remove webhook {self.webhook_id}: {first_line(exc)}")
+        self.server.shutdown()
+
+
+def alias_events(client, name: str, alias: str, poll_interval: float) -> "tuple[AliasWebhook | None, str]":
+    """(the webhook, how the alias is followed): by MLflow's registry webhooks where the tracking
+    server is on this machine and takes them, else by polling alone."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = urllib.parse.urlsplit(mlflow.get_registry_uri())
+    polling = f"by polling every {poll_interval:g} s"
+    if uri.scheme not in ("http", "https"):
+        return None, polling
+    if uri.hostname not in ("127.0.0.1", "::1", "localhost"):
+        return None, f"{polling} (webhooks need a tracking server on this machine)"
+    try:
+        return AliasWebhook(client, name, alias), f"by MLflow's registry webhooks, and {polling}"
+    except MlflowException as exc:
+        return None, f"{polling} (the tracking server took no webhook: {first_line(exc)})"
+
+
 def alias_version(client, name: str, alias: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -349,19 +435,24 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
-    proxy = None
+    proxy = webhook = None
     try:
+        webhook, following = alias_events(client, name, alias, poll_interval)
         proxy = Proxy(listen, root)
         live = new_pool()
         if not checked(live, version):
             raise StepError(f"version {version} of {name}@{alias} cannot be served (see the line above)")
         proxy.point_at(live.processes)
         proxy.wait_up(url)
-        print(f"serving {name}@{alias} (version {version}) at {url} with {workers} model processes; "
-              "POST /predict takes pictures, /invocations arrays; Ctrl-C stops", flush=True)
+        print(f"serving {name}@{alias} (version {version}) at {url} with {workers} model processes, "
+              f"following the alias {following}; POST /predict takes pictures, /invocations arrays; Ctrl-C stops",
+              flush=True)
         spare = new_pool(live.model_uri)  # the next version's processes, made ready while this one serves
         while True:
-            time.sleep(poll_interval)
+            if webhook is None:
+                time.sleep(poll_interval)
+            elif webhook.moved.wait(poll_interval):
+                webhook.moved.clear()
             for port in live.restart_dead():
                 say(f"the model process on port {port} exited; started again")
             try:
@@ -384,6 +475,8 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
         print("serve: stopped", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if webhook is not None:
+            webhook.close()
         if proxy is not None:
             proxy.stop()
         for pool in pools:

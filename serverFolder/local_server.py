@@ -30,6 +30,11 @@ from mnistflow.flags import OneLineParser
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The steps need no server-side jobs; without them the server starts faster and runs no user code.
 NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# Registry webhooks to this machine (the serve step's, docs/serving.md): MLflow sends them only to
+# public https addresses unless told otherwise, and looks its webhooks up again every 60 s.
+LOOPBACK_WEBHOOKS = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                     "MLFLOW_WEBHOOK_CACHE_TTL": "2"}
 
 
 def port_number(text: str) -> int:
@@ -145,7 +150,22 @@ def store_env(args: argparse.Namespace, root: str) -> dict:
     a database password in a URI stays off the command line, which every user of the machine sees."""
     backend = args.backend_store_uri or os.environ.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{root}/mlflow.db"
     return {"MLFLOW_BACKEND_STORE_URI": backend,
-            "MLFLOW_ARTIFACTS_DESTINATION": args.artifacts_destination or os.path.join(root, "artifacts")}
+            "MLFLOW_ARTIFACTS_DESTINATION": args.artifacts_destination or os.path.join(root, "artifacts"),
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhook_key(root)}
+
+
+def webhook_key(root: str) -> str:
+    """The key the server encrypts registry webhooks' secrets with, kept owner-only in root: without
+    one, each server process makes its own, and a secret stored by one cannot be read by another,
+    nor after a restart."""
+    path = os.path.join(root, "webhook.key")
+    if not os.path.exists(path):
+        from cryptography.fernet import Fernet
+
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(Fernet.generate_key().decode())
+    with open(path) as f:
+        return f.read().strip()
 
 
 def start(args: argparse.Namespace) -> None:
@@ -153,7 +173,7 @@ def start(args: argparse.Namespace) -> None:
     os.makedirs(root, exist_ok=True)
     url = f"http://{args.host}:{args.port}"
     launch("local_server", server_command(args, root), root, url, args.timeout,
-           env={**os.environ, **NO_JOBS, **store_env(args, root)})
+           env={**os.environ, **NO_JOBS, **(LOOPBACK_WEBHOOKS if args.host in LOOPBACK else {}), **store_env(args, root)})
     print(f"export MLFLOW_TRACKING_URI={url}")
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -64,7 +65,7 @@ def registry(tmp_path_factory, tiny_data) -> Registry:
         env.delenv("MLFLOW_RUN_ID", raising=False)
         mlflow.set_tracking_uri(uri)
         # good: real MNIST; wrong: the tiny data, whose labels say where a patch is, which a real digit does not
-        for kind, data_dir, samples in (("good", REAL_DATA, "3000"), ("wrong", tiny_data, "600")):
+        for kind, data_dir, samples in (("good", REAL_DATA, "5000"), ("wrong", tiny_data, "600")):
             train.main(["--data_dir", data_dir, "--epochs", "1", "--max_train_samples", samples, "--augment", "shift"])
             runs[kind] = mlflow.last_active_run().info.run_id
         versions = {kind: str(mlflow.register_model(f"runs:/{run}/model", NAME).version)
@@ -140,9 +141,9 @@ class Load:
     """A steady load on /predict (one picture per request) from `threads` threads, until stopped:
     (when sent, status, version) of every request."""
 
-    def __init__(self, served, picture: bytes, threads: int = 4, pause: float = 0.05):
+    def __init__(self, url: str, picture: bytes, threads: int = 4, pause: float = 0.05):
         self.body, self.content_type = upload([("digit.png", picture)])
-        self.served, self.pause, self.results, self.running = served, pause, [], True
+        self.url, self.pause, self.results, self.running = url, pause, [], True
         self.threads = [threading.Thread(target=self.send) for _ in range(threads)]
         for thread in self.threads:
             thread.start()
@@ -152,7 +153,7 @@ class Load:
         while self.running and time.monotonic() < deadline:
             sent = time.monotonic()
             try:
-                status, headers, _ = post(f"{self.served.url}/predict", self.body, self.content_type)
+                status, headers, _ = post(f"{self.url}/predict", self.body, self.content_type)
                 self.results.append((sent, status, headers.get("X-Model-Version")))
             except OSError as exc:
                 self.results.append((sent, str(exc), None))
@@ -211,7 +212,7 @@ def test_a_bad_request_gets_a_4xx_with_one_line_of_json_and_serving_goes_on(regi
 
 
 def test_the_endpoint_follows_the_alias_under_load_without_a_failed_request(registry, served):
-    load = Load(served, registry.pictures[0])
+    load = Load(served.url, registry.pictures[0])
     wait_until(lambda: len(load.results) > 40, "the load's first requests")
     switches = []
     for to in ("v2", "v1"):  # a promotion, then a rollback
@@ -240,7 +241,7 @@ def test_the_endpoint_follows_the_alias_under_load_without_a_failed_request(regi
     ("broken", "it did not load"),
 ])
 def test_a_version_that_answers_wrongly_or_cannot_load_never_takes_traffic(registry, served, version, reason):
-    load = Load(served, registry.pictures[0])
+    load = Load(served.url, registry.pictures[0])
     registry.point(version)
     number = registry.versions[version]
     wait_until(lambda: f"refused version {number} of MNIST_CNN" in served.stderr(), "the refusal", 180,
@@ -265,7 +266,7 @@ def test_a_killed_model_process_costs_no_request_and_is_replaced(registry, serve
                 and child.cmdline()[child.cmdline().index("--port") + 1] in ports]
 
     wait_until(lambda: len(live()) == 2, "two live model processes")
-    load = Load(served, registry.pictures[0])
+    load = Load(served.url, registry.pictures[0])
     wait_until(lambda: len(load.results) > 20, "the load's first requests")
     victim = live()[0]
     victim.kill()
@@ -348,3 +349,95 @@ def test_a_bad_serve_parameter_through_mlflow_run_is_one_line_and_fails_the_run(
     client = mlflow.MlflowClient(store)
     [run] = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
     assert run.info.status == "FAILED"
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """serverFolder/local_server.py on loopback, with MNIST_CNN versions 1 and 2 (one good model twice)."""
+    require(os.path.isdir(os.path.join(REAL_DATA, "MNIST", "raw")), "the real MNIST files",
+            fix=f"put them in {REAL_DATA} or name their folder in MNISTFLOW_DATA_DIR")
+    from steps import train
+
+    root = tmp_path_factory.mktemp("tracking-server")
+    started = subprocess.run([sys.executable, "serverFolder/local_server.py", "--root", str(root), "--port",
+                              str(rollout.free_port())], cwd=ROOT, env=step_env(), capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    assert stat.S_IMODE(os.stat(root / "webhook.key").st_mode) == 0o600  # it decrypts the webhooks' secrets
+    uri = started.stdout.split("export MLFLOW_TRACKING_URI=")[1].strip()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        env.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        train.main(["--data_dir", REAL_DATA, "--epochs", "1", "--max_train_samples", "5000", "--augment", "shift"])
+        run = mlflow.last_active_run().info.run_id
+        for _ in range(2):
+            mlflow.register_model(f"runs:/{run}/model", NAME)
+        mlflow.MlflowClient().set_registered_model_alias(NAME, "production", "1")
+        mlflow.set_tracking_uri(None)
+    yield uri
+    subprocess.run([sys.executable, "serverFolder/local_server.py", "--root", str(root), "--stop"], cwd=ROOT,
+                   env=step_env(), capture_output=True, check=True)
+
+
+def test_with_a_tracking_server_the_alias_is_followed_by_webhook_not_by_polling(tracking_server, tmp_path):
+    port = rollout.free_port()
+    out = tmp_path / "out.txt"
+    with open(out, "w") as log:
+        process = subprocess.Popen(  # a poll interval far beyond the wait below: only a webhook can be that quick
+            [sys.executable, "-m", "steps.serve", "--port", str(port), "--poll_interval", "600", "--data_dir", REAL_DATA],
+            cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": tracking_server}, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=sigint_as_in_a_terminal)
+    client = mlflow.MlflowClient(tracking_server)
+    try:
+        wait_until(lambda: "serving MNIST_CNN@production" in out.read_text(), "the endpoint", 300, alive=process)
+        assert "following the alias by MLflow's registry webhooks" in out.read_text()
+        [webhook] = client.list_webhooks()
+        assert webhook.url.startswith("http://127.0.0.1:")
+        load = Load(f"http://127.0.0.1:{port}", png(np.eye(28, dtype=np.float32)))
+        wait_until(lambda: len(load.results) > 20, "the load's first requests")
+        moved = time.monotonic()
+        client.set_registered_model_alias(NAME, "production", "2")
+        wait_until(lambda: "version 2 (was 1)" in out.read_text(), "the switch", 120, alive=process)
+        switched = time.monotonic() - moved
+        wait_until(lambda: [r[2] for r in sorted(load.results)[-20:]] == ["2"] * 20, "version 2 answering")
+        results = load.stop()
+        assert [r for r in results if r[1] != 200] == []
+        assert switched < 120
+        print(f"from the alias move to version 2 by webhook: {switched:.1f} s")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert client.list_webhooks() == []  # removed when the step stopped
+
+
+def test_the_webhook_receiver_takes_only_fresh_deliveries_signed_with_its_secret(tracking_server):
+    import hashlib
+    import hmac
+
+    client = mlflow.MlflowClient(tracking_server)
+    webhook = rollout.AliasWebhook(client, NAME, "production")
+    url = client.get_webhook(webhook.webhook_id).url
+    try:
+        def deliver(secret: str, age_s: float = 0, name: str = NAME) -> int:
+            body = json.dumps({"entity": "model_version_alias", "action": "created",
+                               "data": {"name": name, "alias": "production", "version": "2"}})
+            sent = str(int(time.time() - age_s))
+            signature = base64.b64encode(hmac.new(secret.encode(), f"d1.{sent}.{body}".encode(),
+                                                  hashlib.sha256).digest()).decode()
+            request = urllib.request.Request(url, data=body.encode(), headers={
+                "Content-Type": "application/json", "X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": sent,
+                "X-MLflow-Signature": f"v1,{signature}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert deliver("not the secret") == 401 and not webhook.moved.is_set()
+        assert deliver(webhook.secret, age_s=3600) == 401 and not webhook.moved.is_set()  # a replay
+        assert deliver(webhook.secret, name="Another") == 204 and not webhook.moved.is_set()
+        assert deliver(webhook.secret) == 204 and webhook.moved.is_set()
+    finally:
+        webhook.close()
+    assert client.list_webhooks() == []
