@@ -309,6 +309,7 @@ PROBES = [
       for bad in ("--repeats 0", "--train_samples abc", "--pipeline_models fast,resnet")),
     *(script("bench/tune_speed.py", bad, "--epochs", "1", "--train_samples", "200")
       for bad in ("--minutes 0", "--minutes inf", "--dataset cifar10")),
+    *(script("bench/serving.py", bad) for bad in ("--repeats 0", "--users 0", "--data_dir {tmp}/nodata")),
     *(script("bench/startup.py", bad, "--rows", "servers")
       for bad in ("--repeats 0", "--rows bogus", "--repo /nope")),
 ]

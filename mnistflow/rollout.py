@@ -35,6 +35,7 @@ from mnistflow.errors import ConfigError, NotFound, StepError, first_line
 
 REFUSED_TAG = "mnistflow.serve_refused"  # on a model version: why the serve step would not send it traffic
 KNOWN_PICTURES = 100
+SUPERVISE_S = 0.5  # how soon a model process that died is started again
 START_TIMEOUT_S = 120
 CONFIG = """\
 {user}worker_processes 1;
@@ -118,7 +119,7 @@ class Pool:
     def start(self, port: int) -> None:
         """A spare on `port`, or, once the pool has its version, a process that loads it as it starts."""
         env = {**os.environ, serving.TOKEN_ENV: self.token, serving.MODEL_ENV: self.model_uri,
-               serving.WARM_ENV: self.warm_uri}
+               serving.WARM_ENV: self.warm_uri, serving.PARENT_ENV: str(os.getpid())}
         with open(self.log_path(port), "ab") as log:
             self.processes[port] = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "mnistflow.serving:create_app", "--host", "127.0.0.1",
@@ -252,7 +253,9 @@ class Proxy:
             servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=1s;\n" for port in ports)
             f.write(f"upstream models {{\n{servers}    keepalive 16;\n}}\n")
         if self.process is None:
-            self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            parent = os.getpid()  # started before any thread of the step's: preexec_fn is safe here
+            self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            preexec_fn=lambda: serving.die_with_parent(parent))
             return
         old_workers = self.workers()
         self.process.send_signal(signal.SIGHUP)
@@ -437,24 +440,28 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     proxy = webhook = None
     try:
-        webhook, following = alias_events(client, name, alias, poll_interval)
         proxy = Proxy(listen, root)
         live = new_pool()
         if not checked(live, version):
             raise StepError(f"version {version} of {name}@{alias} cannot be served (see the line above)")
         proxy.point_at(live.processes)
         proxy.wait_up(url)
+        webhook, following = alias_events(client, name, alias, poll_interval)
         print(f"serving {name}@{alias} (version {version}) at {url} with {workers} model processes, "
               f"following the alias {following}; POST /predict takes pictures, /invocations arrays; Ctrl-C stops",
               flush=True)
         spare = new_pool(live.model_uri)  # the next version's processes, made ready while this one serves
-        while True:
-            if webhook is None:
-                time.sleep(poll_interval)
-            elif webhook.moved.wait(poll_interval):
-                webhook.moved.clear()
+        next_look = time.monotonic() + poll_interval
+        while True:  # every SUPERVISE_S: a dead process started again; the alias read when told or due
+            tick = min(SUPERVISE_S, poll_interval)
+            told = webhook.moved.wait(tick) if webhook else time.sleep(tick)
             for port in live.restart_dead():
                 say(f"the model process on port {port} exited; started again")
+            if not told and time.monotonic() < next_look:
+                continue
+            if told:
+                webhook.moved.clear()
+            next_look = time.monotonic() + poll_interval
             try:
                 wanted = alias_version(client, name, alias)
             except (NotFound, MlflowException, OSError) as exc:

@@ -18,8 +18,10 @@ JSON, {"error": "..."}, and the process goes on serving.
 import asyncio
 import base64
 import binascii
+import ctypes
 import json
 import os
+import signal
 import uuid
 
 import numpy as np
@@ -33,6 +35,21 @@ TOKEN_ENV = "MNISTFLOW_SERVE_TOKEN"  # what a POST /load must carry: only the se
 MAX_BODY_BYTES = 10 * 1024 * 1024  # a request's pictures, all together
 MAX_PICTURES = 1000
 VERSION_HEADER = "X-Model-Version"
+
+
+PARENT_ENV = "MNISTFLOW_SERVE_PARENT"  # the serve step's pid: a model process ends when it does
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process (SIGTERM) when `parent`, which started it, ends, however it ends, so that
+    a killed serve step leaves no process behind: Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class BadRequest(Exception):
@@ -194,6 +211,8 @@ async def respond(send, status: int, body: dict) -> None:
 def create_app():
     """uvicorn's --factory: the app of the version $MNISTFLOW_SERVE_MODEL names, or a spare
     process that loads one when the serve step (token $MNISTFLOW_SERVE_TOKEN) asks."""
+    if os.environ.get(PARENT_ENV, "").isdigit():
+        die_with_parent(int(os.environ[PARENT_ENV]))
     process = Process(os.environ.get(TOKEN_ENV, ""))
     if os.environ.get(MODEL_ENV):
         process.app = version_app(os.environ[MODEL_ENV])

@@ -110,8 +110,8 @@ def served(registry, tmp_path_factory):
     wait_until(lambda: "serving MNIST_CNN@production" in serving.stdout(), "the endpoint", 300, alive=process)
     yield serving
     if process.poll() is None:
-        process.kill()
-        process.wait()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
 
 
 def post(url: str, body: bytes, content_type: str, timeout: float = 30):
@@ -255,15 +255,19 @@ def test_a_version_that_answers_wrongly_or_cannot_load_never_takes_traffic(regis
     assert reason in tag
 
 
+def live_processes(serve_pid: int) -> list:
+    """The model processes nginx sends requests to: those on the ports of its upstream.conf."""
+    children = psutil.Process(serve_pid).children()
+    [config] = [arg for child in children for arg in child.cmdline() if arg.endswith("nginx.conf")]
+    with open(os.path.join(os.path.dirname(config), "upstream.conf")) as f:
+        ports = re.findall(r"server 127\.0\.0\.1:(\d+)", f.read())
+    return [child for child in children if "--port" in child.cmdline()
+            and child.cmdline()[child.cmdline().index("--port") + 1] in ports]
+
+
 def test_a_killed_model_process_costs_no_request_and_is_replaced(registry, served):
     def live():
-        """The model processes nginx sends requests to: those on the ports of its upstream.conf."""
-        children = psutil.Process(served.process.pid).children()
-        [config] = [arg for child in children for arg in child.cmdline() if arg.endswith("nginx.conf")]
-        with open(os.path.join(os.path.dirname(config), "upstream.conf")) as f:
-            ports = re.findall(r"server 127\.0\.0\.1:(\d+)", f.read())
-        return [child for child in children if "--port" in child.cmdline()
-                and child.cmdline()[child.cmdline().index("--port") + 1] in ports]
+        return live_processes(served.process.pid)
 
     wait_until(lambda: len(live()) == 2, "two live model processes")
     load = Load(served.url, registry.pictures[0])
@@ -313,6 +317,23 @@ def test_the_readme_serves_through_mlflow_run_and_answers_its_curl_line(registry
     launchers = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                    filter_string="tags.`mlflow.project.entryPoint` = 'serve'")
     assert [run.info.status for run in launchers] and "RUNNING" not in [run.info.status for run in launchers]
+
+
+def test_a_killed_serve_step_leaves_no_process_behind(registry, tmp_path):
+    port = rollout.free_port()
+    out = tmp_path / "out.txt"
+    with open(out, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "steps.serve", "--port", str(port), "--workers", "1",
+                                    "--data_dir", REAL_DATA], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**step_env(), "MLFLOW_TRACKING_URI": registry.uri})
+    wait_until(lambda: "serving MNIST_CNN@production" in out.read_text(), "the endpoint", 300, alive=process)
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert len(children) >= 4  # nginx's master and worker, the live model process, a spare
+    process.kill()  # no chance to clean up: the children must end by themselves
+    process.wait()
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert alive == []
+    assert rollout.port_free("127.0.0.1", port)
 
 
 def test_a_port_in_use_is_one_line(registry):
@@ -405,6 +426,10 @@ def test_with_a_tracking_server_the_alias_is_followed_by_webhook_not_by_polling(
         assert [r for r in results if r[1] != 200] == []
         assert switched < 120
         print(f"from the alias move to version 2 by webhook: {switched:.1f} s")
+        # A process that dies is started again at once, whatever the poll interval.
+        [victim, *_] = live_processes(process.pid)
+        victim.kill()
+        wait_until(lambda: "exited; started again" in out.read_text(), "the replacement", 60, alive=process)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
