@@ -33,6 +33,7 @@ import uuid
 from mnistflow import nginx, serving
 from mnistflow.errors import ConfigError, NotFound, StepError, first_line
 
+WEBHOOK_PREFIX = "mnistflow-serve-"  # the names of the serve step's registry webhooks
 REFUSED_TAG = "mnistflow.serve_refused"  # on a model version: why the serve step would not send it traffic
 KNOWN_PICTURES = 100
 SUPERVISE_S = 0.5  # how soon a model process that died is started again
@@ -95,6 +96,17 @@ def get(url: str, timeout: float = 5) -> bytes:
         return response.read()
 
 
+def answers(url: str) -> bool:
+    """Whether something answers at `url`, with any status."""
+    try:
+        get(url, timeout=2)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def post_json(url: str, body: dict, timeout: float = 60) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -134,13 +146,8 @@ class Pool:
             for port in list(waiting):
                 if self.processes[port].poll() is not None:
                     return f"its model process exited ({self.last_line(port)})"
-                try:
-                    get(f"http://127.0.0.1:{port}/health", timeout=2)
+                if answers(f"http://127.0.0.1:{port}/health"):
                     waiting.discard(port)
-                except urllib.error.HTTPError:
-                    waiting.discard(port)
-                except OSError:
-                    pass
             if time.monotonic() > deadline:
                 return f"its model processes did not answer within {timeout:.0f} s"
             time.sleep(0.1)
@@ -276,15 +283,11 @@ class Proxy:
                 with open(os.path.join(self.root, "error.log"), errors="replace") as log:
                     lines = log.read().strip().splitlines() or ["no error logged"]
                 raise ConfigError(f"nginx did not start: {lines[-1]}")
-            try:
-                get(f"{url}/health", timeout=2)
+            if answers(f"{url}/health"):
                 return
-            except urllib.error.HTTPError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise StepError(f"nginx did not answer at {url} within {timeout} s") from None
-                time.sleep(0.1)
+            if time.monotonic() > deadline:
+                raise StepError(f"nginx did not answer at {url} within {timeout} s")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -322,12 +325,15 @@ class AliasWebhook:
             def log_message(self, *args):  # the step's output stays its own
                 pass
 
+        for stale in client.list_webhooks():  # left by a serve step that was killed: nothing answers there
+            if stale.name.startswith(WEBHOOK_PREFIX) and not answers(stale.url):
+                client.delete_webhook(stale.webhook_id)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Delivery)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{self.server.server_port}/alias"
         try:
             self.webhook_id = client.create_webhook(
-                name=f"mnistflow-serve-{uuid.uuid4().hex[:8]}", url=url, secret=self.secret,
+                name=f"{WEBHOOK_PREFIX}{uuid.uuid4().hex[:8]}", url=url, secret=self.secret,
                 events=["model_version_alias.created", "model_version_alias.deleted"],
                 description=f"the serve step following {name}@{alias} (removed when it stops)").webhook_id
         except Exception:

@@ -441,7 +441,11 @@ def test_the_webhook_receiver_takes_only_fresh_deliveries_signed_with_its_secret
     import hmac
 
     client = mlflow.MlflowClient(tracking_server)
+    # One left by a serve step that was killed (SIGKILL: no clean-up), at a port where nothing listens.
+    client.create_webhook(name=f"{rollout.WEBHOOK_PREFIX}killed", url=f"http://127.0.0.1:{rollout.free_port()}/alias",
+                          events=["model_version_alias.created"])
     webhook = rollout.AliasWebhook(client, NAME, "production")
+    assert [w.name for w in client.list_webhooks()] == [client.get_webhook(webhook.webhook_id).name]
     url = client.get_webhook(webhook.webhook_id).url
     try:
         def deliver(secret: str, age_s: float = 0, name: str = NAME) -> int:
