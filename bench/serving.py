@@ -27,15 +27,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "serverFolder"))
+from local_server import healthy  # noqa: E402  (a script, not a package)
+from mlflow.utils import find_free_port as free_port  # noqa: E402
 from mnistflow.flags import OneLineParser  # noqa: E402
-from mnistflow.rollout import free_port  # noqa: E402
+from mnistflow.rollout import answers  # noqa: E402
 
 NAME = "MNIST_CNN"
 
@@ -47,24 +49,6 @@ def wait_for(condition, what: str, timeout: float = 300, every: float = 0.1):
             sys.exit(f"serving: waited {timeout:.0f} s for {what}")
         time.sleep(every)
     return found
-
-
-def answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=2).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def run(command: list[str], env: dict) -> str:
@@ -139,7 +123,14 @@ def moves_under_load(served: Served, uri: str, repeats: int, users: int, picture
          "--headless", "--users", str(users), "--spawn-rate", str(users), "--host", served.url, "--run-time", "60m",
          "--only-summary", "--loglevel", "ERROR"], cwd=served.folder, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, env={**env, "SERVING_BENCH_PICTURE": picture, "SERVING_BENCH_LOG": log})
-    rows = lambda: [line.split(",") for line in open(log).read().splitlines()] if os.path.exists(log) else []  # noqa: E731
+
+    def rows() -> list[list[str]]:
+        """(sent, status, version) of every answer so far, as Locust wrote them."""
+        if not os.path.exists(log):
+            return []
+        with open(log) as f:
+            return [line.split(",") for line in f.read().splitlines()]
+
     wait_for(lambda: len(rows()) > 50, "Locust's first answers")
     moves = []  # (kind, moved at, new version)
     try:
@@ -169,7 +160,7 @@ def moves_under_load(served: Served, uri: str, repeats: int, users: int, picture
         victim.kill()
         killed = time.time()
         wait_for(lambda: "exited; started again" in open(served.err).read(), "the replacement")
-        wait_for(lambda: healthy(f"http://127.0.0.1:{port}/health"), "the replaced process")
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), "the replaced process")
         back = time.time() - killed
         wait_for(lambda: float(rows()[-1][0]) > killed + back + 2, "answers after it")
     finally:

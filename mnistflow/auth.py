@@ -23,6 +23,7 @@ import urllib.parse
 import requests
 
 from mnistflow import cli_guard
+from mnistflow.config import LOOPBACK_HOSTS  # where the key may go over plain HTTP
 from mnistflow.errors import AccessError, StepError
 
 KEY_ENV = "AM_SC_API_KEY"
@@ -33,7 +34,6 @@ AUTH_ENV = "MLFLOW_TRACKING_AUTH"
 SECRETS = ((KEY_ENV, "the API key"), ("MLFLOW_TRACKING_PASSWORD", "the password"),
            ("MLFLOW_TRACKING_TOKEN", "the token"))
 CERT_ENVS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # where the key may go over plain HTTP
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -107,7 +107,7 @@ def server_uris() -> list[str]:
 
 def secrets_may_travel_to(url: str) -> bool:
     server = origin(url)
-    return server is not None and (server[0] == "https" or server[1] in LOCAL_HOSTS
+    return server is not None and (server[0] == "https" or server[1] in LOOPBACK_HOSTS
                                    or os.environ.get(PLAIN_HTTP_ENV, "").lower() == "true")
 
 

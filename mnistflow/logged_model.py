@@ -178,20 +178,30 @@ def load(uri: str, allow_pickled: bool = False):
         return load_local(download(uri, folder, allow_pickled), uri, allow_pickled)
 
 
+def trained_on(model) -> str | None:
+    """The dataset the model was trained on, as mnistflow's models say; None for others."""
+    return (model.metadata.metadata or {}).get("dataset")
+
+
+def class_names(model) -> list[str]:
+    """The model's class names: mnistflow's models carry them; others are shown by index."""
+    return (model.metadata.metadata or {}).get("classes") or [str(i) for i in range(10)]
+
+
 def dataset_for(model, uri: str, wanted: str = "") -> str:
     """The dataset to score a model on: the one it was trained on (mnistflow's models say which).
 
     ModelError when `wanted` is another one (its scores there would mean nothing), or when
     neither is known.
     """
-    trained_on = (model.metadata.metadata or {}).get("dataset")
-    if wanted and trained_on and wanted != trained_on:
-        raise ModelError(f"model {uri!r} was trained on {trained_on}, not on {wanted}; "
+    known = trained_on(model)
+    if wanted and known and wanted != known:
+        raise ModelError(f"model {uri!r} was trained on {known}, not on {wanted}; "
                           f"its scores on {wanted} would mean nothing")
-    if not (wanted or trained_on):
+    if not (wanted or known):
         raise ModelError(f"model {uri!r} does not say which dataset it was trained on; "
                           f"give dataset= ({', '.join(DATASETS)})")
-    return wanted or trained_on
+    return wanted or known
 
 
 def probabilities(model, pixels: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import urllib.request
 import uuid
 
 from mnistflow import nginx, serving
+from mnistflow.config import LOOPBACK_HOSTS
 from mnistflow.errors import ConfigError, NotFound, StepError, first_line
 
 WEBHOOK_PREFIX = "mnistflow-serve-"  # the names of the serve step's registry webhooks
@@ -85,12 +86,6 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str, timeout: float = 5) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
@@ -107,10 +102,24 @@ def answers(url: str) -> bool:
     return True
 
 
-def post_json(url: str, body: dict, timeout: float = 60) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def post_json(url: str, body: dict, timeout: float = 60, headers: dict | None = None) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def end(processes, sig: int, timeout: float) -> None:
+    """Send `sig` to each process still running, then wait for all; kill one that outlasts `timeout`."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(sig)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class Pool:
@@ -120,8 +129,10 @@ class Pool:
 
     def __init__(self, count: int, root: str, token: str, warm_uri: str = ""):
         """`warm_uri`: a version the spares load once and forget, which makes their next load quick."""
+        from mlflow.utils import find_free_port
+
         self.root, self.token, self.warm_uri, self.model_uri, self.version = root, token, warm_uri, "", ""
-        self.processes = {free_port(): None for _ in range(count)}
+        self.processes = {find_free_port(): None for _ in range(count)}
         for port in self.processes:
             self.start(port)
 
@@ -157,11 +168,9 @@ class Pool:
         """"" once every process has loaded `model_uri`; else why not."""
         self.model_uri, self.version = model_uri, version
         for port in self.processes:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/load", data=json.dumps({"model_uri": model_uri}).encode(),
-                                             headers={"Content-Type": "application/json", "X-Serve-Token": self.token})
             try:
-                with urllib.request.urlopen(request, timeout=START_TIMEOUT_S):
-                    pass
+                post_json(f"http://127.0.0.1:{port}/load", {"model_uri": model_uri}, START_TIMEOUT_S,
+                          {"X-Serve-Token": self.token})
             except urllib.error.HTTPError as exc:
                 return f"it did not load ({json.loads(exc.read() or b'{}').get('error', exc)})"
             except OSError as exc:
@@ -198,16 +207,7 @@ class Pool:
         return dead
 
     def stop(self) -> None:
-        """SIGTERM: uvicorn finishes the requests it holds, then exits."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        end(self.processes.values(), signal.SIGTERM, 40)  # uvicorn finishes the requests it holds, then exits
 
 
 class KnownPictures:
@@ -290,13 +290,8 @@ class Proxy:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)  # graceful: requests in flight finish
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            end([self.process], signal.SIGQUIT, 30)  # nginx's graceful stop: requests in flight finish
 
 
 class AliasWebhook:
@@ -375,7 +370,7 @@ def alias_events(client, name: str, alias: str, poll_interval: float) -> "tuple[
     polling = f"by polling every {poll_interval:g} s"
     if uri.scheme not in ("http", "https"):
         return None, polling
-    if uri.hostname not in ("127.0.0.1", "::1", "localhost"):
+    if uri.hostname not in LOOPBACK_HOSTS:
         return None, f"{polling} (webhooks need a tracking server on this machine)"
     try:
         return AliasWebhook(client, name, alias), f"by MLflow's registry webhooks, and {polling}"

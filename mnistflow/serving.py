@@ -32,12 +32,11 @@ from mnistflow.errors import ImageError, StepError
 MODEL_ENV = "MNISTFLOW_SERVE_MODEL"  # models:/<name>/<version>: the one version this process serves
 WARM_ENV = "MNISTFLOW_SERVE_WARM"  # a spare's: a version to load once and forget, so that its next load is quick
 TOKEN_ENV = "MNISTFLOW_SERVE_TOKEN"  # what a POST /load must carry: only the serve step picks the version
+PARENT_ENV = "MNISTFLOW_SERVE_PARENT"  # the serve step's pid: a model process ends when it does
 MAX_BODY_BYTES = 10 * 1024 * 1024  # a request's pictures, all together
 MAX_PICTURES = 1000
 VERSION_HEADER = "X-Model-Version"
-
-
-PARENT_ENV = "MNISTFLOW_SERVE_PARENT"  # the serve step's pid: a model process ends when it does
+HOW = "send {\"pictures\": [\"<base64 PNG or JPEG>\", ...]} or upload files with -F picture=@file.png"
 
 
 def die_with_parent(parent: int) -> None:
@@ -63,8 +62,7 @@ def pictures_of_json(body: bytes) -> list[tuple[str, bytes]]:
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON ({exc}); send {{\"pictures\": [\"<base64 PNG or JPEG>\", ...]}} "
-                         "or upload files with -F picture=@file.png") from None
+        raise BadRequest(f"the body is not JSON ({exc}); {HOW}") from None
     pictures = request.get("pictures") if isinstance(request, dict) else None
     if not isinstance(pictures, list) or not all(isinstance(p, str) for p in pictures):
         raise BadRequest("the JSON must be {\"pictures\": [\"<base64 PNG or JPEG>\", ...]}, a list of strings")
@@ -85,8 +83,7 @@ async def body_of(request) -> bytes:
         if len(body) > MAX_BODY_BYTES:
             raise BadRequest(f"the body is over {MAX_BODY_BYTES} bytes, the most allowed", 413)
     if not body:
-        raise BadRequest("the body is empty; send {\"pictures\": [\"<base64 PNG or JPEG>\", ...]} "
-                         "or upload files with -F picture=@file.png")
+        raise BadRequest(f"the body is empty; {HOW}")
     return bytes(body)
 
 
@@ -113,9 +110,8 @@ def version_app(uri: str):
 
     model = logged_model.load(uri)
     version = uri.rstrip("/").rsplit("/", 1)[-1]
-    metadata = model.metadata.metadata or {}
-    dataset = metadata.get("dataset", "mnist")
-    classes = metadata.get("classes") or [str(i) for i in range(10)]
+    # Pictures made as the model's training images were (as the predict step does).
+    dataset, classes = logged_model.trained_on(model) or "mnist", logged_model.class_names(model)
     app = scoring_server.init(model)
 
     def answer(pictures: list[tuple[str, bytes]]) -> dict:
@@ -147,8 +143,7 @@ def version_app(uri: str):
             if len(pictures) > MAX_PICTURES:
                 raise BadRequest(f"{len(pictures)} pictures; at most {MAX_PICTURES} per request are allowed", 413)
             if not pictures:
-                raise BadRequest("no pictures: send {\"pictures\": [\"<base64 PNG or JPEG>\", ...]} "
-                                 "or upload files with -F picture=@file.png")
+                raise BadRequest(f"no pictures: {HOW}")
             return await asyncio.to_thread(answer, pictures)
         except (BadRequest, ImageError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))

@@ -25,12 +25,12 @@ import urllib.request
 
 import psutil
 
+from mnistflow.config import LOOPBACK_HOSTS
 from mnistflow.flags import OneLineParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The steps need no server-side jobs; without them the server starts faster and runs no user code.
 NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Registry webhooks to this machine (the serve step's, docs/serving.md): MLflow sends them only to
 # public https addresses unless told otherwise, and looks its webhooks up again every 60 s.
 LOOPBACK_WEBHOOKS = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
@@ -173,7 +173,7 @@ def start(args: argparse.Namespace) -> None:
     os.makedirs(root, exist_ok=True)
     url = f"http://{args.host}:{args.port}"
     launch("local_server", server_command(args, root), root, url, args.timeout,
-           env={**os.environ, **NO_JOBS, **(LOOPBACK_WEBHOOKS if args.host in LOOPBACK else {}), **store_env(args, root)})
+           env={**os.environ, **NO_JOBS, **(LOOPBACK_WEBHOOKS if args.host in LOOPBACK_HOSTS else {}), **store_env(args, root)})
     print(f"export MLFLOW_TRACKING_URI={url}")
 
 

@@ -17,12 +17,6 @@ from mnistflow.config import PredictConfig
 from mnistflow.errors import OutputError
 
 
-def class_names(model) -> list[str]:
-    # Models logged by mnistflow carry their class names; others are shown by index.
-    metadata = model.metadata.metadata or {}
-    return metadata.get("classes") or [str(i) for i in range(10)]
-
-
 def write_payload(path: str, inputs) -> None:
     """The inputs as the JSON body `mlflow models serve` takes; OutputError if the file cannot be written."""
     try:
@@ -41,11 +35,11 @@ def predict(cfg: PredictConfig) -> None:
     originals = [images.read(path) for path in cfg.images]
     model = logged_model.load(cfg.model_uri, cfg.allow_pickled_models)
     # Made as the model's training images were: digits into 20x20 at full brightness, garments filling the field.
-    dataset = (model.metadata.metadata or {}).get("dataset", "mnist")
+    dataset = logged_model.trained_on(model) or "mnist"
     inputs = np.stack([images.to_mnist(image, path, dataset) for image, path in zip(originals, cfg.images)])[:, None]
 
     probs = logged_model.probabilities(model, inputs)
-    names = class_names(model)
+    names = logged_model.class_names(model)
     predictions = []
     for path, p in zip(cfg.images, probs):
         top = np.argsort(p)[::-1][:cfg.top]

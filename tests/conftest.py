@@ -147,6 +147,12 @@ def refused_step(monkeypatch, capsys, module: str, *args: str) -> str:
     return refused(capsys, lambda: importlib.import_module(module).main(list(args)))
 
 
+def sigint_as_in_a_terminal():
+    """preexec_fn: a shell starts background jobs (CI runners, `make test &`) with SIGINT ignored,
+    and Python keeps an inherited "ignore": give the step the default, as a terminal's Ctrl-C assumes."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def readme_line(start: str) -> str:
     """The one line of README.md that starts with `start`: the tests run the commands users copy."""
     [line] = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith(start)]

@@ -23,11 +23,17 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import EXPERIMENT, ROOT, readme_line, refused_step, require, step_env, wait_until
+from conftest import (EXPERIMENT, ROOT, free_port, readme_line, refused_step, require, run_step,
+                      sigint_as_in_a_terminal, step_env, wait_until)
 from mnistflow import rollout
 
 REAL_DATA = os.environ.get("MNISTFLOW_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data")
 NAME = "MNIST_CNN"
+
+
+def require_real_mnist() -> None:
+    require(os.path.isdir(os.path.join(REAL_DATA, "MNIST", "raw")), "the real MNIST files",
+            fix=f"put them in {REAL_DATA} or name their folder in MNISTFLOW_DATA_DIR")
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -49,8 +55,7 @@ class Registry:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_data) -> Registry:
-    require(os.path.isdir(os.path.join(REAL_DATA, "MNIST", "raw")), "the real MNIST files",
-            fix=f"put them in {REAL_DATA} or name their folder in MNISTFLOW_DATA_DIR")
+    require_real_mnist()
     from mnistflow import data as datasets
     from steps import train
 
@@ -82,36 +87,34 @@ def registry(tmp_path_factory, tiny_data) -> Registry:
     return registry
 
 
-def sigint_as_in_a_terminal():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell's "ignore" would stick
-
-
 class Serving:
-    def __init__(self, process: subprocess.Popen, url: str, out, err):
-        self.process, self.url, self.out, self.err = process, url, out, err
+    """`python -m steps.serve` on a free port of 127.0.0.1, up: its process, URL and output (both streams)."""
 
-    def stderr(self) -> str:
-        return open(self.err.name).read()
+    def __init__(self, tracking_uri: str, folder, *args: str):
+        self.port = free_port()
+        self.url, self.log = f"http://127.0.0.1:{self.port}", folder / "serve.txt"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "steps.serve", "--port", str(self.port), "--data_dir", REAL_DATA, *args],
+                cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": tracking_uri}, stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=sigint_as_in_a_terminal)
+        wait_until(lambda: "serving MNIST_CNN@production" in self.output(), "the endpoint", 300, alive=self.process)
 
-    def stdout(self) -> str:
-        return open(self.out.name).read()
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        """Ctrl-C; the step's exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")
 def served(registry, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serving")
-    port = rollout.free_port()
-    out, err = open(folder / "out.txt", "w"), open(folder / "err.txt", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "steps.serve", "--port", str(port), "--poll_interval", "0.5", "--data_dir", REAL_DATA],
-        cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": registry.uri}, stdout=out, stderr=err,
-        preexec_fn=sigint_as_in_a_terminal)
-    serving = Serving(process, f"http://127.0.0.1:{port}", out, err)
-    wait_until(lambda: "serving MNIST_CNN@production" in serving.stdout(), "the endpoint", 300, alive=process)
+    serving = Serving(registry.uri, tmp_path_factory.mktemp("serving"), "--poll_interval", "0.5")
     yield serving
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=120)
+    serving.stop()
 
 
 def post(url: str, body: bytes, content_type: str, timeout: float = 30):
@@ -244,12 +247,12 @@ def test_a_version_that_answers_wrongly_or_cannot_load_never_takes_traffic(regis
     load = Load(served.url, registry.pictures[0])
     registry.point(version)
     number = registry.versions[version]
-    wait_until(lambda: f"refused version {number} of MNIST_CNN" in served.stderr(), "the refusal", 180,
+    wait_until(lambda: f"refused version {number} of MNIST_CNN" in served.output(), "the refusal", 180,
                alive=served.process)
     results = load.stop()
     registry.point("v1")
     assert {(status, answered) for _, status, answered in results} == {(200, registry.versions["v1"])}
-    [line] = [line for line in served.stderr().splitlines() if f"refused version {number}" in line]
+    [line] = [line for line in served.output().splitlines() if f"refused version {number}" in line]
     assert reason in line
     tag = mlflow.MlflowClient(registry.uri).get_model_version(NAME, number).tags[rollout.REFUSED_TAG]
     assert reason in tag
@@ -275,7 +278,7 @@ def test_a_killed_model_process_costs_no_request_and_is_replaced(registry, serve
     victim = live()[0]
     victim.kill()
     killed = time.monotonic()
-    wait_until(lambda: "exited; started again" in served.stderr(), "the replacement", 60)
+    wait_until(lambda: "exited; started again" in served.output(), "the replacement", 60)
     wait_until(lambda: len(live()) == 2 and all(c.pid != victim.pid for c in live()), "two live processes again")
     wait_until(lambda: len([r for r in load.results if r[0] > killed]) > 40, "requests after the kill")
     results = load.stop()
@@ -285,12 +288,11 @@ def test_a_killed_model_process_costs_no_request_and_is_replaced(registry, serve
 def test_ctrl_c_stops_the_proxy_and_every_model_process(served):
     children = psutil.Process(served.process.pid).children(recursive=True)
     assert len(children) >= 5  # nginx's master and worker, two live processes, two spares
-    served.process.send_signal(signal.SIGINT)
-    assert served.process.wait(timeout=120) == 0
+    assert served.stop() == 0
     psutil.wait_procs(children, timeout=60)
     assert not [child for child in children if child.is_running()]
-    assert "serve: stopped" in served.stdout()
-    assert rollout.port_free("127.0.0.1", int(served.url.rsplit(":", 1)[1]))
+    assert "serve: stopped" in served.output()
+    assert rollout.port_free("127.0.0.1", served.port)
 
 
 def test_the_readme_serves_through_mlflow_run_and_answers_its_curl_line(registry, tmp_path):
@@ -298,7 +300,7 @@ def test_the_readme_serves_through_mlflow_run_and_answers_its_curl_line(registry
     made = subprocess.run(["bash", "-c", readme_line("python -c \"from torchvision.datasets import MNIST")],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
-    port = rollout.free_port()
+    port = free_port()
     command = readme_line("mlflow run . -e serve").split("#")[0] + f" -P port={port}"
     out = tmp_path / "out.txt"
     with open(out, "w") as log:  # a session of its own, as a terminal's: Ctrl-C reaches mlflow run and the step
@@ -320,24 +322,18 @@ def test_the_readme_serves_through_mlflow_run_and_answers_its_curl_line(registry
 
 
 def test_a_killed_serve_step_leaves_no_process_behind(registry, tmp_path):
-    port = rollout.free_port()
-    out = tmp_path / "out.txt"
-    with open(out, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "steps.serve", "--port", str(port), "--workers", "1",
-                                    "--data_dir", REAL_DATA], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**step_env(), "MLFLOW_TRACKING_URI": registry.uri})
-    wait_until(lambda: "serving MNIST_CNN@production" in out.read_text(), "the endpoint", 300, alive=process)
-    children = psutil.Process(process.pid).children(recursive=True)
+    serving = Serving(registry.uri, tmp_path, "--workers", "1")
+    children = psutil.Process(serving.process.pid).children(recursive=True)
     assert len(children) >= 4  # nginx's master and worker, the live model process, a spare
-    process.kill()  # no chance to clean up: the children must end by themselves
-    process.wait()
+    serving.process.kill()  # no chance to clean up: the children must end by themselves
+    serving.process.wait()
     gone, alive = psutil.wait_procs(children, timeout=60)
     assert alive == []
-    assert rollout.port_free("127.0.0.1", port)
+    assert rollout.port_free("127.0.0.1", serving.port)
 
 
 def test_a_port_in_use_is_one_line(registry):
-    port = rollout.free_port()
+    port = free_port()
     with socket.create_server(("127.0.0.1", port)):
         result = subprocess.run([sys.executable, "-m", "steps.serve", "--port", str(port)], cwd=ROOT,
                                 env={**step_env(), "MLFLOW_TRACKING_URI": registry.uri}, capture_output=True,
@@ -375,13 +371,11 @@ def test_a_bad_serve_parameter_through_mlflow_run_is_one_line_and_fails_the_run(
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
     """serverFolder/local_server.py on loopback, with MNIST_CNN versions 1 and 2 (one good model twice)."""
-    require(os.path.isdir(os.path.join(REAL_DATA, "MNIST", "raw")), "the real MNIST files",
-            fix=f"put them in {REAL_DATA} or name their folder in MNISTFLOW_DATA_DIR")
+    require_real_mnist()
     from steps import train
 
     root = tmp_path_factory.mktemp("tracking-server")
-    started = subprocess.run([sys.executable, "serverFolder/local_server.py", "--root", str(root), "--port",
-                              str(rollout.free_port())], cwd=ROOT, env=step_env(), capture_output=True, text=True)
+    started = run_step(sys.executable, "serverFolder/local_server.py", "--root", str(root), "--port", str(free_port()))
     assert started.returncode == 0, started.stderr
     assert stat.S_IMODE(os.stat(root / "webhook.key").st_mode) == 0o600  # it decrypts the webhooks' secrets
     uri = started.stdout.split("export MLFLOW_TRACKING_URI=")[1].strip()
@@ -397,29 +391,22 @@ def tracking_server(tmp_path_factory):
         mlflow.MlflowClient().set_registered_model_alias(NAME, "production", "1")
         mlflow.set_tracking_uri(None)
     yield uri
-    subprocess.run([sys.executable, "serverFolder/local_server.py", "--root", str(root), "--stop"], cwd=ROOT,
-                   env=step_env(), capture_output=True, check=True)
+    assert run_step(sys.executable, "serverFolder/local_server.py", "--root", str(root), "--stop").returncode == 0
 
 
 def test_with_a_tracking_server_the_alias_is_followed_by_webhook_not_by_polling(tracking_server, tmp_path):
-    port = rollout.free_port()
-    out = tmp_path / "out.txt"
-    with open(out, "w") as log:
-        process = subprocess.Popen(  # a poll interval far beyond the wait below: only a webhook can be that quick
-            [sys.executable, "-m", "steps.serve", "--port", str(port), "--poll_interval", "600", "--data_dir", REAL_DATA],
-            cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": tracking_server}, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=sigint_as_in_a_terminal)
+    # A poll interval far beyond the waits below: only a webhook can be that quick.
+    serving = Serving(tracking_server, tmp_path, "--poll_interval", "600")
     client = mlflow.MlflowClient(tracking_server)
     try:
-        wait_until(lambda: "serving MNIST_CNN@production" in out.read_text(), "the endpoint", 300, alive=process)
-        assert "following the alias by MLflow's registry webhooks" in out.read_text()
+        assert "following the alias by MLflow's registry webhooks" in serving.output()
         [webhook] = client.list_webhooks()
         assert webhook.url.startswith("http://127.0.0.1:")
-        load = Load(f"http://127.0.0.1:{port}", png(np.eye(28, dtype=np.float32)))
+        load = Load(serving.url, png(np.eye(28, dtype=np.float32)))
         wait_until(lambda: len(load.results) > 20, "the load's first requests")
         moved = time.monotonic()
         client.set_registered_model_alias(NAME, "production", "2")
-        wait_until(lambda: "version 2 (was 1)" in out.read_text(), "the switch", 120, alive=process)
+        wait_until(lambda: "version 2 (was 1)" in serving.output(), "the switch", 120, alive=serving.process)
         switched = time.monotonic() - moved
         wait_until(lambda: [r[2] for r in sorted(load.results)[-20:]] == ["2"] * 20, "version 2 answering")
         results = load.stop()
@@ -427,12 +414,11 @@ def test_with_a_tracking_server_the_alias_is_followed_by_webhook_not_by_polling(
         assert switched < 120
         print(f"from the alias move to version 2 by webhook: {switched:.1f} s")
         # A process that dies is started again at once, whatever the poll interval.
-        [victim, *_] = live_processes(process.pid)
+        [victim, *_] = live_processes(serving.process.pid)
         victim.kill()
-        wait_until(lambda: "exited; started again" in out.read_text(), "the replacement", 60, alive=process)
+        wait_until(lambda: "exited; started again" in serving.output(), "the replacement", 60, alive=serving.process)
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=120)
+        serving.stop()
     assert client.list_webhooks() == []  # removed when the step stopped
 
 
@@ -442,7 +428,7 @@ def test_the_webhook_receiver_takes_only_fresh_deliveries_signed_with_its_secret
 
     client = mlflow.MlflowClient(tracking_server)
     # One left by a serve step that was killed (SIGKILL: no clean-up), at a port where nothing listens.
-    client.create_webhook(name=f"{rollout.WEBHOOK_PREFIX}killed", url=f"http://127.0.0.1:{rollout.free_port()}/alias",
+    client.create_webhook(name=f"{rollout.WEBHOOK_PREFIX}killed", url=f"http://127.0.0.1:{free_port()}/alias",
                           events=["model_version_alias.created"])
     webhook = rollout.AliasWebhook(client, NAME, "production")
     assert [w.name for w in client.list_webhooks()] == [client.get_webhook(webhook.webhook_id).name]

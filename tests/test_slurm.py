@@ -15,8 +15,8 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import (EXPERIMENT, ROOT, project_copy, python_step, refused_script, require, run_step, step_env,
-                      wait_until)
+from conftest import (EXPERIMENT, ROOT, project_copy, python_step, refused_script, require, run_step,
+                      sigint_as_in_a_terminal, step_env, wait_until)
 import local_slurm
 from mnistflow import slurm, tuning
 from mnistflow.errors import StepFailed
@@ -184,10 +184,6 @@ def test_a_slurm_worker_killed_mid_trial_fails_it_and_the_trial_is_rerun(cluster
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == victim.number
     assert retry.user_attrs[tuning.SLURM_JOB_ATTR] != job
     no_run_or_trial_left_running(postgres_url, name)
-
-
-def sigint_as_in_a_terminal():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell's "ignore" would stick (test_train_step)
 
 
 @pytest.mark.parametrize("stop", ["scancel", "ctrl-c"])

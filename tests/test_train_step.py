@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import EXPERIMENT, ROOT, python_step, refused_step, run_step, step_env
+from conftest import EXPERIMENT, ROOT, python_step, refused_step, run_step, sigint_as_in_a_terminal, step_env
 from mnistflow import tracking
 from mnistflow.config import TuneConfig
 from steps import train as train_step
@@ -182,12 +182,6 @@ def paused_after(proc: subprocess.Popen, epoch: int) -> None:
 def go_on(proc: subprocess.Popen) -> None:
     proc.stdin.write("\n")
     proc.stdin.flush()
-
-
-def sigint_as_in_a_terminal():
-    # A shell starts background jobs (CI runners, `make test &`) with SIGINT ignored, and Python
-    # keeps an inherited "ignore": give the step the default, as a terminal's Ctrl-C assumes.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_under_mlflow_run_ends_the_run_killed(store, tiny_data, tmp_path):
