@@ -194,8 +194,9 @@ PROBES = [
 
     # The serve step: flags, and a model that is not registered (nothing is started for either).
     *(step("serve", bad) for bad in (
-        "--workers 0", "--workers 33", "--port 70000", "--host 0.0.0.0", "--poll_interval nan", "--poll_interval 0",
-        "--check_accuracy 2", "--alias 'a b'", "--model_name /bad", "--model_name Nope")),
+        "--workers 0", "--workers 33", "--port 70000", "--host 0.0.0.0", "--host 'localhost; error_log x'",
+        "--tls_cert {png}", "--tls_cert /nope --tls_key /nope", "--api_keys_db /nope", "--api_keys_db {png}", "--poll_interval nan",
+        "--poll_interval 0", "--check_accuracy 2", "--alias 'a b'", "--model_name /bad", "--model_name Nope")),
 
     # The plot_loss step.
     step("plot_loss", "no --run_id", args=()),

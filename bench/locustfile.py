@@ -1,6 +1,6 @@
-"""Locust's user for bench/serving.py: one picture per request to the serve step's /predict, at a
-steady rate, each answer written as `sent,status,version` to $SERVING_BENCH_LOG (the bench reads
-which version answered when).
+"""Locust's user for bench/load.py (the load of bench/serving.py and tests/test_serve.py): one
+picture per request to the serve step's /predict, at a steady rate, each answer written as
+`sent,status,version` to $SERVING_BENCH_LOG (read for which version answered when).
 
     SERVING_BENCH_PICTURE=digit.png SERVING_BENCH_LOG=answers.csv \
         locust -f bench/locustfile.py --headless --users 4 --spawn-rate 4 --host http://127.0.0.1:5001

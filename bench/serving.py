@@ -34,6 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "serverFolder"))
+from load import Load  # noqa: E402
 from local_server import healthy  # noqa: E402  (a script, not a package)
 from mlflow.utils import find_free_port as free_port  # noqa: E402
 from mnistflow.flags import OneLineParser  # noqa: E402
@@ -117,21 +118,9 @@ def moves_under_load(served: Served, uri: str, repeats: int, users: int, picture
     import psutil
 
     client = mlflow.MlflowClient(uri)
-    log = os.path.join(served.folder, "answers.csv")
-    locust = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "locust"), "-f", os.path.join(HERE, "locustfile.py"),
-         "--headless", "--users", str(users), "--spawn-rate", str(users), "--host", served.url, "--run-time", "60m",
-         "--only-summary", "--loglevel", "ERROR"], cwd=served.folder, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**env, "SERVING_BENCH_PICTURE": picture, "SERVING_BENCH_LOG": log})
-
-    def rows() -> list[list[str]]:
-        """(sent, status, version) of every answer so far, as Locust wrote them."""
-        if not os.path.exists(log):
-            return []
-        with open(log) as f:
-            return [line.split(",") for line in f.read().splitlines()]
-
-    wait_for(lambda: len(rows()) > 50, "Locust's first answers")
+    with open(picture, "rb") as f:
+        load = Load(served.url, f.read(), served.folder, users=users, env=env)
+    wait_for(lambda: len(load.results) > 50, "Locust's first answers")
     moves = []  # (kind, moved at, new version)
     try:
         for i in range(2 * repeats):
@@ -151,7 +140,8 @@ def moves_under_load(served: Served, uri: str, repeats: int, users: int, picture
                 if rollback.wait(timeout=300):
                     sys.exit("serving: `python -m steps.register --rollback true` failed")
                 moves.append(("rollback", moved, new))
-            wait_for(lambda: [r[2] for r in rows()[-20:]] == [new] * 20, f"version {new} answering everything", 300)
+            wait_for(lambda: [r[2] for r in load.results[-20:]] == [new] * 20, f"version {new} answering everything",
+                     300)
         wait_for(served.spares_ready, "the spare processes")
         live, _ = served.model_ports()
         victim = [c for c in psutil.Process(served.process.pid).children()
@@ -162,18 +152,16 @@ def moves_under_load(served: Served, uri: str, repeats: int, users: int, picture
         wait_for(lambda: "exited; started again" in open(served.err).read(), "the replacement")
         wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), "the replaced process")
         back = time.time() - killed
-        wait_for(lambda: float(rows()[-1][0]) > killed + back + 2, "answers after it")
+        wait_for(lambda: load.results[-1][0] > killed + back + 2, "answers after it")
     finally:
-        locust.send_signal(signal.SIGINT)
-        locust.wait(timeout=60)
-    answered = [(float(sent), status, version) for sent, status, version in rows()]
+        answered = load.stop()
     switches = {"promotion": [], "rollback": []}
     for (kind, moved, new), following in zip(moves, [m[1] for m in moves[1:]] + [killed]):
         old = [sent for sent, _, version in answered if moved < sent < following and version != new]
         switches[kind].append(max(old, default=moved) - moved)
     span = answered[-1][0] - answered[0][0]
-    return {"switches": switches, "failed": sum(status != "200" for _, status, _ in answered),
-            "failed_kill": sum(status != "200" for sent, status, _ in answered if sent >= killed),
+    return {"switches": switches, "failed": sum(status != 200 for _, status, _ in answered),
+            "failed_kill": sum(status != 200 for sent, status, _ in answered if sent >= killed),
             "rate": len(answered) / span, "replaced_s": back, "requests": len(answered)}
 
 

@@ -6,6 +6,7 @@ parameter (`-P epochs=5`); docs/parameters.md's tables are written from these fi
 (`python -m mnistflow.config docs/parameters.md`).
 """
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -58,6 +59,20 @@ NOTE_MAX = 6000              # MLflow's longest param value: `mlflow run` logs -
 STUDY_NAME_MAX = 512         # the study_name column of Optuna's RDB storage (tests/test_config.py keeps them equal)
 # The Optuna storage URL when it holds a password: read by the tune step, never logged or printed.
 STORAGE_ENV = "MNISTFLOW_OPTUNA_STORAGE"
+
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def is_host(text: str) -> bool:
+    """Whether `text` is a host name (dot-separated labels of letters, digits and '-') or an IP address:
+    nothing a config file or URL it is written into would read as more than a host."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return len(text) <= 253 and bool(HOST_NAME.fullmatch(text))
+    return getattr(ip, "scope_id", None) is None  # an IPv6 zone ("%eth0") may hold any character
+
 
 # Per dataset: the model name it is registered under and the production gate's default limits,
 # the one place they are written (docs/registry.md is checked against them). Fashion-MNIST's shirt
@@ -408,8 +423,9 @@ class ServeConfig:
     model_name: str = setting("MNIST_CNN", "the registered model to serve")
     alias: str = setting("production", "the alias to follow: the version it names answers, and when it moves the "
                                        "endpoint moves with it")
-    host: str = setting("127.0.0.1", "the address the proxy listens on: a loopback one (`127.0.0.1`, `::1`, "
-                                     "`localhost`)")
+    host: str = setting("127.0.0.1", "the IP address the proxy listens on (`0.0.0.0`: all of this machine's); "
+                                     "beyond loopback (`127.0.0.1`, `::1`, `localhost`) only with `tls_cert`, "
+                                     "`tls_key` and `api_keys_db`")
     port: int = setting(5001, "the proxy's port")
     workers: int = setting(2, f"model processes behind the proxy, 1 to {MAX_SERVE_WORKERS}")
     poll_interval: float = setting(2.0, "seconds between looks at the alias, in (0, 3600]")
@@ -417,6 +433,12 @@ class ServeConfig:
                                          "least this fraction of the known pictures (the first 100 of its dataset's "
                                          "test split) right; in [0, 1]")
     data_dir: str = like(TrainConfig, "data_dir")
+    tls_cert: str = setting("", "the proxy's TLS certificate (PEM, as for `serverFolder/tls_proxy.py`); with "
+                                "`tls_key`, the endpoint takes https only")
+    tls_key: str = setting("", "the certificate's private key (PEM)")
+    api_keys_db: str = setting("", "the tracking server's API key store (`$MNISTFLOW_API_KEYS_DB` of "
+                                   "`serverFolder/shared_server.py`): every request but /health and /ping must carry "
+                                   "an active key in `X-Api-Key`; empty = no key asked")
 
     def validate(self) -> "ServeConfig":
         _check_numbers(self)
@@ -425,9 +447,18 @@ class ServeConfig:
                               "or spaces, starting with a letter or digit")
         if not ALIAS.fullmatch(self.alias):
             raise ConfigError(f"alias {self.alias!r} is not allowed; give letters, digits, '_' or '-'")
-        if self.host not in LOOPBACK_HOSTS:
-            raise ConfigError(f"host {self.host!r} is not allowed; give {', '.join(LOOPBACK_HOSTS)}: the endpoint "
-                              "has no TLS or API keys of its own yet")
+        if not is_host(self.host):
+            raise ConfigError(f"host {self.host!r} is not allowed; give a host name or an IP address of this machine "
+                              "(127.0.0.1; 0.0.0.0 for all)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both (the certificate and its key) or neither")
+        for name in ("tls_cert", "tls_key", "api_keys_db"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name} {path!r} is not a file")
+        if self.host not in LOOPBACK_HOSTS and not (self.tls_cert and self.api_keys_db):
+            raise ConfigError(f"host {self.host!r} is beyond loopback: give tls_cert, tls_key and api_keys_db too, "
+                              "so that requests come over TLS with an API key (docs/serving.md)")
         _in_range(self, "port", 1, 65535)
         _in_range(self, "workers", 1, MAX_SERVE_WORKERS)
         if not 0 < self.poll_interval <= 3600:

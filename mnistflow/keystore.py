@@ -18,6 +18,10 @@ KEYS_DB_ENV = "MNISTFLOW_API_KEYS_DB"  # the server's key store (a SQLite file)
 RUN_USER_TAG = "mlflow.user"
 
 
+MISSING_KEY = f"missing {HEADER} header: set {KEY_ENV}"
+BAD_KEY = f"unknown, revoked or expired API key ({HEADER})"
+
+
 class KeyStoreError(Exception):
     """A key store that cannot be used as asked; the message is one line for the admin."""
 
@@ -164,12 +168,12 @@ def authenticate():
     key = request.headers.get(HEADER)
     if key is None:
         if request.authorization is None:
-            return Response(f"missing {HEADER} header: set {KEY_ENV}", 401)
+            return Response(MISSING_KEY, 401)
         authorization = authenticate_request_basic_auth()
     else:
         username = user_of(os.environ[KEYS_DB_ENV], key)
         if username is None:
-            return Response(f"unknown, revoked or expired API key ({HEADER})", 401)
+            return Response(BAD_KEY, 401)
         authorization = Authorization("basic", {"username": username, "password": ""})
     if isinstance(authorization, Authorization):
         return _as_user(request, authorization.username) or authorization

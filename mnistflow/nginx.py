@@ -13,6 +13,18 @@ WORKER_USER, WORKER_TEMP = "www-data", "/var/lib/nginx"
 # nginx.conf holds the paths given in double quotes, where nginx reads a space, ';', '{' or '#' as
 # part of the path; a quote or backslash would end or escape the string, '$' names a variable.
 NGINX_PATH = re.compile(r'[^"\\$\x00-\x1f\x7f]+')
+# A TLS server block's settings, for the tracking server's proxy and the serve step's alike:
+# Mozilla's "intermediate" ones (TLS 1.2 with forward-secret AEAD ciphers only, and 1.3), and HSTS.
+TLS_SETTINGS = """\
+ssl_protocols TLSv1.2 TLSv1.3;
+ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:\
+ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305;
+ssl_prefer_server_ciphers off;
+add_header Strict-Transport-Security "max-age=63072000" always;"""
+
+
+def tls_settings(indent: str) -> str:
+    return TLS_SETTINGS.replace("\n", "\n" + indent)
 
 
 def binary() -> str:

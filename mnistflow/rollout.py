@@ -30,7 +30,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
-from mnistflow import nginx, serving
+from mnistflow import keystore, nginx, serving
 from mnistflow.config import LOOPBACK_HOSTS
 from mnistflow.errors import ConfigError, NotFound, StepError, first_line
 
@@ -56,10 +56,16 @@ http {{
     client_body_buffer_size {max_body};  # a request's pictures stay in memory, not in a temporary file
     include "{root}/upstream.conf";
     server {{
-        listen {listen};
+        listen {listen};{tls}
         # nginx's own refusals as the model processes' are: one line of JSON.
         error_page 413 /413.json;
         error_page 502 503 504 /5xx.json;
+        error_page 497 =400 /http.json;  # plain http to the https port
+        location = /http.json {{
+            internal;
+            default_type application/json;
+            return 400 '{{"error": "this endpoint takes https only"}}\n';
+        }}
         location = /413.json {{
             internal;
             default_type application/json;
@@ -74,6 +80,7 @@ http {{
             proxy_pass http://models;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header {token_header} "";  # the step's own, never a client's
             # A process that refuses the connection or drops it (crashed, or being replaced) costs
             # the client nothing: the request goes to the next one. Predictions change no state,
             # so a POST may be sent again.
@@ -86,15 +93,16 @@ http {{
 """
 
 
-def get(url: str, timeout: float = 5) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def get(url: str, timeout: float = 5, headers: dict | None = None, context=None) -> bytes:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return response.read()
 
 
-def answers(url: str) -> bool:
+def answers(url: str, context=None) -> bool:
     """Whether something answers at `url`, with any status."""
     try:
-        get(url, timeout=2)
+        get(url, timeout=2, context=context)
     except urllib.error.HTTPError:
         return True
     except OSError:
@@ -127,11 +135,14 @@ class Pool:
     spares (mnistflow/serving.py), so that a pool can be made ready before it is needed; `load`
     gives them their version."""
 
-    def __init__(self, count: int, root: str, token: str, warm_uri: str = ""):
-        """`warm_uri`: a version the spares load once and forget, which makes their next load quick."""
+    def __init__(self, count: int, root: str, token: str, keys: str, warm_uri: str = ""):
+        """`keys`: the API key store requests must carry a key from ("" for none); `warm_uri`: a
+        version the spares load once and forget, which makes their next load quick."""
         from mlflow.utils import find_free_port
 
-        self.root, self.token, self.warm_uri, self.model_uri, self.version = root, token, warm_uri, "", ""
+        self.root, self.token, self.keys, self.warm_uri = root, token, keys, warm_uri
+        self.signed = {serving.TOKEN_HEADER: token}  # the step's own requests: no API key needed
+        self.model_uri = self.version = ""
         self.processes = {find_free_port(): None for _ in range(count)}
         for port in self.processes:
             self.start(port)
@@ -141,8 +152,8 @@ class Pool:
 
     def start(self, port: int) -> None:
         """A spare on `port`, or, once the pool has its version, a process that loads it as it starts."""
-        env = {**os.environ, serving.TOKEN_ENV: self.token, serving.MODEL_ENV: self.model_uri,
-               serving.WARM_ENV: self.warm_uri, serving.PARENT_ENV: str(os.getpid())}
+        env = {**os.environ, serving.TOKEN_ENV: self.token, serving.KEYS_ENV: self.keys,
+               serving.MODEL_ENV: self.model_uri, serving.WARM_ENV: self.warm_uri, serving.PARENT_ENV: str(os.getpid())}
         with open(self.log_path(port), "ab") as log:
             self.processes[port] = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "mnistflow.serving:create_app", "--host", "127.0.0.1",
@@ -169,8 +180,7 @@ class Pool:
         self.model_uri, self.version = model_uri, version
         for port in self.processes:
             try:
-                post_json(f"http://127.0.0.1:{port}/load", {"model_uri": model_uri}, START_TIMEOUT_S,
-                          {"X-Serve-Token": self.token})
+                post_json(f"http://127.0.0.1:{port}/load", {"model_uri": model_uri}, START_TIMEOUT_S, self.signed)
             except urllib.error.HTTPError as exc:
                 return f"it did not load ({json.loads(exc.read() or b'{}').get('error', exc)})"
             except OSError as exc:
@@ -187,9 +197,9 @@ class Pool:
         for port in self.processes:
             base = f"http://127.0.0.1:{port}"
             try:
-                metadata = json.loads(get(f"{base}/metadata"))
+                metadata = json.loads(get(f"{base}/metadata", headers=self.signed))
                 pictures, labels = known.of(metadata["dataset"])
-                answer = post_json(f"{base}/predict", {"pictures": pictures})
+                answer = post_json(f"{base}/predict", {"pictures": pictures}, headers=self.signed)
                 right = sum(metadata["classes"].index(prediction["class"]) == label
                             for prediction, label in zip(answer["predictions"], labels))
             except (OSError, ValueError, KeyError) as exc:
@@ -234,9 +244,9 @@ class KnownPictures:
 
 
 class Proxy:
-    """nginx on host:port in front of one pool at a time."""
+    """nginx on host:port in front of one pool at a time; with a certificate and its key, https only."""
 
-    def __init__(self, listen: str, root: str):
+    def __init__(self, listen: str, root: str, tls_cert: str = "", tls_key: str = ""):
         program = nginx.binary()
         if not program:
             raise ConfigError("the serve step needs nginx (apt-get install nginx-light)")
@@ -246,11 +256,22 @@ class Proxy:
         if not user:
             raise ConfigError(f"started as root, nginx's workers run as {nginx.WORKER_USER} with {nginx.WORKER_TEMP}, "
                               "which Debian's nginx package creates; install it or serve as another user")
+        tls = ""
+        if tls_cert:
+            for path in (tls_cert, tls_key):
+                if not nginx.NGINX_PATH.fullmatch(os.path.abspath(path)):
+                    raise ConfigError(f"{path!r} cannot be written into nginx.conf; give a path without a double "
+                                      "quote, backslash, '$' or control character")
+            indent = "\n" + " " * 8
+            listen += " ssl"
+            tls = (f'{indent}ssl_certificate "{os.path.abspath(tls_cert)}";'
+                   f'{indent}ssl_certificate_key "{os.path.abspath(tls_key)}";{indent}{nginx.tls_settings(indent[1:])}')
         self.root = root
         config = os.path.join(root, "nginx.conf")
         with open(config, "w") as f:
             f.write(CONFIG.format(user=f"user {user};\n" if os.geteuid() == 0 else "", root=root, temp=temp,
-                                  listen=listen, max_body=serving.MAX_BODY_BYTES))
+                                  listen=listen, tls=tls, max_body=serving.MAX_BODY_BYTES,
+                                  token_header=serving.TOKEN_HEADER))
         self.command = [program, "-c", config, "-e", os.path.join(root, "error.log")]
         self.process = None
 
@@ -277,13 +298,17 @@ class Proxy:
         return {child.pid for child in psutil.Process(self.process.pid).children()}
 
     def wait_up(self, url: str, timeout: float = 30) -> None:
+        import ssl
+
+        # Whether this nginx answers, not whom to trust: its certificate is checked by its clients.
+        context = ssl._create_unverified_context() if url.startswith("https:") else None
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 with open(os.path.join(self.root, "error.log"), errors="replace") as log:
                     lines = log.read().strip().splitlines() or ["no error logged"]
                 raise ConfigError(f"nginx did not start: {lines[-1]}")
-            if answers(f"{url}/health"):
+            if answers(f"{url}/health", context):
                 return
             if time.monotonic() > deadline:
                 raise StepError(f"nginx did not answer at {url} within {timeout} s")
@@ -400,11 +425,18 @@ def port_free(host: str, port: int) -> bool:
 
 
 def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interval: float,
-          check_accuracy: float, data_dir: str) -> None:
-    """Serve models:/<name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias."""
+          check_accuracy: float, data_dir: str, tls_cert: str = "", tls_key: str = "", api_keys_db: str = "") -> None:
+    """Serve models:/<name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias; over
+    https with `tls_cert` and `tls_key`, and to requests with a key from `api_keys_db` when given."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    if api_keys_db:
+        try:
+            keystore.check_store(api_keys_db)
+        except keystore.KeyStoreError as exc:
+            raise ConfigError(f"api_keys_db: {exc}") from None
+        api_keys_db = os.path.abspath(api_keys_db)
     client = mlflow.MlflowClient()
     version = alias_version(client, name, alias)
     if not port_free(host, port):
@@ -413,11 +445,11 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     token = secrets.token_hex(16)
     known = KnownPictures(data_dir)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    url = f"http://{listen}"
+    url = f"{'https' if tls_cert else 'http'}://{listen}"
     refused, pools = set(), []  # pools: every one started and not yet stopped, for Ctrl-C at any point
 
     def new_pool(warm_uri: str = "") -> Pool:
-        pools.append(Pool(workers, root, token, warm_uri))
+        pools.append(Pool(workers, root, token, api_keys_db, warm_uri))
         return pools[-1]
 
     def checked(pool: Pool, version: str) -> bool:
@@ -441,14 +473,15 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     proxy = webhook = None
     try:
-        proxy = Proxy(listen, root)
+        proxy = Proxy(listen, root, tls_cert, tls_key)
         live = new_pool()
         if not checked(live, version):
             raise StepError(f"version {version} of {name}@{alias} cannot be served (see the line above)")
         proxy.point_at(live.processes)
         proxy.wait_up(url)
         webhook, following = alias_events(client, name, alias, poll_interval)
-        print(f"serving {name}@{alias} (version {version}) at {url} with {workers} model processes, "
+        keys = ", to requests with an API key (X-Api-Key)" if api_keys_db else ""
+        print(f"serving {name}@{alias} (version {version}) at {url}{keys} with {workers} model processes, "
               f"following the alias {following}; POST /predict takes pictures, /invocations arrays; Ctrl-C stops",
               flush=True)
         spare = new_pool(live.model_uri)  # the next version's processes, made ready while this one serves

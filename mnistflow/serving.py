@@ -13,12 +13,14 @@ JPEG, ...), either as a file upload (`curl -F picture=@digit.png`, any number of
 JSON `{"pictures": ["<base64>", ...]}`, brings each to the MNIST convention as the predict step
 does, and answers per picture its class, its probabilities and an id; every response names the
 version that answered in the header X-Model-Version. A bad request gets a 4xx with one line of
-JSON, {"error": "..."}, and the process goes on serving.
+JSON, {"error": "..."}, and the process goes on serving. With a key store (MNISTFLOW_SERVE_KEYS),
+every request but /health and /ping must carry an active API key in X-Api-Key.
 """
 import asyncio
 import base64
 import binascii
 import ctypes
+import hmac
 import json
 import os
 import signal
@@ -26,13 +28,16 @@ import uuid
 
 import numpy as np
 
-from mnistflow import images, logged_model
+from mnistflow import images, keystore, logged_model
 from mnistflow.errors import ImageError, StepError
 
 MODEL_ENV = "MNISTFLOW_SERVE_MODEL"  # models:/<name>/<version>: the one version this process serves
 WARM_ENV = "MNISTFLOW_SERVE_WARM"  # a spare's: a version to load once and forget, so that its next load is quick
 TOKEN_ENV = "MNISTFLOW_SERVE_TOKEN"  # what a POST /load must carry: only the serve step picks the version
+TOKEN_HEADER = "X-Serve-Token"  # where it carries it (the proxy drops it from what clients send)
 PARENT_ENV = "MNISTFLOW_SERVE_PARENT"  # the serve step's pid: a model process ends when it does
+KEYS_ENV = "MNISTFLOW_SERVE_KEYS"  # the tracking server's API key store: requests must carry a key from it
+OPEN_PATHS = ("/health", "/ping")  # liveness, for probes and the proxy: they tell nothing of the model
 MAX_BODY_BYTES = 10 * 1024 * 1024  # a request's pictures, all together
 MAX_PICTURES = 1000
 VERSION_HEADER = "X-Model-Version"
@@ -156,17 +161,37 @@ class Process:
     none yet, 503 to everything but POST /load. A spare has imported everything a version needs,
     so that loading one takes about as long as reading its weights."""
 
-    def __init__(self, token: str):
-        self.token, self.app = token, None
+    def __init__(self, token: str, keys: str = ""):
+        """`keys`: an API key store; "" asks no key."""
+        self.token, self.keys, self.app = token, keys, None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             return await self.lifespan(receive, send)
         if scope["type"] == "http" and scope["path"] == "/load" and scope["method"] == "POST":
             return await self.load(scope, receive, send)
+        if scope["type"] == "http" and (refusal := self.refusal(scope)):
+            return await respond(send, 401, {"error": refusal})
         if self.app is None:
             return await respond(send, 503, {"error": "no model loaded yet"})
         await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> str:
+        """Why a request may not be answered ("" when it may): with a key store, each one but
+        OPEN_PATHS carries an active API key, or the serve step's token (its check of a version)."""
+        if not self.keys or scope["path"] in OPEN_PATHS or self.has_token(scope):
+            return ""
+        key = dict(scope["headers"]).get(keystore.HEADER.lower().encode())
+        if key is None:
+            return keystore.MISSING_KEY
+        try:
+            return "" if keystore.user_of(self.keys, key.decode(errors="replace")) else keystore.BAD_KEY
+        except keystore.KeyStoreError as exc:
+            return f"the key store cannot be read ({exc})"
+
+    def has_token(self, scope) -> bool:
+        sent = dict(scope["headers"]).get(TOKEN_HEADER.lower().encode(), b"")
+        return bool(self.token) and hmac.compare_digest(sent, self.token.encode())
 
     async def lifespan(self, receive, send):
         while (await receive())["type"] != "lifespan.shutdown":
@@ -175,10 +200,9 @@ class Process:
 
     async def load(self, scope, receive, send):
         """POST /load {"model_uri": "models:/<name>/<version>"}, with the token the serve step gave
-        this process in X-Serve-Token: once, in a spare."""
-        headers = dict(scope["headers"])
-        if not self.token or headers.get(b"x-serve-token", b"").decode() != self.token:
-            return await respond(send, 403, {"error": "a wrong or missing X-Serve-Token"})
+        this process in TOKEN_HEADER: once, in a spare."""
+        if not self.has_token(scope):
+            return await respond(send, 403, {"error": f"a wrong or missing {TOKEN_HEADER}"})
         if self.app is not None:
             return await respond(send, 409, {"error": "this process has loaded a version already"})
         body = b""
@@ -208,7 +232,7 @@ def create_app():
     process that loads one when the serve step (token $MNISTFLOW_SERVE_TOKEN) asks."""
     if os.environ.get(PARENT_ENV, "").isdigit():
         die_with_parent(int(os.environ[PARENT_ENV]))
-    process = Process(os.environ.get(TOKEN_ENV, ""))
+    process = Process(os.environ.get(TOKEN_ENV, ""), os.environ.get(KEYS_ENV, ""))
     if os.environ.get(MODEL_ENV):
         process.app = version_app(os.environ[MODEL_ENV])
     elif os.environ.get(WARM_ENV):

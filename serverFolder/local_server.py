@@ -12,10 +12,8 @@ go through the server (--artifacts-destination), so the same setup works when th
 another machine.
 """
 import argparse
-import ipaddress
 import math
 import os
-import re
 import signal
 import ssl
 import subprocess
@@ -25,7 +23,7 @@ import urllib.request
 
 import psutil
 
-from mnistflow.config import LOOPBACK_HOSTS
+from mnistflow.config import LOOPBACK_HOSTS, is_host
 from mnistflow.flags import OneLineParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,20 +39,6 @@ def port_number(text: str) -> int:
     if not (text.isdigit() and 1 <= int(text) <= 65535):
         raise argparse.ArgumentTypeError(f"port {text!r} is not allowed; give a number from 1 to 65535")
     return int(text)
-
-
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
-
-def is_host(text: str) -> bool:
-    """Whether `text` is a host name (dot-separated labels of letters, digits and '-') or an IP address:
-    nothing a config file or URL it is written into would read as more than a host."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return len(text) <= 253 and bool(HOST_NAME.fullmatch(text))
-    return getattr(ip, "scope_id", None) is None  # an IPv6 zone ("%eth0") may hold any character
 
 
 def address(text: str) -> str:

@@ -77,7 +77,8 @@ def unusable(args: argparse.Namespace) -> str:
 def render(args: argparse.Namespace, root: str, user: str, temp: str) -> str:
     values = {"USER": user, "ROOT": root, "TEMP": temp, "LISTEN": args.listen,
               "SERVER_NAME": args.server_name, "CERT": os.path.abspath(args.cert), "KEY": os.path.abspath(args.key),
-              "UPSTREAM": args.upstream, "MAX_BODY_SIZE": args.max_body_size, "LOGIN_RATE": args.login_rate}
+              "UPSTREAM": args.upstream, "MAX_BODY_SIZE": args.max_body_size, "LOGIN_RATE": args.login_rate,
+              "TLS_SETTINGS": nginx.tls_settings(" " * 8)}
     with open(os.path.join(HERE, "nginx.conf")) as f:
         text = f.read()
     text = re.sub(r"@([A-Z_]+)@", lambda placeholder: values[placeholder.group(1)], text)  # one pass: a value may hold '@'

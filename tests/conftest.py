@@ -153,9 +153,9 @@ def sigint_as_in_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def readme_line(start: str) -> str:
-    """The one line of README.md that starts with `start`: the tests run the commands users copy."""
-    [line] = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith(start)]
+def readme_line(start: str, doc: str = "README.md") -> str:
+    """The one line of README.md (or `doc`) that starts with `start`: the tests run the commands users copy."""
+    [line] = [line.strip() for line in open(os.path.join(ROOT, doc)) if line.startswith(start)]
     return line
 
 

@@ -11,7 +11,6 @@ from conftest import ROOT
 # imports only modules on the rows below it, or to its right on its own row.
 LAYERS = [
     (["cli"], "around each step: flags → access check → work → one-line error"),
-    (["keystore", "auth", "cli_guard"], "API keys (server, client) · the `mlflow run` check"),
     (["pipeline", "workers", "slurm", "rollout"], "what the steps do: the chain, tune's workers (local, Slurm), "
                                                   "versions behind nginx"),
     (["tuning", "registry", "plot_loss", "serving"], "a study's trials, the gated registry, loss plots, "
@@ -20,6 +19,7 @@ LAYERS = [
     (["report", "checkpoints", "tracking"], "test reports, checkpoints, runs (step_run opens each)"),
     (["train", "plots", "metrics", "images"], "fit (the loop, no MLflow), figures, scores, pictures"),
     (["models", "augment", "data"], "the nets, augmentation, the datasets"),
+    (["keystore", "auth", "cli_guard"], "API keys (server, client) · the `mlflow run` check"),
     (["config"], "each step's settings: default, meaning, checks"),
     (["flags", "errors", "nginx"], "command lines and --help · error kinds and exit codes · nginx's account"),
 ]

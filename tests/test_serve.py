@@ -6,12 +6,12 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +25,10 @@ from PIL import Image
 
 from conftest import (EXPERIMENT, ROOT, free_port, readme_line, refused_step, require, run_step,
                       sigint_as_in_a_terminal, step_env, wait_until)
+import netns_recorder
+from bench.load import Load
 from mnistflow import rollout
+from mnistflow.serving import TOKEN_ENV, TOKEN_HEADER
 
 REAL_DATA = os.environ.get("MNISTFLOW_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data")
 NAME = "MNIST_CNN"
@@ -48,9 +51,9 @@ class Registry:
         self.uri, self.versions, self.pictures, self.labels = uri, versions, pictures, labels
 
     def point(self, alias_to: str) -> float:
-        """Move MNIST_CNN@production to the version called `alias_to`; when it moved."""
+        """Move MNIST_CNN@production to the version called `alias_to`; when it moved (time.time(), as Load's)."""
         mlflow.MlflowClient(self.uri).set_registered_model_alias(NAME, "production", self.versions[alias_to])
-        return time.monotonic()
+        return time.time()
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +91,15 @@ def registry(tmp_path_factory, tiny_data) -> Registry:
 
 
 class Serving:
-    """`python -m steps.serve` on a free port of 127.0.0.1, up: its process, URL and output (both streams)."""
+    """`python -m steps.serve` on a free port of 127.0.0.1, up: its process, URL and output (both streams).
+    `prefix`: a command that runs the step (in a network namespace of its own)."""
 
-    def __init__(self, tracking_uri: str, folder, *args: str):
+    def __init__(self, tracking_uri: str, folder, *args: str, prefix: tuple = ()):
         self.port = free_port()
         self.url, self.log = f"http://127.0.0.1:{self.port}", folder / "serve.txt"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "steps.serve", "--port", str(self.port), "--data_dir", REAL_DATA, *args],
+                [*prefix, sys.executable, "-m", "steps.serve", "--port", str(self.port), "--data_dir", REAL_DATA, *args],
                 cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": tracking_uri}, stdout=log,
                 stderr=subprocess.STDOUT, preexec_fn=sigint_as_in_a_terminal)
         wait_until(lambda: "serving MNIST_CNN@production" in self.output(), "the endpoint", 300, alive=self.process)
@@ -140,38 +144,6 @@ def served_version(served, registry) -> str:
     return headers["X-Model-Version"]
 
 
-class Load:
-    """A steady load on /predict (one picture per request) from `threads` threads, until stopped:
-    (when sent, status, version) of every request."""
-
-    def __init__(self, url: str, picture: bytes, threads: int = 4, pause: float = 0.05):
-        self.body, self.content_type = upload([("digit.png", picture)])
-        self.url, self.pause, self.results, self.running = url, pause, [], True
-        self.threads = [threading.Thread(target=self.send) for _ in range(threads)]
-        for thread in self.threads:
-            thread.start()
-
-    def send(self) -> None:
-        deadline = time.monotonic() + 300  # bounded, whatever the test does
-        while self.running and time.monotonic() < deadline:
-            sent = time.monotonic()
-            try:
-                status, headers, _ = post(f"{self.url}/predict", self.body, self.content_type)
-                self.results.append((sent, status, headers.get("X-Model-Version")))
-            except OSError as exc:
-                self.results.append((sent, str(exc), None))
-            time.sleep(self.pause)
-
-    def stop(self) -> list:
-        self.running = False
-        for thread in self.threads:
-            thread.join()
-        return self.results
-
-    def rate(self) -> float:
-        return len(self.results) / (self.results[-1][0] - self.results[0][0])
-
-
 def test_pictures_get_their_class_probabilities_an_id_and_the_version(registry, served):
     files = [(f"{i}.png", picture) for i, picture in enumerate(registry.pictures)]
     status, headers, answer = post(f"{served.url}/predict", *upload(files))
@@ -214,8 +186,8 @@ def test_a_bad_request_gets_a_4xx_with_one_line_of_json_and_serving_goes_on(regi
     assert served_version(served, registry) == registry.versions["v1"]
 
 
-def test_the_endpoint_follows_the_alias_under_load_without_a_failed_request(registry, served):
-    load = Load(served.url, registry.pictures[0])
+def test_the_endpoint_follows_the_alias_under_load_without_a_failed_request(registry, served, tmp_path):
+    load = Load(served.url, registry.pictures[0], tmp_path, users=5)
     wait_until(lambda: len(load.results) > 40, "the load's first requests")
     switches = []
     for to in ("v2", "v1"):  # a promotion, then a rollback
@@ -243,8 +215,10 @@ def test_the_endpoint_follows_the_alias_under_load_without_a_failed_request(regi
     ("wrong", "known mnist pictures right, below check_accuracy=0.8"),
     ("broken", "it did not load"),
 ])
-def test_a_version_that_answers_wrongly_or_cannot_load_never_takes_traffic(registry, served, version, reason):
-    load = Load(served.url, registry.pictures[0])
+def test_a_version_that_answers_wrongly_or_cannot_load_never_takes_traffic(registry, served, version, reason,
+                                                                           tmp_path):
+    load = Load(served.url, registry.pictures[0], tmp_path)
+    wait_until(lambda: len(load.results) > 20, "the load's first requests")
     registry.point(version)
     number = registry.versions[version]
     wait_until(lambda: f"refused version {number} of MNIST_CNN" in served.output(), "the refusal", 180,
@@ -268,16 +242,16 @@ def live_processes(serve_pid: int) -> list:
             and child.cmdline()[child.cmdline().index("--port") + 1] in ports]
 
 
-def test_a_killed_model_process_costs_no_request_and_is_replaced(registry, served):
+def test_a_killed_model_process_costs_no_request_and_is_replaced(registry, served, tmp_path):
     def live():
         return live_processes(served.process.pid)
 
     wait_until(lambda: len(live()) == 2, "two live model processes")
-    load = Load(served.url, registry.pictures[0])
+    load = Load(served.url, registry.pictures[0], tmp_path)
     wait_until(lambda: len(load.results) > 20, "the load's first requests")
     victim = live()[0]
     victim.kill()
-    killed = time.monotonic()
+    killed = time.time()
     wait_until(lambda: "exited; started again" in served.output(), "the replacement", 60)
     wait_until(lambda: len(live()) == 2 and all(c.pid != victim.pid for c in live()), "two live processes again")
     wait_until(lambda: len([r for r in load.results if r[0] > killed]) > 40, "requests after the kill")
@@ -344,7 +318,11 @@ def test_a_port_in_use_is_one_line(registry):
 
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "workers=0 is not allowed; it must be in [1, 32]"),
-    (["--host", "0.0.0.0"], "host '0.0.0.0' is not allowed; give 127.0.0.1, ::1, localhost"),
+    (["--host", "0.0.0.0"], "host '0.0.0.0' is beyond loopback: give tls_cert, tls_key and api_keys_db too"),
+    (["--host", "localhost; error_log /tmp/x"], "host 'localhost; error_log /tmp/x' is not allowed; give a host"),
+    (["--host", "fe80::1%lo;x"], "host 'fe80::1%lo;x' is not allowed; give a host name or an IP address"),
+    (["--tls_cert", ROOT + "/README.md"], "tls_cert and tls_key go together"),
+    (["--api_keys_db", "/nope/keys.db"], "api_keys_db '/nope/keys.db' is not a file"),
     (["--poll_interval", "nan"], "poll_interval=nan is not allowed; it must be a finite number"),
     (["--check_accuracy", "1.5"], "check_accuracy=1.5 is not allowed; it must be in [0, 1]"),
     (["--model_name", "Nope"], "Nope@production: no such registered model or alias"),
@@ -366,6 +344,70 @@ def test_a_bad_serve_parameter_through_mlflow_run_is_one_line_and_fails_the_run(
     client = mlflow.MlflowClient(store)
     [run] = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
     assert run.info.status == "FAILED"
+
+
+def test_beyond_loopback_it_answers_over_https_to_an_active_api_key_only(registry, tmp_path):
+    """docs/serving.md's two lines, on another address than loopback (192.0.2.1, in a network
+    namespace of the test's own) as a user on another machine reaches it, with a shared server's
+    certificate and key store (in tmp_path instead of serverFolder/)."""
+    require(netns_recorder.available(), "a network namespace (unshare --net and ip, as root)", "util-linux iproute2")
+    from mnistflow import keystore
+
+    def documented(start: str) -> str:
+        return readme_line(start, "docs/serving.md").replace("serverFolder/", f"{tmp_path}/")
+
+    assert run_step("bash", "serverFolder/make_certs.sh", str(tmp_path / "tls"), "mlflow.example.org").returncode == 0
+    (tmp_path / "shared").mkdir()
+    keys = str(tmp_path / "shared" / "api_keys.db")
+    keystore.create_store(keys)
+    key, revoked = keystore.issue_key(keys, "alice"), keystore.issue_key(keys, "bob")
+    keystore.revoke_keys(keys, "bob")
+    host = netns_recorder.REMOTE_HOST
+    serve = shlex.split(documented("python -m steps.serve --host 0.0.0.0"))
+    port = serve[serve.index("--port") + 1]
+    on_another_address = ("unshare", "--net", "sh", "-c",
+                          f"ip link set lo up && ip addr add {host}/32 dev lo && exec \"$@\"", "sh")
+    serving = Serving(registry.uri, tmp_path, *serve[3:], prefix=on_another_address)
+    (tmp_path / "a.png").write_bytes(registry.pictures[0])
+    # For curl, mlflow.example.org is 192.0.2.1 (its config file says so, as a hosts file would).
+    (tmp_path / ".curlrc").write_text(f"resolve = mlflow.example.org:{port}:{host}\n")
+
+    def curl(line: str, api_key: str = "") -> tuple[int, str]:
+        """(status, body) of a curl line typed on the user's machine (HOME and the folder: tmp_path)."""
+        assert line.startswith("curl ")
+        result = subprocess.run(
+            ["nsenter", f"--net=/proc/{serving.process.pid}/ns/net", "bash", "-c",
+             line.replace("curl ", "curl -w '\\n%{http_code}' ", 1)], capture_output=True, text=True, timeout=60,
+            cwd=tmp_path, env={**step_env(), "HOME": str(tmp_path), keystore.KEY_ENV: api_key})
+        body, status = result.stdout.rsplit("\n", 1)
+        return int(status), body
+
+    predict = documented("curl -s --cacert")
+    try:
+        assert f"at https://0.0.0.0:{port}, to requests with an API key" in serving.output()
+        status, body = curl(predict, key)
+        assert status == 200, body
+        assert int(json.loads(body)["predictions"][0]["class"][0]) == registry.labels[0]
+        for api_key, error in ("", keystore.MISSING_KEY), (revoked, keystore.BAD_KEY), ("guessed", keystore.BAD_KEY):
+            for route in ("/predict", "/invocations", "/metadata", "/version"):
+                status, body = curl(predict.replace("/predict", route), api_key)
+                assert (status, json.loads(body)) == (401, {"error": error}), route
+        assert curl(f"{predict.split(' -H ')[0]} https://mlflow.example.org:{port}/health")[0] == 200  # for probes
+        status, body = curl(predict.replace("https://", "http://"), key)
+        assert (status, json.loads(body)) == (400, {"error": "this endpoint takes https only"})
+        # Past the proxy, on a model process's own port: no key, no answer. The step's token (which
+        # it checks new versions with) works there, but the proxy drops it from what clients send.
+        [process, *_] = live_processes(serving.process.pid)
+        process_port = process.cmdline()[process.cmdline().index("--port") + 1]
+        environ = dict(line.split("=", 1) for line in open(f"/proc/{process.pid}/environ").read().split("\0")
+                       if "=" in line)
+        token = f"-H '{TOKEN_HEADER}: {environ[TOKEN_ENV]}'"
+        assert curl(f"curl -s http://127.0.0.1:{process_port}/metadata")[0] == 401
+        assert curl(f"curl -s {token} http://127.0.0.1:{process_port}/metadata")[0] == 200
+        assert curl(predict.replace(" -H ", f" {token} -H ").replace("/predict", "/metadata"))[0] == 401
+    finally:
+        assert serving.stop() == 0
+    assert key not in serving.output()
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +444,7 @@ def test_with_a_tracking_server_the_alias_is_followed_by_webhook_not_by_polling(
         assert "following the alias by MLflow's registry webhooks" in serving.output()
         [webhook] = client.list_webhooks()
         assert webhook.url.startswith("http://127.0.0.1:")
-        load = Load(serving.url, png(np.eye(28, dtype=np.float32)))
+        load = Load(serving.url, png(np.eye(28, dtype=np.float32)), tmp_path)
         wait_until(lambda: len(load.results) > 20, "the load's first requests")
         moved = time.monotonic()
         client.set_registered_model_alias(NAME, "production", "2")
