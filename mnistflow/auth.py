@@ -142,6 +142,10 @@ def check_access() -> None:
         status = exc.get_http_status_code()
         if status not in (401, 403):
             raise server_error(uri, status) from None
+        if "Invalid Host header" in str(exc):  # MLflow's guard against DNS rebinding, not a key's fault
+            host = urllib.parse.urlsplit(uri).netloc
+            raise AccessError(f"the tracking server {uri} refused the name {host} (HTTP 403, its check of the Host "
+                              f"header): start it with --allowed-hosts {host}, or MLFLOW_SERVER_ALLOWED_HOSTS") from None
         fix = (f"the key in {KEY_ENV} is unknown, revoked or lacks permission; ask the server's admin"
                if os.environ.get(KEY_ENV) else f"set {KEY_ENV} to your API key")
         raise AccessError(f"the tracking server {uri} refused this client (HTTP {status}): {fix}") from None

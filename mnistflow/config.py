@@ -439,6 +439,10 @@ class ServeConfig:
     api_keys_db: str = setting("", "the tracking server's API key store (`$MNISTFLOW_API_KEYS_DB` of "
                                    "`serverFolder/shared_server.py`): every request but /health and /ping must carry "
                                    "an active key in `X-Api-Key`; empty = no key asked")
+    webhook_address: str = setting("", "`HOST:PORT` where a tracking server on another machine sends its registry "
+                                       "webhooks (plain http, each signed): HOST is this machine's name or address "
+                                       "as the server reaches it; empty = a loopback port, for a tracking server "
+                                       "on this machine only")
 
     def validate(self) -> "ServeConfig":
         _check_numbers(self)
@@ -460,6 +464,13 @@ class ServeConfig:
             raise ConfigError(f"host {self.host!r} is beyond loopback: give tls_cert, tls_key and api_keys_db too, "
                               "so that requests come over TLS with an API key (docs/serving.md)")
         _in_range(self, "port", 1, 65535)
+        if self.webhook_address:
+            host, _, port = self.webhook_address.rpartition(":")
+            if not (is_host(host) and ":" not in host and host != "0.0.0.0" and port.isdigit()
+                    and 1 <= int(port) <= 65535):
+                raise ConfigError(f"webhook_address {self.webhook_address!r} is not allowed; give HOST:PORT, HOST "
+                                  "this machine's name or IPv4 address as the tracking server reaches it, e.g. "
+                                  "serve.example.org:5002")
         _in_range(self, "workers", 1, MAX_SERVE_WORKERS)
         if not 0 < self.poll_interval <= 3600:
             raise ConfigError(f"poll_interval={self.poll_interval} is not allowed; it must be in (0, 3600]")

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -320,14 +321,15 @@ class Proxy:
 
 
 class AliasWebhook:
-    """MLflow's registry webhook for the alias's events, received here on loopback: `moved` is set
-    when MLflow says the alias was set or deleted, so that the step looks at once instead of at
-    its next poll. Each delivery must carry MLflow's HMAC signature made with this webhook's secret,
-    and be less than five minutes old (a replayed one is not)."""
+    """MLflow's registry webhook for the alias's events, received here at `address` (HOST:PORT; by
+    default a free port of loopback): `moved` is set when MLflow says the alias was set or deleted,
+    so that the step looks at once instead of at its next poll. Each delivery must carry MLflow's
+    HMAC signature made with this webhook's secret, and be less than five minutes old (a replayed
+    one is not)."""
 
     MAX_AGE_S = 300
 
-    def __init__(self, client, name: str, alias: str):
+    def __init__(self, client, name: str, alias: str, address: str = "127.0.0.1:0"):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.client, self.name, self.alias = client, name, alias
@@ -348,9 +350,15 @@ class AliasWebhook:
         for stale in client.list_webhooks():  # left by a serve step that was killed: nothing answers there
             if stale.name.startswith(WEBHOOK_PREFIX) and not answers(stale.url):
                 client.delete_webhook(stale.webhook_id)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Delivery)
+        class Receiver(ThreadingHTTPServer):
+            def server_bind(self):
+                # HTTPServer's own looks the address up in DNS (socket.getfqdn), for a name unused here.
+                socketserver.TCPServer.server_bind(self)
+
+        host, _, port = address.rpartition(":")
+        self.server = Receiver((host, int(port)), Delivery)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{self.server.server_port}/alias"
+        url = f"http://{host}:{self.server.server_address[1]}/alias"
         try:
             self.webhook_id = client.create_webhook(
                 name=f"{WEBHOOK_PREFIX}{uuid.uuid4().hex[:8]}", url=url, secret=self.secret,
@@ -385,9 +393,11 @@ class AliasWebhook:
         self.server.shutdown()
 
 
-def alias_events(client, name: str, alias: str, poll_interval: float) -> "tuple[AliasWebhook | None, str]":
+def alias_events(client, name: str, alias: str, poll_interval: float,
+                 webhook_address: str = "") -> "tuple[AliasWebhook | None, str]":
     """(the webhook, how the alias is followed): by MLflow's registry webhooks where the tracking
-    server is on this machine and takes them, else by polling alone."""
+    server takes them (one on this machine, or one elsewhere told `webhook_address`), else by
+    polling alone."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -395,10 +405,11 @@ def alias_events(client, name: str, alias: str, poll_interval: float) -> "tuple[
     polling = f"by polling every {poll_interval:g} s"
     if uri.scheme not in ("http", "https"):
         return None, polling
-    if uri.hostname not in LOOPBACK_HOSTS:
-        return None, f"{polling} (webhooks need a tracking server on this machine)"
+    if uri.hostname not in LOOPBACK_HOSTS and not webhook_address:
+        return None, f"{polling} (for webhooks from a tracking server on another machine, give webhook_address)"
     try:
-        return AliasWebhook(client, name, alias), f"by MLflow's registry webhooks, and {polling}"
+        webhook = AliasWebhook(client, name, alias, webhook_address or "127.0.0.1:0")
+        return webhook, f"by MLflow's registry webhooks, and {polling}"
     except MlflowException as exc:
         return None, f"{polling} (the tracking server took no webhook: {first_line(exc)})"
 
@@ -413,19 +424,20 @@ def alias_version(client, name: str, alias: str) -> str:
                        "`mlflow run . -e register` first") from None
 
 
-def port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int | str) -> bool:
     """Whether nginx could listen on host:port (as nginx does, past connections closing there)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind((host, int(port)))
         except OSError:
             return False
     return True
 
 
 def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interval: float,
-          check_accuracy: float, data_dir: str, tls_cert: str = "", tls_key: str = "", api_keys_db: str = "") -> None:
+          check_accuracy: float, data_dir: str, tls_cert: str = "", tls_key: str = "", api_keys_db: str = "",
+          webhook_address: str = "") -> None:
     """Serve models:/<name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias; over
     https with `tls_cert` and `tls_key`, and to requests with a key from `api_keys_db` when given."""
     import mlflow
@@ -441,6 +453,9 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     version = alias_version(client, name, alias)
     if not port_free(host, port):
         raise ConfigError(f"port {port} on {host} is in use; give another port")
+    if webhook_address and not port_free(*webhook_address.rsplit(":", 1)):
+        raise ConfigError(f"webhook_address {webhook_address}: cannot listen there (the port is in use, or the "
+                          "host is not an address of this machine)")
     root = tempfile.mkdtemp(prefix="mnistflow-serve-")
     token = secrets.token_hex(16)
     known = KnownPictures(data_dir)
@@ -479,7 +494,7 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
             raise StepError(f"version {version} of {name}@{alias} cannot be served (see the line above)")
         proxy.point_at(live.processes)
         proxy.wait_up(url)
-        webhook, following = alias_events(client, name, alias, poll_interval)
+        webhook, following = alias_events(client, name, alias, poll_interval, webhook_address)
         keys = ", to requests with an API key (X-Api-Key)" if api_keys_db else ""
         print(f"serving {name}@{alias} (version {version}) at {url}{keys} with {workers} model processes, "
               f"following the alias {following}; POST /predict takes pictures, /invocations arrays; Ctrl-C stops",

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -323,6 +324,8 @@ def test_a_port_in_use_is_one_line(registry):
     (["--host", "fe80::1%lo;x"], "host 'fe80::1%lo;x' is not allowed; give a host name or an IP address"),
     (["--tls_cert", ROOT + "/README.md"], "tls_cert and tls_key go together"),
     (["--api_keys_db", "/nope/keys.db"], "api_keys_db '/nope/keys.db' is not a file"),
+    (["--webhook_address", "0.0.0.0:5002"], "webhook_address '0.0.0.0:5002' is not allowed; give HOST:PORT"),
+    (["--webhook_address", "192.0.2.7:5002"], "webhook_address 192.0.2.7:5002: cannot listen there"),
     (["--poll_interval", "nan"], "poll_interval=nan is not allowed; it must be a finite number"),
     (["--check_accuracy", "1.5"], "check_accuracy=1.5 is not allowed; it must be in [0, 1]"),
     (["--model_name", "Nope"], "Nope@production: no such registered model or alias"),
@@ -462,6 +465,42 @@ def test_with_a_tracking_server_the_alias_is_followed_by_webhook_not_by_polling(
     finally:
         serving.stop()
     assert client.list_webhooks() == []  # removed when the step stopped
+
+
+def test_a_tracking_server_on_another_machine_sends_its_webhooks_to_webhook_address(registry, tmp_path):
+    """The tracking server on 192.0.2.1, the serve step's webhook receiver on 192.0.2.2, in a network
+    namespace of the test's own: MLflow delivers the alias's events across the network, to the
+    address the step was given (the server told, as docs/serving.md says, to send them there)."""
+    require(netns_recorder.available(), "a network namespace (unshare --net and ip, as root)", "util-linux iproute2")
+    store = tmp_path / "mlflow.db"
+    shutil.copy(registry.uri.removeprefix("sqlite:///"), store)  # its versions, with v1 @production
+    addresses = "".join(f" && ip addr add {host}/32 dev lo" for host in ("192.0.2.1", "192.0.2.2"))
+    started = subprocess.run(
+        ["unshare", "--net", "sh", "-c", f"ip link set lo up{addresses} && exec \"$@\"", "sh", sys.executable,
+         "serverFolder/local_server.py", "--root", str(tmp_path / "server"), "--host", "192.0.2.1", "--port", "5000",
+         "--backend-store-uri", f"sqlite:///{store}"], cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**step_env(), "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+             "MLFLOW_WEBHOOK_CACHE_TTL": "2", "MLFLOW_SERVER_ALLOWED_HOSTS": "192.0.2.1:5000"})
+    assert started.returncode == 0, started.stderr
+    server_pid = int((tmp_path / "server" / "server.pid").read_text())
+    in_namespace = ("nsenter", f"--net=/proc/{server_pid}/ns/net")
+    uri = "http://192.0.2.1:5000"
+    try:
+        serving = Serving(uri, tmp_path, "--poll_interval", "600", "--webhook_address", "192.0.2.2:5002",
+                          prefix=in_namespace)
+        try:
+            assert "following the alias by MLflow's registry webhooks" in serving.output()
+            moved = subprocess.run([*in_namespace, sys.executable, "-c", f"import mlflow; c = mlflow.MlflowClient({uri!r}); "
+                                    "print([w.url for w in c.list_webhooks()]); c.set_registered_model_alias("
+                                    f"'{NAME}', 'production', '{registry.versions['v2']}')"],
+                                   capture_output=True, text=True, timeout=120)
+            assert moved.stdout.strip() == "['http://192.0.2.2:5002/alias']", moved.stderr
+            wait_until(lambda: f"version {registry.versions['v2']} (was {registry.versions['v1']})" in serving.output(),
+                       "the switch, told by webhook (the next poll is 10 minutes away)", 120, alive=serving.process)
+        finally:
+            assert serving.stop() == 0
+    finally:
+        run_step(sys.executable, "serverFolder/local_server.py", "--root", str(tmp_path / "server"), "--stop")
 
 
 def test_the_webhook_receiver_takes_only_fresh_deliveries_signed_with_its_secret(tracking_server):

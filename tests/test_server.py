@@ -57,6 +57,21 @@ def test_a_second_server_on_a_busy_port_is_refused(local_server, tmp_path):
         assert response.status == 200
 
 
+def test_a_name_the_server_does_not_allow_is_one_line_naming_allowed_hosts(local_server, tmp_path):
+    """MLflow answers 403 to a Host header it does not know (its guard against DNS rebinding): not a
+    missing API key, which is what the step said before. 127.1 is 127.0.0.1 by another name."""
+    url, _ = local_server
+    other_name = url.replace("127.0.0.1", "127.1")
+    result = subprocess.run([sys.executable, "-m", "steps.plot_loss", "--run_id", "0" * 32], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
+                            env={**step_env(), "MLFLOW_TRACKING_URI": other_name})
+    assert result.returncode == 2
+    host = other_name.split("//")[1]
+    assert result.stderr.strip().splitlines() == [
+        f"plot_loss: error: the tracking server {other_name} refused the name {host} (HTTP 403, its check of the Host "
+        f"header): start it with --allowed-hosts {host}, or MLFLOW_SERVER_ALLOWED_HOSTS"]
+
+
 def refuses_connections(port: int) -> bool:
     """Whether nothing listens on the port: a killed server's processes have all exited."""
     try:
