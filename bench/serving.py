@@ -2,14 +2,15 @@
 
     python bench/serving.py --data_dir ../shared/data [--repeats 5] [--users 4]
 
-Trains one model on real MNIST (1 epoch, 5000 images) and registers it twice, as versions 1 and
-2 of MNIST_CNN, in a SQLite store and in a tracking server on loopback
+Trains two models on real MNIST alike (1 epoch, 5000 images, one seed) and registers them as
+versions 1 and 2 of MNIST_CNN, in a SQLite store and in a tracking server on loopback
 (serverFolder/local_server.py). For each store it serves MNIST_CNN@production with the serve
 step, puts a steady Locust load on /predict (bench/locustfile.py, one picture a request), and:
   - moves the alias --repeats times each way, each once the spare processes are ready: a
-    promotion (the registry calls of `register`: @previous to the old version, @production to
-    the new), then a rollback (`python -m steps.register --rollback true`); for each, the time
-    from the move until every answer comes from the new version;
+    promotion (`python -m steps.register --run_id <the run not serving>`: the gate, with limits a
+    1-epoch model passes, then a version of it @production), then a rollback
+    (`python -m steps.register --rollback true`); for each, the time from the move (the alias
+    read every 20 ms while the command runs) until every answer comes from the new version;
   - kills one live model process: the requests that failed, and the time until it answers again.
 Then, without load, it times single arrays and batches of 100 at /invocations through the serve
 step and through plain `mlflow models serve` on the same version, interleaved: p50 and the ratio.
@@ -59,21 +60,25 @@ def run(command: list[str], env: dict) -> str:
     return done.stdout
 
 
-def registry(uri: str, data_dir: str, env: dict) -> None:
-    """One model trained and registered twice; @production on version 1, @previous on 2."""
+def registry(uri: str, data_dir: str, env: dict) -> list[str]:
+    """Two models trained alike (the same seed, so that one passes the gate's comparison with the
+    other), registered as versions 1 and 2: @production on 1, @previous on 2; their run ids."""
     import mlflow
 
     env = {**env, "MLFLOW_TRACKING_URI": uri}
-    run([sys.executable, "-m", "steps.train", "--epochs", "1", "--max_train_samples", "5000", "--data_dir",
-         data_dir, "--augment", "shift", "--system_metrics", "false"], env)
-    client = mlflow.MlflowClient(uri)
-    [trained] = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    mlflow.set_tracking_uri(uri)
     for _ in range(2):
-        mlflow.register_model(f"runs:/{trained.info.run_id}/model", NAME)
+        run([sys.executable, "-m", "steps.train", "--epochs", "1", "--max_train_samples", "5000", "--data_dir",
+             data_dir, "--augment", "shift", "--system_metrics", "false"], env)
+    client = mlflow.MlflowClient(uri)
+    runs = [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                                      order_by=["attributes.start_time ASC"])]
+    mlflow.set_tracking_uri(uri)
+    for run_id in runs:
+        mlflow.register_model(f"runs:/{run_id}/model", NAME)
     mlflow.set_tracking_uri(None)
     client.set_registered_model_alias(NAME, "production", "1")
     client.set_registered_model_alias(NAME, "previous", "2")
+    return runs
 
 
 class Served:
@@ -112,7 +117,8 @@ class Served:
         self.process.wait(timeout=120)
 
 
-def moves_under_load(served: Served, uri: str, repeats: int, users: int, picture: str, env: dict) -> dict:
+def moves_under_load(served: Served, uri: str, run_ids: list[str], repeats: int, users: int, picture: str, data_dir: str,
+                     env: dict) -> dict:
     """Promotions and rollbacks, then a killed process, under Locust: the figures."""
     import mlflow
     import psutil
@@ -125,21 +131,32 @@ def moves_under_load(served: Served, uri: str, repeats: int, users: int, picture
     try:
         for i in range(2 * repeats):
             wait_for(served.spares_ready, "the spare processes")
-            current = client.get_model_version_by_alias(NAME, "production").version
-            new = "2" if str(current) == "1" else "1"
-            if i % 2 == 0:  # a promotion, as register makes it
-                client.set_registered_model_alias(NAME, "previous", current)
-                client.set_registered_model_alias(NAME, "production", new)
-                moves.append(("promotion", time.time(), new))
-            else:  # the real command; when the alias moved, read as it runs
-                rollback = subprocess.Popen([sys.executable, "-m", "steps.register", "--rollback", "true"], cwd=ROOT,
-                                            env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
-                moved = wait_for(lambda: time.time() if str(client.get_model_version_by_alias(
-                    NAME, "production").version) == new else None, "the rollback's move", every=0.02)
-                if rollback.wait(timeout=300):
-                    sys.exit("serving: `python -m steps.register --rollback true` failed")
-                moves.append(("rollback", moved, new))
+            holder = client.get_model_version_by_alias(NAME, "production")
+            current = str(holder.version)
+            kind = "promotion" if i % 2 == 0 else "rollback"
+            # The real commands, a promotion of the run whose model is not serving; when the alias
+            # moved, read as they run.
+            candidate = run_ids[1] if holder.run_id == run_ids[0] else run_ids[0]
+            command = ["--run_id", candidate, "--data_dir", data_dir, "--min_accuracy", "0.9", "--recall_margin", "0.2",
+                       "--min_robust_accuracy", "0"] if kind == "promotion" else ["--rollback", "true"]
+            log = os.path.join(served.folder, f"register-{i}.txt")
+            with open(log, "w") as out:
+                register = subprocess.Popen([sys.executable, "-m", "steps.register", *command], cwd=ROOT,
+                                            env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=out, stderr=out)
+
+            def moved_to() -> tuple[float, str] | None:
+                version = str(client.get_model_version_by_alias(NAME, "production").version)
+                if version != current:
+                    return time.time(), version
+                if register.poll() is not None:
+                    sys.exit(f"serving: `python -m steps.register {' '.join(command)}` moved nothing:\n"
+                             f"{open(log).read()[-3000:]}")
+                return None
+
+            moved, new = wait_for(moved_to, f"the {kind}'s move", every=0.02)
+            if register.wait(timeout=300):
+                sys.exit(f"serving: `python -m steps.register {' '.join(command)}` failed:\n{open(log).read()[-3000:]}")
+            moves.append((kind, moved, new))
             wait_for(lambda: [r[2] for r in load.results[-20:]] == [new] * 20, f"version {new} answering everything",
                      300)
         wait_for(served.spares_ready, "the spare processes")
@@ -238,13 +255,14 @@ def main() -> None:
     try:
         for label, (uri, poll) in stores.items():
             print(f"{label}: training and registering", file=sys.stderr, flush=True)
-            registry(uri, data_dir, env)
+            run_ids = registry(uri, data_dir, env)
             where = os.path.join(folder, label.split(",")[0].replace(" ", "-"))
             os.makedirs(where)
             served = Served(uri, where, poll, data_dir, env)
             try:
                 print(f"{label}: {args.repeats} promotions and rollbacks under load", file=sys.stderr, flush=True)
-                results[label] = moves_under_load(served, uri, args.repeats, args.users, picture, env)
+                results[label] = moves_under_load(served, uri, run_ids, args.repeats, args.users, picture, data_dir,
+                                                  env)
                 if costs is None:
                     print(f"{label}: the serving path against mlflow models serve", file=sys.stderr, flush=True)
                     costs = cost(served, uri, env, args.rounds)
@@ -257,7 +275,7 @@ def main() -> None:
     print(f"\n{platform.node()}: {os.cpu_count()} cores, load average {load} at the end; 2 model processes; "
           f"{args.users} Locust users\n")
     print(f"{'':<52}" + "".join(f"{label:>32}" for label in results))
-    lines = [("promotion: move -> every answer new, s", lambda r: span(r["switches"]["promotion"])),
+    lines = [("promotion (register): move -> every answer new, s", lambda r: span(r["switches"]["promotion"])),
              ("rollback (register --rollback): the same, s", lambda r: span(r["switches"]["rollback"])),
              ("requests / s under load", lambda r: f"{r['rate']:.1f}"),
              ("requests, of them failed", lambda r: f"{r['requests']}, {r['failed']}"),

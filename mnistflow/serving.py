@@ -107,6 +107,11 @@ async def pictures_of_upload(headers, body: bytes) -> list[tuple[str, bytes]]:
     return [(upload.filename or f"picture {i}", await upload.read()) for i, upload in enumerate(files)]
 
 
+def version_of(uri: str) -> str:
+    """The version models:/<name>/<version> names."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def version_app(uri: str):
     """The FastAPI app of one model version: MLflow's scoring server and /predict, /metadata."""
     from fastapi import Request
@@ -114,7 +119,7 @@ def version_app(uri: str):
     from mlflow.pyfunc import scoring_server
 
     model = logged_model.load(uri)
-    version = uri.rstrip("/").rsplit("/", 1)[-1]
+    version = version_of(uri)
     # Pictures made as the model's training images were (as the predict step does).
     dataset, classes = logged_model.trained_on(model) or "mnist", logged_model.class_names(model)
     app = scoring_server.init(model)
@@ -126,12 +131,6 @@ def version_app(uri: str):
             {"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
              "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)}}
             for p in probabilities]}
-
-    @app.middleware("http")
-    async def name_the_version(request: Request, call_next):
-        response = await call_next(request)
-        response.headers[VERSION_HEADER] = version
-        return response
 
     @app.get("/metadata")
     async def describe():
@@ -163,7 +162,7 @@ class Process:
 
     def __init__(self, token: str, keys: str = ""):
         """`keys`: an API key store; "" asks no key."""
-        self.token, self.keys, self.app = token, keys, None
+        self.token, self.keys, self.app, self.version_header = token, keys, None, []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -174,7 +173,21 @@ class Process:
             return await respond(send, 401, {"error": refusal})
         if self.app is None:
             return await respond(send, 503, {"error": "no model loaded yet"})
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, send if scope["type"] != "http" else self.naming_the_version(send))
+
+    def use(self, uri: str) -> None:
+        """Answer with the version `uri` names (models:/<name>/<version>) from now on."""
+        self.app = version_app(uri)
+        self.version_header = [(VERSION_HEADER.lower().encode(), version_of(uri).encode())]
+
+    def naming_the_version(self, send):
+        """`send` that adds the version's header to every response (plain ASGI: a FastAPI
+        middleware costs a request more than the rest of the route's own work does)."""
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.version_header]}
+            await send(message)
+        return sending
 
     def refusal(self, scope) -> str:
         """Why a request may not be answered ("" when it may): with a key store, each one but
@@ -212,7 +225,7 @@ class Process:
                 break
         try:
             uri = json.loads(body)["model_uri"]
-            self.app = await asyncio.to_thread(version_app, uri)
+            await asyncio.to_thread(self.use, uri)
         except StepError as exc:
             return await respond(send, 400, {"error": str(exc)})
         except (ValueError, KeyError, TypeError):
@@ -234,7 +247,7 @@ def create_app():
         die_with_parent(int(os.environ[PARENT_ENV]))
     process = Process(os.environ.get(TOKEN_ENV, ""), os.environ.get(KEYS_ENV, ""))
     if os.environ.get(MODEL_ENV):
-        process.app = version_app(os.environ[MODEL_ENV])
+        process.use(os.environ[MODEL_ENV])
     elif os.environ.get(WARM_ENV):
         # A first load imports and caches for seconds (the store, torch.export's loader, MLflow's
         # check of the installed packages); a spare does it now, on the version serving, and forgets it.
