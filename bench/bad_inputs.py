@@ -196,7 +196,8 @@ PROBES = [
     *(step("serve", bad) for bad in (
         "--workers 0", "--workers 33", "--port 70000", "--host 0.0.0.0", "--host 'localhost; error_log x'",
         "--tls_cert {png}", "--tls_cert /nope --tls_key /nope", "--api_keys_db /nope", "--api_keys_db {png}", "--webhook_address 0.0.0.0:5002",
-        "--webhook_address serve.example.org", "--poll_interval nan",
+        "--webhook_address serve.example.org", "--inference_log inference.db",
+        "--inference_log nosuch://x", "--keep_days 0", "--poll_interval nan",
         "--poll_interval 0", "--check_accuracy 2", "--alias 'a b'", "--model_name /bad", "--model_name Nope")),
 
     # The plot_loss step.

@@ -13,11 +13,14 @@ step, puts a steady Locust load on /predict (bench/locustfile.py, one picture a 
     read every 20 ms while the command runs) until every answer comes from the new version;
   - kills one live model process: the requests that failed, and the time until it answers again.
 Then, without load, it times single arrays and batches of 100 at /invocations through the serve
-step and through plain `mlflow models serve` on the same version, interleaved: p50 and the ratio.
+step and through plain `mlflow models serve` on the same version, interleaved: p50 and the ratio;
+and one picture and 100 at /predict through the serve step recording each prediction in its
+inference log and through a second one recording none.
 Prints the tables; every figure is a median (with its range) of this one run.
 """
 import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
 import argparse
+import base64
 import json
 import os
 import platform
@@ -82,16 +85,18 @@ def registry(uri: str, data_dir: str, env: dict) -> list[str]:
 
 
 class Served:
-    """The serve step on a free port, its output in files."""
+    """The serve step on a free port, its output and its inference log in `folder`."""
 
-    def __init__(self, uri: str, folder: str, poll: float, data_dir: str, env: dict):
+    def __init__(self, uri: str, folder: str, poll: float, data_dir: str, env: dict, log: bool = True):
         self.port, self.folder = free_port(), folder
+        os.makedirs(folder, exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.out, self.err = os.path.join(folder, "serve.out"), os.path.join(folder, "serve.err")
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "steps.serve", "--port", str(self.port), "--poll_interval", str(poll),
-                 "--data_dir", data_dir], cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=out, stderr=err)
+                 "--data_dir", data_dir, "--inference_log", f"sqlite:///{folder}/inference.db" if log else "off"],
+                cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=out, stderr=err)
         wait_for(lambda: "serving MNIST_CNN" in open(self.out).read() or self.process.poll() is not None, "the endpoint")
         if self.process.poll() is not None:
             sys.exit(f"serving: the serve step stopped:\n{open(self.err).read()[-3000:]}")
@@ -216,6 +221,27 @@ def cost(served: Served, uri: str, env: dict, rounds: int) -> dict:
         plain.wait(timeout=60)
 
 
+def log_cost(served: Served, uri: str, data_dir: str, env: dict, rounds: int, picture: str) -> dict:
+    """p50 ms of /predict (one picture, and 100) through `served`, which records each prediction,
+    and through a second serve step on the same registry that records none."""
+    unlogged = Served(uri, os.path.join(served.folder, "unlogged"), 600, data_dir, env, log=False)
+    try:
+        wait_for(unlogged.spares_ready, "the second serve step's spare processes")  # no start-up work left running
+        with open(picture, "rb") as f:
+            encoded = base64.b64encode(f.read()).decode()
+        bodies = {n: json.dumps({"pictures": [encoded] * n}).encode() for n in (1, 100)}
+        for base in (unlogged.url, served.url):  # each process's first requests
+            latencies(f"{base}/predict", bodies[1], 20)
+        found = {(where, n): [] for where in ("off", "on") for n in (1, 100)}
+        for r in range(rounds):
+            for where, base in (("off", unlogged.url), ("on", served.url))[::1 if r % 2 else -1]:
+                for n, count in ((1, 100), (100, 10)):
+                    found[(where, n)] += latencies(f"{base}/predict", bodies[n], count)
+        return {key: statistics.median(values) for key, values in found.items()}
+    finally:
+        unlogged.stop()
+
+
 def span(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f} to {max(values):.1f})" if values else "-"
 
@@ -266,6 +292,8 @@ def main() -> None:
                 if costs is None:
                     print(f"{label}: the serving path against mlflow models serve", file=sys.stderr, flush=True)
                     costs = cost(served, uri, env, args.rounds)
+                    print(f"{label}: the inference log's cost", file=sys.stderr, flush=True)
+                    costs.update(log_cost(served, uri, data_dir, env, args.rounds, picture))
             finally:
                 served.stop()
     finally:
@@ -287,6 +315,10 @@ def main() -> None:
     for n in (1, 100):
         plain, through = costs[("plain", n)], costs[("serve", n)]
         print(f"{f'{n} image(s)':<40}{plain:>22.2f}{through:>14.2f}{through / plain:>8.2f}{'<= 1.2':>7}")
+    print(f"\n{'POST /predict, p50 ms':<40}{'inference log off':>22}{'on':>14}{'ratio':>8}{'goal':>7}")
+    for n in (1, 100):
+        off, on = costs[("off", n)], costs[("on", n)]
+        print(f"{f'{n} picture(s)':<40}{off:>22.2f}{on:>14.2f}{on / off:>8.2f}{'<= 1.1':>7}")
 
 
 if __name__ == "__main__":

@@ -439,6 +439,11 @@ class ServeConfig:
     api_keys_db: str = setting("", "the tracking server's API key store (`$MNISTFLOW_API_KEYS_DB` of "
                                    "`serverFolder/shared_server.py`): every request but /health and /ping must carry "
                                    "an active key in `X-Api-Key`; empty = no key asked")
+    inference_log: str = setting("", "where each prediction of /predict is recorded, a SQLAlchemy URL without a "
+                                     "password (`sqlite:///…`, `postgresql+psycopg2://…`; PGPASSWORD or ~/.pgpass); "
+                                     "empty = `inference.db` beside a SQLite registry, else in the current "
+                                     "directory; `off` = none")
+    keep_days: float = setting(30.0, "days the inference log keeps a prediction, in (0, 36500]")
     webhook_address: str = setting("", "`HOST:PORT` where a tracking server on another machine sends its registry "
                                        "webhooks (plain http, each signed): HOST is this machine's name or address "
                                        "as the server reaches it; empty = a loopback port, for a tracking server "
@@ -475,6 +480,15 @@ class ServeConfig:
         if not 0 < self.poll_interval <= 3600:
             raise ConfigError(f"poll_interval={self.poll_interval} is not allowed; it must be in (0, 3600]")
         _in_range(self, "check_accuracy", 0, 1)
+        if self.inference_log not in ("", "off"):
+            if "://" not in self.inference_log:
+                raise ConfigError(f"inference_log {self.inference_log!r} is not allowed; give a database URL "
+                                  "(sqlite:///inference.db, postgresql+psycopg2://user@host/db), empty or off")
+            if urllib.parse.urlsplit(self.inference_log).password:
+                raise ConfigError("inference_log carries a password, which every user of this machine can read on a "
+                                  "command line: leave it out (PGPASSWORD, ~/.pgpass)")
+        if not 0 < self.keep_days <= 36500:
+            raise ConfigError(f"keep_days={self.keep_days} is not allowed; it must be in (0, 36500]")
         return self
 
 

@@ -74,8 +74,12 @@ def page_brightness(pixels: np.ndarray) -> np.ndarray:
 
 def to_mnist(image: Image.Image, name: str = "image", dataset: str = "mnist") -> np.ndarray:
     """(28, 28) float32 in [0, 1], light ink on black, fitted into the dataset's box and centered by mass."""
-    convention = CONVENTIONS.get(dataset, CONVENTIONS["mnist"])
-    box, strokes = convention["box"], convention["strokes"]
+    return fit(ink_of(image, name), dataset)
+
+
+def ink_of(image: Image.Image, name: str = "image") -> np.ndarray:
+    """The picture's ink in [0, 1], light on black, at the picture's size: the page's light and the
+    strokes' halo taken away."""
     pixels = grayscale(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 0.5:  # dark ink on light paper: turn it into light ink on black
@@ -83,8 +87,13 @@ def to_mnist(image: Image.Image, name: str = "image", dataset: str = "mnist") ->
     ink = np.clip(pixels - page_brightness(pixels), 0, None)
     if ink.max() < 0.1:
         raise ImageError(f"{name}: no digit found; the image is blank")
-    ink = np.clip((ink / ink.max() - INK) / (1 - INK), 0, 1)  # the halo goes, the strokes keep their shading
+    return np.clip((ink / ink.max() - INK) / (1 - INK), 0, 1)  # the halo goes, the strokes keep their shading
 
+
+def fit(ink: np.ndarray, dataset: str = "mnist") -> np.ndarray:
+    """`ink` (from ink_of) fitted into the dataset's box and centered by mass in the 28x28 field."""
+    convention = CONVENTIONS.get(dataset, CONVENTIONS["mnist"])
+    box, strokes = convention["box"], convention["strokes"]
     rows, cols = np.nonzero(ink)
     crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     scale = box / max(crop.shape)

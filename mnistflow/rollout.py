@@ -31,7 +31,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
-from mnistflow import keystore, nginx, serving
+from mnistflow import inference_log, keystore, nginx, serving
 from mnistflow.config import LOOPBACK_HOSTS
 from mnistflow.errors import ConfigError, NotFound, StepError, first_line
 
@@ -40,6 +40,7 @@ REFUSED_TAG = "mnistflow.serve_refused"  # on a model version: why the serve ste
 KNOWN_PICTURES = 100
 SUPERVISE_S = 0.5  # how soon a model process that died is started again
 START_TIMEOUT_S = 120
+PRUNE_S = 3600  # how often the inference log loses its old rows
 CONFIG = """\
 {user}worker_processes 1;
 pid "{root}/nginx.pid";
@@ -136,12 +137,13 @@ class Pool:
     spares (mnistflow/serving.py), so that a pool can be made ready before it is needed; `load`
     gives them their version."""
 
-    def __init__(self, count: int, root: str, token: str, keys: str, warm_uri: str = ""):
-        """`keys`: the API key store requests must carry a key from ("" for none); `warm_uri`: a
-        version the spares load once and forget, which makes their next load quick."""
+    def __init__(self, count: int, root: str, token: str, keys: str, log_url: str, warm_uri: str = ""):
+        """`keys`: the API key store requests must carry a key from ("" for none); `log_url`: the
+        inference log's ("" for none); `warm_uri`: a version the spares load once and forget,
+        which makes their next load quick."""
         from mlflow.utils import find_free_port
 
-        self.root, self.token, self.keys, self.warm_uri = root, token, keys, warm_uri
+        self.root, self.token, self.keys, self.log_url, self.warm_uri = root, token, keys, log_url, warm_uri
         self.signed = {serving.TOKEN_HEADER: token}  # the step's own requests: no API key needed
         self.model_uri = self.version = ""
         self.processes = {find_free_port(): None for _ in range(count)}
@@ -153,7 +155,7 @@ class Pool:
 
     def start(self, port: int) -> None:
         """A spare on `port`, or, once the pool has its version, a process that loads it as it starts."""
-        env = {**os.environ, serving.TOKEN_ENV: self.token, serving.KEYS_ENV: self.keys,
+        env = {**os.environ, serving.TOKEN_ENV: self.token, serving.KEYS_ENV: self.keys, serving.LOG_ENV: self.log_url,
                serving.MODEL_ENV: self.model_uri, serving.WARM_ENV: self.warm_uri, serving.PARENT_ENV: str(os.getpid())}
         with open(self.log_path(port), "ab") as log:
             self.processes[port] = subprocess.Popen(
@@ -437,11 +439,12 @@ def port_free(host: str, port: int | str) -> bool:
 
 def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interval: float,
           check_accuracy: float, data_dir: str, tls_cert: str = "", tls_key: str = "", api_keys_db: str = "",
-          webhook_address: str = "") -> None:
+          webhook_address: str = "", log_url: str = "off", keep_days: float = 30) -> None:
     """Serve models:/<name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias; over
     https with `tls_cert` and `tls_key`, and to requests with a key from `api_keys_db` when given."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     if api_keys_db:
         try:
@@ -456,6 +459,9 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     if webhook_address and not port_free(*webhook_address.rsplit(":", 1)):
         raise ConfigError(f"webhook_address {webhook_address}: cannot listen there (the port is in use, or the "
                           "host is not an address of this machine)")
+    if log_url != "off":
+        log_url = log_url or beside_the_registry(mlflow.get_registry_uri())
+        log = open_log(log_url, keep_days)
     root = tempfile.mkdtemp(prefix="mnistflow-serve-")
     token = secrets.token_hex(16)
     known = KnownPictures(data_dir)
@@ -464,7 +470,7 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     refused, pools = set(), []  # pools: every one started and not yet stopped, for Ctrl-C at any point
 
     def new_pool(warm_uri: str = "") -> Pool:
-        pools.append(Pool(workers, root, token, api_keys_db, warm_uri))
+        pools.append(Pool(workers, root, token, api_keys_db, "" if log_url == "off" else log_url, warm_uri))
         return pools[-1]
 
     def checked(pool: Pool, version: str) -> bool:
@@ -496,16 +502,23 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
         proxy.wait_up(url)
         webhook, following = alias_events(client, name, alias, poll_interval, webhook_address)
         keys = ", to requests with an API key (X-Api-Key)" if api_keys_db else ""
+        recording = f"recording predictions in {log_url}" if log_url != "off" else "recording no predictions"
         print(f"serving {name}@{alias} (version {version}) at {url}{keys} with {workers} model processes, "
-              f"following the alias {following}; POST /predict takes pictures, /invocations arrays; Ctrl-C stops",
-              flush=True)
+              f"following the alias {following}, {recording}; POST /predict takes pictures, /invocations arrays, "
+              "/feedback true labels; Ctrl-C stops", flush=True)
         spare = new_pool(live.model_uri)  # the next version's processes, made ready while this one serves
-        next_look = time.monotonic() + poll_interval
+        next_look = next_prune = time.monotonic() + poll_interval
         while True:  # every SUPERVISE_S: a dead process started again; the alias read when told or due
             tick = min(SUPERVISE_S, poll_interval)
             told = webhook.moved.wait(tick) if webhook else time.sleep(tick)
             for port in live.restart_dead():
                 say(f"the model process on port {port} exited; started again")
+            if log_url != "off" and time.monotonic() > next_prune:
+                next_prune = time.monotonic() + PRUNE_S
+                try:
+                    log.prune(keep_days)
+                except SQLAlchemyError as exc:  # serving goes on
+                    say(f"cannot prune the inference log ({first_line(exc)})")
             if not told and time.monotonic() < next_look:
                 continue
             if told:
@@ -538,6 +551,24 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
         for pool in pools:
             pool.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def beside_the_registry(registry_uri: str) -> str:
+    """The inference log's default: inference.db in the folder of a SQLite registry, else here."""
+    folder = os.path.dirname(registry_uri.removeprefix("sqlite:///")) if registry_uri.startswith("sqlite:///") else ""
+    return f"sqlite:///{os.path.join(folder, 'inference.db')}"
+
+
+def open_log(url: str, keep_days: float) -> "inference_log.InferenceLog":
+    """The inference log at `url`, its table made and its rows older than `keep_days` gone."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        log = inference_log.InferenceLog(url)
+        log.prune(keep_days)
+    except (ArgumentError, SQLAlchemyError, ImportError) as exc:
+        raise ConfigError(f"inference_log {url} cannot be used: {first_line(exc)}") from None
+    return log
 
 
 def say(line: str) -> None:

@@ -24,12 +24,13 @@ import hmac
 import json
 import os
 import signal
+import time
 import uuid
 
 import numpy as np
 
-from mnistflow import images, keystore, logged_model
-from mnistflow.errors import ImageError, StepError
+from mnistflow import images, inference_log, keystore, logged_model
+from mnistflow.errors import ImageError, StepError, first_line
 
 MODEL_ENV = "MNISTFLOW_SERVE_MODEL"  # models:/<name>/<version>: the one version this process serves
 WARM_ENV = "MNISTFLOW_SERVE_WARM"  # a spare's: a version to load once and forget, so that its next load is quick
@@ -42,6 +43,8 @@ MAX_BODY_BYTES = 10 * 1024 * 1024  # a request's pictures, all together
 MAX_PICTURES = 1000
 VERSION_HEADER = "X-Model-Version"
 HOW = "send {\"pictures\": [\"<base64 PNG or JPEG>\", ...]} or upload files with -F picture=@file.png"
+FEEDBACK_HOW = "send {\"id\": \"<a prediction's id>\", \"label\": <the true class, its index or name>}"
+LOG_ENV = "MNISTFLOW_SERVE_LOG"  # the inference log's URL; "" for none
 
 
 def die_with_parent(parent: int) -> None:
@@ -112,25 +115,36 @@ def version_of(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def version_app(uri: str):
-    """The FastAPI app of one model version: MLflow's scoring server and /predict, /metadata."""
+def version_app(uri: str, log: "inference_log.InferenceLog | None" = None):
+    """The FastAPI app of one model version: MLflow's scoring server and /predict, /metadata,
+    /feedback; each prediction of /predict goes to `log` when there is one."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from mlflow.pyfunc import scoring_server
+    from sqlalchemy.exc import SQLAlchemyError
 
     model = logged_model.load(uri)
     version = version_of(uri)
+    model_name = uri.removeprefix("models:/").rsplit("/", 1)[0]
     # Pictures made as the model's training images were (as the predict step does).
     dataset, classes = logged_model.trained_on(model) or "mnist", logged_model.class_names(model)
     app = scoring_server.init(model)
 
-    def answer(pictures: list[tuple[str, bytes]]) -> dict:
-        inputs = np.stack([images.to_mnist(images.decode(data, name), name, dataset) for name, data in pictures])
+    def answer(pictures: list[tuple[str, bytes]], started: float) -> dict:
+        inks = [images.ink_of(images.decode(data, name), name) for name, data in pictures]
+        inputs = np.stack([images.fit(ink, dataset) for ink in inks])
         probabilities = logged_model.probabilities(model, inputs[:, None])
-        return {"model_uri": uri, "version": version, "predictions": [
-            {"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
-             "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)}}
-            for p in probabilities]}
+        predictions = [{"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
+                        "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)}}
+                       for p in probabilities]
+        if log is not None:
+            now = time.time()
+            latency_ms = (time.perf_counter() - started) * 1000
+            for prediction, p, ink, model_input in zip(predictions, probabilities, inks, inputs):
+                log.record({"id": prediction["id"], "time": now, "model_name": model_name, "version": version,
+                            "latency_ms": latency_ms, "class_index": int(p.argmax()), "confidence": float(p.max()),
+                            **inference_log.features(ink, model_input)})
+        return {"model_uri": uri, "version": version, "predictions": predictions}
 
     @app.get("/metadata")
     async def describe():
@@ -138,6 +152,7 @@ def version_app(uri: str):
 
     @app.post("/predict")
     async def predict(request: Request):
+        started = time.perf_counter()
         try:
             body = await body_of(request)
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -148,9 +163,34 @@ def version_app(uri: str):
                 raise BadRequest(f"{len(pictures)} pictures; at most {MAX_PICTURES} per request are allowed", 413)
             if not pictures:
                 raise BadRequest(f"no pictures: {HOW}")
-            return await asyncio.to_thread(answer, pictures)
+            return await asyncio.to_thread(answer, pictures, started)
         except (BadRequest, ImageError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))
+
+    @app.post("/feedback")
+    async def feedback(request: Request):
+        """{"id": "<a prediction's id>", "label": <the true class: its index or its name>}"""
+        try:
+            if log is None:
+                raise BadRequest("the inference log is off (inference_log), so feedback has nowhere to go", 404)
+            try:
+                body = json.loads(await body_of(request))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise BadRequest(FEEDBACK_HOW) from None
+            label = body.get("label") if isinstance(body, dict) else None
+            if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+                raise BadRequest(FEEDBACK_HOW)
+            index = classes.index(label) if label in classes else label
+            if type(index) is not int or not 0 <= index < len(classes):
+                raise BadRequest(f"label {label!r} is not allowed; give a class index from 0 to {len(classes) - 1} "
+                                 f"or a class name ({classes[0]!r}, ...)")
+            await asyncio.to_thread(log.label, body["id"], index)
+            return {"id": body["id"], "label": index, "class": classes[index]}
+        except (BadRequest, inference_log.FeedbackError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except SQLAlchemyError as exc:
+            return JSONResponse({"error": f"the inference log cannot take feedback now ({first_line(exc)}); "
+                                          "try again"}, status_code=503)
 
     return app
 
@@ -160,9 +200,9 @@ class Process:
     none yet, 503 to everything but POST /load. A spare has imported everything a version needs,
     so that loading one takes about as long as reading its weights."""
 
-    def __init__(self, token: str, keys: str = ""):
-        """`keys`: an API key store; "" asks no key."""
-        self.token, self.keys, self.app, self.version_header = token, keys, None, []
+    def __init__(self, token: str, keys: str = "", log: "inference_log.InferenceLog | None" = None):
+        """`keys`: an API key store, "" asks no key; `log`: where predictions are recorded."""
+        self.token, self.keys, self.log, self.app, self.version_header = token, keys, log, None, []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -177,7 +217,7 @@ class Process:
 
     def use(self, uri: str) -> None:
         """Answer with the version `uri` names (models:/<name>/<version>) from now on."""
-        self.app = version_app(uri)
+        self.app = version_app(uri, self.log)
         self.version_header = [(VERSION_HEADER.lower().encode(), version_of(uri).encode())]
 
     def naming_the_version(self, send):
@@ -245,7 +285,8 @@ def create_app():
     process that loads one when the serve step (token $MNISTFLOW_SERVE_TOKEN) asks."""
     if os.environ.get(PARENT_ENV, "").isdigit():
         die_with_parent(int(os.environ[PARENT_ENV]))
-    process = Process(os.environ.get(TOKEN_ENV, ""), os.environ.get(KEYS_ENV, ""))
+    log = inference_log.InferenceLog(os.environ[LOG_ENV]) if os.environ.get(LOG_ENV) else None
+    process = Process(os.environ.get(TOKEN_ENV, ""), os.environ.get(KEYS_ENV, ""), log)
     if os.environ.get(MODEL_ENV):
         process.use(os.environ[MODEL_ENV])
     elif os.environ.get(WARM_ENV):

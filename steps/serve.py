@@ -18,7 +18,7 @@ def serve(cfg: ServeConfig) -> None:
 
     rollout.serve(cfg.model_name, cfg.alias, cfg.host, cfg.port, cfg.workers, cfg.poll_interval,
                   cfg.check_accuracy, cfg.data_dir, cfg.tls_cert, cfg.tls_key, cfg.api_keys_db,
-                  cfg.webhook_address)
+                  cfg.webhook_address, cfg.inference_log, cfg.keep_days)
 
 
 def main(argv=None) -> None:

@@ -97,10 +97,11 @@ class Serving:
 
     def __init__(self, tracking_uri: str, folder, *args: str, prefix: tuple = ()):
         self.port = free_port()
-        self.url, self.log = f"http://127.0.0.1:{self.port}", folder / "serve.txt"
+        self.url, self.log, self.folder = f"http://127.0.0.1:{self.port}", folder / "serve.txt", folder
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "steps.serve", "--port", str(self.port), "--data_dir", REAL_DATA, *args],
+                [*prefix, sys.executable, "-m", "steps.serve", "--port", str(self.port), "--data_dir", REAL_DATA,
+                 "--inference_log", f"sqlite:///{folder}/inference.db", *args],
                 cwd=ROOT, env={**step_env(), "MLFLOW_TRACKING_URI": tracking_uri}, stdout=log,
                 stderr=subprocess.STDOUT, preexec_fn=sigint_as_in_a_terminal)
         wait_until(lambda: "serving MNIST_CNN@production" in self.output(), "the endpoint", 300, alive=self.process)
@@ -164,6 +165,93 @@ def test_pictures_get_their_class_probabilities_an_id_and_the_version(registry, 
                                    "application/json")
     assert status == 200 and np.asarray(arrays["predictions"]).shape == (2, 10)
     assert headers["X-Model-Version"] == registry.versions["v1"]
+
+
+def logged(served, ids: list[str]) -> dict:
+    """The inference log's rows of the predictions `ids`, once the writer has put them all in."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{served.folder}/inference.db")
+    try:
+        def rows():
+            with engine.connect() as connection:
+                found = connection.execute(sa.text("SELECT * FROM predictions WHERE id IN :ids").bindparams(
+                    sa.bindparam("ids", expanding=True)), {"ids": ids}).mappings().all()
+            return {row["id"]: dict(row) for row in found} if len(found) == len(ids) else None
+        return wait_until(rows, "the predictions in the inference log", 30)
+    finally:
+        engine.dispose()
+
+
+def feedback(served, body) -> tuple[int, dict]:
+    status, _, answer = post(f"{served.url}/feedback", json.dumps(body).encode(), "application/json")
+    if isinstance(answer, str):
+        assert len(answer.strip().splitlines()) == 1, answer
+        answer = json.loads(answer)
+    return status, answer
+
+
+def test_each_prediction_is_logged_and_takes_its_true_label_once(registry, served):
+    status, _, answer = post(f"{served.url}/predict", *upload([("0.png", registry.pictures[0]),
+                                                              ("1.png", registry.pictures[1])]))
+    assert status == 200
+    ids = [p["id"] for p in answer["predictions"]]
+    classes = list(answer["predictions"][0]["probabilities"])
+    rows = logged(served, ids)
+    for prediction in answer["predictions"]:
+        row = rows[prediction["id"]]
+        assert (row["model_name"], row["version"]) == (NAME, answer["version"])
+        assert classes[row["class_index"]] == prediction["class"]
+        assert row["confidence"] == pytest.approx(max(prediction["probabilities"].values()), abs=1e-5)
+        assert row["latency_ms"] > 0 and (row["picture_width"], row["picture_height"]) == (28, 28)
+        assert 0 < row["ink_fraction"] < 0.5 and 0 < row["box_width"] <= 1 and row["label"] is None
+    # Feedback: the true class, by index or by name; once.
+    assert feedback(served, {"id": ids[0], "label": registry.labels[0]}) == (
+        200, {"id": ids[0], "label": registry.labels[0], "class": classes[registry.labels[0]]})
+    documented = readme_line("curl -s -X POST http://127.0.0.1:5001/feedback", "docs/serving.md")
+    line = documented.replace("<id from /predict>", ids[1]).replace('"label": 7', f'"label": "{classes[registry.labels[1]]}"')
+    typed = subprocess.run(["bash", "-c", line.replace("127.0.0.1:5001", f"127.0.0.1:{served.port}")],
+                           capture_output=True, text=True, timeout=60)
+    assert json.loads(typed.stdout) == {"id": ids[1], "label": registry.labels[1], "class": classes[registry.labels[1]]}
+    assert [logged(served, ids)[i]["label"] for i in ids] == registry.labels[:2]
+    status, answer = feedback(served, {"id": ids[0], "label": 3})
+    assert status == 409 and "has a label already" in answer["error"]
+    assert logged(served, ids)[ids[0]]["label"] == registry.labels[0]  # unchanged
+
+
+@pytest.mark.parametrize("body, status, error", [
+    ({"id": "0" * 32, "label": 1}, 404, "no prediction with id '00000000000000000000000000000000'"),
+    ({"id": "any", "label": 10}, 400, "label 10 is not allowed; give a class index from 0 to 9 or a class name"),
+    ({"id": "any", "label": -1}, 400, "label -1 is not allowed"),
+    ({"id": "any", "label": True}, 400, "label True is not allowed"),
+    ({"id": "any", "label": "seven"}, 400, "label 'seven' is not allowed"),
+    ({"label": 1}, 400, "send {\"id\": \"<a prediction's id>\""),
+    (["not", "an", "object"], 400, "send {\"id\""),
+])
+def test_bad_feedback_is_one_line_and_writes_nothing(registry, served, body, status, error):
+    got, answer = feedback(served, body)
+    assert got == status and error in answer["error"], answer
+
+
+def test_a_database_that_does_not_answer_costs_no_prediction(registry, served):
+    """The inference log locked by another writer: predictions answer as fast as ever, unlogged."""
+    import sqlite3
+
+    lock = sqlite3.connect(f"{served.folder}/inference.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        body, content_type = upload([("0.png", registry.pictures[0])])
+        for _ in range(10):
+            started = time.monotonic()
+            assert post(f"{served.url}/predict", body, content_type)[0] == 200
+            assert time.monotonic() - started < 1  # the log's writer waits 5 s for the lock; a prediction does not
+        status, answer = feedback(served, {"id": "0" * 32, "label": 1})
+        assert status == 503 and "cannot take feedback now" in answer["error"]
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    status, _, answer = post(f"{served.url}/predict", body, content_type)
+    assert status == 200 and logged(served, [answer["predictions"][0]["id"]])  # and logging goes on
 
 
 @pytest.mark.parametrize("body, content_type, status, error", [
@@ -325,6 +413,10 @@ def test_a_port_in_use_is_one_line(registry):
     (["--tls_cert", ROOT + "/README.md"], "tls_cert and tls_key go together"),
     (["--api_keys_db", "/nope/keys.db"], "api_keys_db '/nope/keys.db' is not a file"),
     (["--webhook_address", "0.0.0.0:5002"], "webhook_address '0.0.0.0:5002' is not allowed; give HOST:PORT"),
+    (["--inference_log", "inference.db"], "inference_log 'inference.db' is not allowed; give a database URL"),
+    (["--inference_log", "postgresql://u:secret@db/x"], "inference_log carries a password"),
+    (["--inference_log", "nosuch://x"], "inference_log nosuch://x cannot be used"),
+    (["--keep_days", "0"], "keep_days=0.0 is not allowed; it must be in (0, 36500]"),
     (["--webhook_address", "192.0.2.7:5002"], "webhook_address 192.0.2.7:5002: cannot listen there"),
     (["--poll_interval", "nan"], "poll_interval=nan is not allowed; it must be a finite number"),
     (["--check_accuracy", "1.5"], "check_accuracy=1.5 is not allowed; it must be in [0, 1]"),

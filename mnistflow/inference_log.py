@@ -1,0 +1,141 @@
+"""The inference log: one row per prediction the serve step made (when, which version, how fast,
+what it answered and how sure it was, and a few numbers that describe the picture), and the true
+label once feedback gives it. The monitor compares these rows with the model's reference.
+
+Each model process hands its rows to a writer thread (`InferenceLog.record`), which inserts them
+in batches: a prediction never waits for the database. When the database is slow or gone, rows
+are dropped and counted (`dropped`), never a prediction. Any SQLAlchemy URL: SQLite by default,
+PostgreSQL on a shared server (its password in PGPASSWORD or ~/.pgpass, never in the URL).
+"""
+import queue
+import threading
+import time
+
+import numpy as np
+
+from mnistflow.errors import StepError
+
+TABLE = "predictions"
+# What describes a picture, compact enough to keep for every prediction: of the ink in the picture
+# as sent (images.ink_of) and of what the model saw (images.fit). The picture itself is not kept.
+FEATURES = {
+    "picture_width": "the picture's width, pixels",
+    "picture_height": "the picture's height, pixels",
+    "ink_fraction": "the share of the picture's pixels that are ink",
+    "box_width": "the ink's bounding box, as a share of the picture's width",
+    "box_height": "the ink's bounding box, as a share of the picture's height",
+    "box_x": "the bounding box's centre, as a share of the picture's width (0.5: centred)",
+    "box_y": "the bounding box's centre, as a share of the picture's height (0.5: centred)",
+    "input_mean": "the mean of the 28x28 input the model saw",
+    "input_grey": "the share of the input's ink pixels that are grey (between 0.1 and 0.9): blur",
+}
+QUEUE_ROWS = 10_000  # rows waiting for the writer, at most; beyond it they are dropped
+BATCH_S = 0.2  # the writer inserts what arrived in this long, in one transaction
+
+
+class FeedbackError(StepError):
+    """Feedback that cannot be taken: the message is one line for the client."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def features(ink: np.ndarray, model_input: np.ndarray) -> dict[str, float]:
+    """FEATURES of one picture: `ink` from images.ink_of, `model_input` from images.fit."""
+    height, width = ink.shape
+    rows, cols = np.nonzero(ink > 0)
+    inked = model_input[model_input > 0.1]
+    return {
+        "picture_width": float(width), "picture_height": float(height),
+        "ink_fraction": float((ink > 0).mean()),
+        "box_width": float((cols.max() - cols.min() + 1) / width),
+        "box_height": float((rows.max() - rows.min() + 1) / height),
+        "box_x": float((cols.max() + cols.min() + 1) / 2 / width),
+        "box_y": float((rows.max() + rows.min() + 1) / 2 / height),
+        "input_mean": float(model_input.mean()),
+        "input_grey": float((inked < 0.9).mean()) if inked.size else 0.0,
+    }
+
+
+def table(metadata):
+    import sqlalchemy as sa
+
+    return sa.Table(
+        TABLE, metadata,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("time", sa.Float, nullable=False, index=True),
+        sa.Column("model_name", sa.String(256), nullable=False),
+        sa.Column("version", sa.String(32), nullable=False),
+        sa.Column("latency_ms", sa.Float, nullable=False),
+        sa.Column("class_index", sa.Integer, nullable=False),
+        sa.Column("confidence", sa.Float, nullable=False),
+        *(sa.Column(name, sa.Float, nullable=False) for name in FEATURES),
+        sa.Column("label", sa.Integer),
+        sa.Column("labelled_at", sa.Float),
+    )
+
+
+class InferenceLog:
+    def __init__(self, url: str):
+        import sqlalchemy as sa
+
+        self.engine = sa.create_engine(url, **({"connect_args": {"timeout": 5}} if url.startswith("sqlite") else {}))
+        if url.startswith("sqlite"):
+            # Several model processes write at once: WAL lets readers (the monitor) in meanwhile.
+            sa.event.listen(self.engine, "connect", lambda connection, _: connection.execute("PRAGMA journal_mode=WAL"))
+        self.table = table(sa.MetaData())
+        self.table.metadata.create_all(self.engine)
+        self.waiting, self.dropped, self.writer = queue.Queue(QUEUE_ROWS), 0, None
+
+    def record(self, row: dict) -> None:
+        """Keep `row` (every column but label) once the writer gets to it; never blocks."""
+        if self.writer is None:
+            self.writer = threading.Thread(target=self.write, daemon=True)
+            self.writer.start()
+        try:
+            self.waiting.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+
+    def write(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        while True:
+            batch = [self.waiting.get()]
+            time.sleep(BATCH_S)
+            while not self.waiting.empty() and len(batch) < QUEUE_ROWS:
+                batch.append(self.waiting.get_nowait())
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(self.table.insert(), batch)
+            except SQLAlchemyError:
+                self.dropped += len(batch)
+
+    def label(self, prediction_id: str, label: int, wait_s: float = 2.0) -> None:
+        """Attach the true `label` (a class index) to the prediction `prediction_id`, once. A
+        prediction made an instant ago may still be on its way to the database: waited for."""
+        import sqlalchemy as sa
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.engine.begin() as connection:
+                # Only a row without a label changes: of two feedbacks at once, one wins.
+                if connection.execute(self.table.update().where(
+                        (self.table.c.id == prediction_id) & self.table.c.label.is_(None))
+                        .values(label=label, labelled_at=time.time())).rowcount:
+                    return
+                found = connection.execute(sa.select(self.table.c.label)
+                                           .where(self.table.c.id == prediction_id)).first()
+            if found is not None:
+                raise FeedbackError(f"prediction {prediction_id} has a label already ({found.label}); "
+                                    "feedback is taken once", 409)
+            if time.monotonic() > deadline:
+                raise FeedbackError(f"no prediction with id {prediction_id!r} in the inference log", 404)
+            time.sleep(0.1)
+
+    def prune(self, keep_days: float) -> int:
+        """Delete the rows older than `keep_days`; how many."""
+        with self.engine.begin() as connection:
+            return connection.execute(self.table.delete().where(
+                self.table.c.time < time.time() - keep_days * 86400)).rowcount
