@@ -14,8 +14,8 @@ step, puts a steady Locust load on /predict (bench/locustfile.py, one picture a 
   - kills one live model process: the requests that failed, and the time until it answers again.
 Then, without load, it times single arrays and batches of 100 at /invocations through the serve
 step and through plain `mlflow models serve` on the same version, interleaved: p50 and the ratio;
-and one picture and 100 at /predict through the serve step recording each prediction in its
-inference log and through a second one recording none.
+and one picture and 100 at /predict through two new serve steps, one recording each prediction
+in its inference log, one recording none.
 Prints the tables; every figure is a median (with its range) of this one run.
 """
 import no_telemetry  # noqa: F401  (first: before anything imports MLflow)
@@ -221,24 +221,27 @@ def cost(served: Served, uri: str, env: dict, rounds: int) -> dict:
         plain.wait(timeout=60)
 
 
-def log_cost(served: Served, uri: str, data_dir: str, env: dict, rounds: int, picture: str) -> dict:
-    """p50 ms of /predict (one picture, and 100) through `served`, which records each prediction,
-    and through a second serve step on the same registry that records none."""
-    unlogged = Served(uri, os.path.join(served.folder, "unlogged"), 600, data_dir, env, log=False)
+def log_cost(uri: str, folder: str, data_dir: str, env: dict, rounds: int, picture: str) -> dict:
+    """p50 ms of /predict (one picture, and 100) through two new serve steps on the same registry,
+    one recording each prediction in its inference log, one recording none."""
+    logged, unlogged = (Served(uri, os.path.join(folder, name), 600, data_dir, env, log=log)
+                        for name, log in (("logged", True), ("unlogged", False)))
     try:
-        wait_for(unlogged.spares_ready, "the second serve step's spare processes")  # no start-up work left running
+        for served in (logged, unlogged):
+            wait_for(served.spares_ready, "the spare processes")  # no start-up work left running
         with open(picture, "rb") as f:
             encoded = base64.b64encode(f.read()).decode()
         bodies = {n: json.dumps({"pictures": [encoded] * n}).encode() for n in (1, 100)}
-        for base in (unlogged.url, served.url):  # each process's first requests
-            latencies(f"{base}/predict", bodies[1], 20)
+        for served in (logged, unlogged):  # each process's first requests
+            latencies(f"{served.url}/predict", bodies[1], 20)
         found = {(where, n): [] for where in ("off", "on") for n in (1, 100)}
         for r in range(rounds):
-            for where, base in (("off", unlogged.url), ("on", served.url))[::1 if r % 2 else -1]:
+            for where, base in (("off", unlogged.url), ("on", logged.url))[::1 if r % 2 else -1]:
                 for n, count in ((1, 100), (100, 10)):
                     found[(where, n)] += latencies(f"{base}/predict", bodies[n], count)
         return {key: statistics.median(values) for key, values in found.items()}
     finally:
+        logged.stop()
         unlogged.stop()
 
 
@@ -251,7 +254,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default="", help="real MNIST (default: $MNISTFLOW_DATA_DIR)")
     parser.add_argument("--repeats", type=int, default=5, help="promotions and rollbacks, each")
     parser.add_argument("--users", type=int, default=4, help="Locust users, 6 requests/s each")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the cost measurement")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the cost measurements")
     args = parser.parse_args()
     for option in ("repeats", "users", "rounds"):
         if getattr(args, option) < 1:
@@ -293,7 +296,7 @@ def main() -> None:
                     print(f"{label}: the serving path against mlflow models serve", file=sys.stderr, flush=True)
                     costs = cost(served, uri, env, args.rounds)
                     print(f"{label}: the inference log's cost", file=sys.stderr, flush=True)
-                    costs.update(log_cost(served, uri, data_dir, env, args.rounds, picture))
+                    costs.update(log_cost(uri, where, data_dir, env, args.rounds, picture))
             finally:
                 served.stop()
     finally:

@@ -441,7 +441,9 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
           check_accuracy: float, data_dir: str, tls_cert: str = "", tls_key: str = "", api_keys_db: str = "",
           webhook_address: str = "", log_url: str = "off", keep_days: float = 30) -> None:
     """Serve models:/<name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias; over
-    https with `tls_cert` and `tls_key`, and to requests with a key from `api_keys_db` when given."""
+    https with `tls_cert` and `tls_key`, and to requests with a key from `api_keys_db` when given;
+    recording each prediction at `log_url` ("" = beside a SQLite registry, "off" = nowhere) for
+    `keep_days`."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
