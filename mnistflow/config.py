@@ -14,6 +14,7 @@ import sys
 import urllib.parse
 from dataclasses import dataclass
 
+from mnistflow import nginx
 from mnistflow.errors import ConfigError
 from mnistflow.flags import like, markdown_table, setting, unwritable, unwritable_image
 
@@ -465,6 +466,9 @@ class ServeConfig:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name} {path!r} is not a file")
+        for name in ("tls_cert", "tls_key"):
+            if getattr(self, name) and (refusal := nginx.unwritable(name, getattr(self, name))):
+                raise ConfigError(refusal)
         if self.host not in LOOPBACK_HOSTS and not (self.tls_cert and self.api_keys_db):
             raise ConfigError(f"host {self.host!r} is beyond loopback: give tls_cert, tls_key and api_keys_db too, "
                               "so that requests come over TLS with an API key (docs/serving.md)")

@@ -23,6 +23,14 @@ ssl_prefer_server_ciphers off;
 add_header Strict-Transport-Security "max-age=63072000" always;"""
 
 
+def unwritable(option: str, path: str) -> str:
+    """Why nginx.conf cannot hold `path`, given as `option` ("" when it can)."""
+    if NGINX_PATH.fullmatch(os.path.abspath(path)):
+        return ""
+    return (f"{option} {path!r} is not allowed; nginx.conf takes a path without a double quote, backslash, '$' "
+            "or control character")
+
+
 def tls_settings(indent: str) -> str:
     return TLS_SETTINGS.replace("\n", "\n" + indent)
 

@@ -260,11 +260,7 @@ class Proxy:
             raise ConfigError(f"started as root, nginx's workers run as {nginx.WORKER_USER} with {nginx.WORKER_TEMP}, "
                               "which Debian's nginx package creates; install it or serve as another user")
         tls = ""
-        if tls_cert:
-            for path in (tls_cert, tls_key):
-                if not nginx.NGINX_PATH.fullmatch(os.path.abspath(path)):
-                    raise ConfigError(f"{path!r} cannot be written into nginx.conf; give a path without a double "
-                                      "quote, backslash, '$' or control character")
+        if tls_cert:  # paths nginx.conf can hold (ServeConfig checked them)
             indent = "\n" + " " * 8
             listen += " ssl"
             tls = (f'{indent}ssl_certificate "{os.path.abspath(tls_cert)}";'
@@ -461,9 +457,8 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     if webhook_address and not port_free(*webhook_address.rsplit(":", 1)):
         raise ConfigError(f"webhook_address {webhook_address}: cannot listen there (the port is in use, or the "
                           "host is not an address of this machine)")
-    if log_url != "off":
-        log_url = log_url or beside_the_registry(mlflow.get_registry_uri())
-        log = open_log(log_url, keep_days)
+    log_url = "" if log_url == "off" else log_url or beside_the_registry(mlflow.get_registry_uri())
+    log = open_log(log_url, keep_days) if log_url else None
     root = tempfile.mkdtemp(prefix="mnistflow-serve-")
     token = secrets.token_hex(16)
     known = KnownPictures(data_dir)
@@ -472,7 +467,7 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
     refused, pools = set(), []  # pools: every one started and not yet stopped, for Ctrl-C at any point
 
     def new_pool(warm_uri: str = "") -> Pool:
-        pools.append(Pool(workers, root, token, api_keys_db, "" if log_url == "off" else log_url, warm_uri))
+        pools.append(Pool(workers, root, token, api_keys_db, log_url, warm_uri))
         return pools[-1]
 
     def checked(pool: Pool, version: str) -> bool:
@@ -504,7 +499,7 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
         proxy.wait_up(url)
         webhook, following = alias_events(client, name, alias, poll_interval, webhook_address)
         keys = ", to requests with an API key (X-Api-Key)" if api_keys_db else ""
-        recording = f"recording predictions in {log_url}" if log_url != "off" else "recording no predictions"
+        recording = f"recording predictions in {log_url}" if log else "recording no predictions"
         print(f"serving {name}@{alias} (version {version}) at {url}{keys} with {workers} model processes, "
               f"following the alias {following}, {recording}; POST /predict takes pictures, /invocations arrays, "
               "/feedback true labels; Ctrl-C stops", flush=True)
@@ -515,7 +510,7 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
             told = webhook.moved.wait(tick) if webhook else time.sleep(tick)
             for port in live.restart_dead():
                 say(f"the model process on port {port} exited; started again")
-            if log_url != "off" and time.monotonic() > next_prune:
+            if log and time.monotonic() > next_prune:
                 next_prune = time.monotonic() + PRUNE_S
                 try:
                     log.prune(keep_days)

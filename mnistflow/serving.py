@@ -177,9 +177,9 @@ def version_app(uri: str, log: "inference_log.InferenceLog | None" = None):
                 body = json.loads(await body_of(request))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise BadRequest(FEEDBACK_HOW) from None
-            label = body.get("label") if isinstance(body, dict) else None
             if not isinstance(body, dict) or not isinstance(body.get("id"), str):
                 raise BadRequest(FEEDBACK_HOW)
+            label = body.get("label")
             index = classes.index(label) if label in classes else label
             if type(index) is not int or not 0 <= index < len(classes):
                 raise BadRequest(f"label {label!r} is not allowed; give a class index from 0 to {len(classes) - 1} "
@@ -232,9 +232,10 @@ class Process:
     def refusal(self, scope) -> str:
         """Why a request may not be answered ("" when it may): with a key store, each one but
         OPEN_PATHS carries an active API key, or the serve step's token (its check of a version)."""
-        if not self.keys or scope["path"] in OPEN_PATHS or self.has_token(scope):
+        headers = dict(scope["headers"])
+        if not self.keys or scope["path"] in OPEN_PATHS or self.has_token(headers):
             return ""
-        key = dict(scope["headers"]).get(keystore.HEADER.lower().encode())
+        key = headers.get(keystore.HEADER.lower().encode())
         if key is None:
             return keystore.MISSING_KEY
         try:
@@ -242,8 +243,8 @@ class Process:
         except keystore.KeyStoreError as exc:
             return f"the key store cannot be read ({exc})"
 
-    def has_token(self, scope) -> bool:
-        sent = dict(scope["headers"]).get(TOKEN_HEADER.lower().encode(), b"")
+    def has_token(self, headers: dict) -> bool:
+        sent = headers.get(TOKEN_HEADER.lower().encode(), b"")
         return bool(self.token) and hmac.compare_digest(sent, self.token.encode())
 
     async def lifespan(self, receive, send):
@@ -254,7 +255,7 @@ class Process:
     async def load(self, scope, receive, send):
         """POST /load {"model_uri": "models:/<name>/<version>"}, with the token the serve step gave
         this process in TOKEN_HEADER: once, in a spare."""
-        if not self.has_token(scope):
+        if not self.has_token(dict(scope["headers"])):
             return await respond(send, 403, {"error": f"a wrong or missing {TOKEN_HEADER}"})
         if self.app is not None:
             return await respond(send, 409, {"error": "this process has loaded a version already"})

@@ -65,9 +65,8 @@ def unusable(args: argparse.Namespace) -> str:
     if not is_host(args.server_name):
         return f"--server-name {args.server_name!r} is not allowed; give a host name or an IP address"
     for option, path in (("--cert", args.cert), ("--key", args.key), ("--root", args.root)):
-        if not nginx.NGINX_PATH.fullmatch(os.path.abspath(path)):
-            return (f"{option} {path!r} is not allowed; nginx.conf takes a path without a double quote, "
-                    "backslash, '$' or control character")
+        if refusal := nginx.unwritable(option, path):
+            return refusal
     for option, path in (("--cert", args.cert), ("--key", args.key)):
         if not os.path.isfile(path):
             return f"{option} {path} is not a file; make the certificate and key with serverFolder/make_certs.sh"

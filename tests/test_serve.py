@@ -428,6 +428,15 @@ def test_bad_serve_flags_are_one_line(registry, monkeypatch, capsys, args, messa
     assert line.startswith("serve: error: ") and message in line
 
 
+def test_a_certificate_path_nginx_conf_cannot_hold_is_one_line(registry, monkeypatch, capsys, tmp_path):
+    cert = tmp_path / 'a"b.crt'
+    cert.write_text("not read")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+    line = refused_step(monkeypatch, capsys, "steps.serve", "--tls_cert", str(cert), "--tls_key", str(cert))
+    assert line == (f"serve: error: tls_cert {str(cert)!r} is not allowed; nginx.conf takes a path without a double "
+                    "quote, backslash, '$' or control character")
+
+
 def test_a_bad_serve_parameter_through_mlflow_run_is_one_line_and_fails_the_run(registry, tmp_path):
     store = f"sqlite:///{tmp_path / 'runs.db'}"  # the launcher's run, apart from the registry
     result = subprocess.run(["mlflow", "run", ".", "-e", "serve", "--env-manager", "local", "-P", "workers=0"],
