@@ -198,7 +198,17 @@ PROBES = [
         "--tls_cert {png}", "--tls_cert /nope --tls_key /nope", "--api_keys_db /nope", "--api_keys_db {png}", "--webhook_address 0.0.0.0:5002",
         "--webhook_address serve.example.org", "--inference_log inference.db",
         "--inference_log nosuch://x", "--keep_days 0", "--poll_interval nan",
-        "--poll_interval 0", "--check_accuracy 2", "--alias 'a b'", "--model_name /bad", "--model_name Nope")),
+        "--poll_interval 0", "--check_accuracy 2", "--alias 'a b'", "--model_name /bad", "--model_name Nope",
+        "--canary_share 0.6", "--canary_alias production", "--canary_max_error_gap -1", "--canary_min_rows 0")),
+
+    # The monitor step: flags, a log that is not there (not created), a model that is not registered.
+    *(step("monitor", bad) for bad in (
+        "--window 0", "--window 24x", "--window 36501d", "--min_rows 0", "--min_accuracy 2",
+        "--inference_log inference.db", "--inference_log postgresql://me:pw@db/log",
+        "--inference_log sqlite:///{tmp}/none.db", "--model_name Nope")),
+    *(step("register", bad) for bad in (
+        "--from_alias production", "--drop_alias 'a b'", "--from_alias challenger --run_id x",
+        "--drop_alias challenger")),
 
     # The plot_loss step.
     step("plot_loss", "no --run_id", args=()),
@@ -232,6 +242,8 @@ PROBES = [
     mlflow_run("predict", "plot={tmp}/preds.txt", "model_uri=runs:/{run}/model", "images={png}"),
     mlflow_run("serve", "workers=0"),
     mlflow_run("serve", "model_name=Nope"),
+    mlflow_run("monitor", "window=forever"),
+    mlflow_run("monitor", "model_name=Nope"),
     mlflow_run("plot_loss", "run_id=nosuchrun"),
     mlflow_run("plot_loss", "out={tmp}/loss.txt", "run_id={run}"),
     mlflow_run("main", "epochs=0"),
@@ -306,6 +318,8 @@ PROBES = [
     script("bench/robustness.py", "--model_uri models:/Nope@production"),
     *(script("bench/server_load.py", bad, "--seconds", "1", "--rounds", "1", "--clients", "1")
       for bad in ("--clients 0", "--rounds 0", "--seconds 0")),
+    script("bench/drift.py", "--n 10"),
+    script("bench/canary.py", "--requests 0"),
     *(script("bench/serve_latency.py", bad) for bad in (
         "--requests 0", "--batch -1", "--model_uri models:/Nope@production")),
     *(script("bench/train_speed.py", bad, "--repeats", "1", "--train_samples", "200")

@@ -87,7 +87,7 @@ def registry(uri: str, data_dir: str, env: dict) -> list[str]:
 class Served:
     """The serve step on a free port, its output and its inference log in `folder`."""
 
-    def __init__(self, uri: str, folder: str, poll: float, data_dir: str, env: dict, log: bool = True):
+    def __init__(self, uri: str, folder: str, poll: float, data_dir: str, env: dict, log: bool = True, *args: str):
         self.port, self.folder = free_port(), folder
         os.makedirs(folder, exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -95,7 +95,7 @@ class Served:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "steps.serve", "--port", str(self.port), "--poll_interval", str(poll),
-                 "--data_dir", data_dir, "--inference_log", f"sqlite:///{folder}/inference.db" if log else "off"],
+                 "--data_dir", data_dir, "--inference_log", f"sqlite:///{folder}/inference.db" if log else "off", *args],
                 cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=out, stderr=err)
         wait_for(lambda: "serving MNIST_CNN" in open(self.out).read() or self.process.poll() is not None, "the endpoint")
         if self.process.poll() is not None:

@@ -296,6 +296,11 @@ class RegisterConfig:
     force: bool = setting(False, "promote even when a check fails (recorded as `gate_forced=true`)")
     dry_run: bool = setting(False, "measure and print; register nothing, move no alias")
     rollback: bool = setting(False, "swap the alias and its previous alias (twice = undo)")
+    from_alias: str = setting("", "instead of a run's model, the version this alias names (`challenger`, once its "
+                                  "canary has run: [serving.md](serving.md#a-canary-for-challenger)): gated and "
+                                  "compared as a run's model is, then `alias` moves onto that version and "
+                                  "`from_alias` is removed")
+    drop_alias: str = setting("", "only remove this alias (`challenger`: its canary ends); nothing is measured")
     data_dir: str = like(TrainConfig, "data_dir")
     allow_pickled_models: bool = setting(False, "also load models mnistflow did not log "
                                                 "(they may run code when loaded)")
@@ -304,9 +309,8 @@ class RegisterConfig:
         _check_numbers(self)
         if self.dataset:
             _choose(self, "dataset", DATASETS)
-        if self.model_name and not MODEL_NAME.fullmatch(self.model_name):
-            raise ConfigError(f"model_name {self.model_name!r} is not allowed; use letters, digits, spaces, "
-                              "_, - and ., starting with a letter or digit")
+        if self.model_name:
+            _check_model_name(self.model_name)
         for name in ("metric", "checkpoint_metric") if self.checkpoint_metric else ("metric",):
             if not METRIC.fullmatch(getattr(self, name)):
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; a metric name has letters, digits, "
@@ -323,6 +327,15 @@ class RegisterConfig:
         if not ALIAS.fullmatch(self.alias) or self.alias == "latest" or re.fullmatch(r"v\d+", self.alias):
             raise ConfigError(f"alias {self.alias!r} is not allowed; use letters, digits, _ and -, "
                               "not 'latest' and not v<number> (MLflow reserves those)")
+        for name in ("from_alias", "drop_alias"):
+            value = getattr(self, name)
+            if value and (not ALIAS.fullmatch(value) or value == self.alias):
+                raise ConfigError(f"{name} {value!r} is not allowed; give another alias than alias={self.alias!r}, "
+                                  "of letters, digits, _ and -")
+        given = [name for name in ("run_id", "from_alias", "drop_alias", "rollback") if getattr(self, name)]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} go separately: give one of run_id, from_alias, drop_alias, "
+                              "rollback")
         return self
 
     def with_dataset(self, dataset: str) -> "RegisterConfig":
@@ -449,12 +462,21 @@ class ServeConfig:
                                        "webhooks (plain http, each signed): HOST is this machine's name or address "
                                        "as the server reaches it; empty = a loopback port, for a tracking server "
                                        "on this machine only")
+    canary_alias: str = setting("challenger", "the alias of a canary: its version, while it has one, takes "
+                                              "`canary_share` of the requests beside `alias`'s, until `register` "
+                                              "promotes it, the alias is removed, or a canary limit below is breached "
+                                              "(the alias is removed here)")
+    canary_share: float = setting(0.1, "the canary's share of the requests, in [0, 0.5]; 0 = no canary")
+    canary_min_rows: int = setting(300, "the canary is judged once it has this many predictions (latency), and it "
+                                        "and `alias`'s version this many with feedback since it began (errors); 1 to "
+                                        "1000000")
+    canary_max_error_gap: float = setting(0.02, "a canary whose error rate from feedback exceeds that of `alias`'s "
+                                                "version by more than this is aborted; in [0, 1]")
+    canary_max_latency_ms: float = setting(250.0, "a canary whose p95 latency exceeds this is aborted; in (0, 60000]")
 
     def validate(self) -> "ServeConfig":
         _check_numbers(self)
-        if not MODEL_NAME.fullmatch(self.model_name):
-            raise ConfigError(f"model_name {self.model_name!r} is not allowed; give letters, digits, '_', '.', '-' "
-                              "or spaces, starting with a letter or digit")
+        _check_model_name(self.model_name)
         if not ALIAS.fullmatch(self.alias):
             raise ConfigError(f"alias {self.alias!r} is not allowed; give letters, digits, '_' or '-'")
         if not is_host(self.host):
@@ -484,16 +506,61 @@ class ServeConfig:
         if not 0 < self.poll_interval <= 3600:
             raise ConfigError(f"poll_interval={self.poll_interval} is not allowed; it must be in (0, 3600]")
         _in_range(self, "check_accuracy", 0, 1)
-        if self.inference_log not in ("", "off"):
-            if "://" not in self.inference_log:
-                raise ConfigError(f"inference_log {self.inference_log!r} is not allowed; give a database URL "
-                                  "(sqlite:///inference.db, postgresql+psycopg2://user@host/db), empty or off")
-            if urllib.parse.urlsplit(self.inference_log).password:
-                raise ConfigError("inference_log carries a password, which every user of this machine can read on a "
-                                  "command line: leave it out (PGPASSWORD, ~/.pgpass)")
+        if self.inference_log != "off":
+            _check_log_url(self.inference_log, "empty or off")
         if not 0 < self.keep_days <= 36500:
             raise ConfigError(f"keep_days={self.keep_days} is not allowed; it must be in (0, 36500]")
+        if not ALIAS.fullmatch(self.canary_alias) or self.canary_alias == self.alias:
+            raise ConfigError(f"canary_alias {self.canary_alias!r} is not allowed; give letters, digits, '_' or '-', "
+                              f"another alias than alias={self.alias!r}")
+        _in_range(self, "canary_share", 0, 0.5)
+        _in_range(self, "canary_min_rows", 1, 1_000_000)
+        _in_range(self, "canary_max_error_gap", 0, 1)
+        if not 0 < self.canary_max_latency_ms <= 60000:
+            raise ConfigError(f"canary_max_latency_ms={self.canary_max_latency_ms} is not allowed; it must be in "
+                              "(0, 60000]")
         return self
+
+
+WINDOW = re.compile(r"(\d+(?:\.\d+)?)([smhd])|(\d+)")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_ROWS = 10_000_000
+
+
+@dataclass
+class MonitorConfig:
+    model_name: str = setting("MNIST_CNN", "the registered model whose served predictions are judged")
+    window: str = setting("24h", "what to judge: a time back from now, a number and `s`, `m`, `h` or `d` (`30m`, "
+                                 "`24h`, `7d`, up to 36500d), or a number of predictions (`2000`: the newest 2000)")
+    inference_log: str = setting("", "the serve step's inference log (its `inference_log`): a SQLAlchemy URL without "
+                                     "a password; empty = `inference.db` beside a SQLite registry, else in the "
+                                     "current directory")
+    min_rows: int = setting(500, "a version's drift is judged once the window holds this many of its predictions, "
+                                 "and its live accuracy once this many carry feedback; 1 to 1000000")
+    min_accuracy: float = setting(0.95, "a version whose live accuracy (from feedback) is below this breaches; in "
+                                        "[0, 1]")
+    retrain: bool = setting(False, "on a breach, run the pipeline (`main`) for the model's dataset and `model_name`, "
+                                   "every step anew; `register`'s gate decides whether its model takes over")
+    data_dir: str = setting("", "the data `retrain` trains on (as for `main`)")
+
+    def validate(self) -> "MonitorConfig":
+        _check_numbers(self)
+        _check_model_name(self.model_name)
+        if self.span() == (0, 0):
+            raise ConfigError(f"window {self.window!r} is not allowed; give a time (30m, 24h, 7d: more than 0, up to "
+                              f"36500d) or a number of predictions (1 to {MAX_WINDOW_ROWS})")
+        _check_log_url(self.inference_log, "or empty")
+        _in_range(self, "min_rows", 1, 1_000_000)
+        _in_range(self, "min_accuracy", 0, 1)
+        return self
+
+    def span(self) -> tuple[float, int]:
+        """The window: (seconds, 0) for a time, (0, rows) for a number of predictions; (0, 0) when it is neither."""
+        found = WINDOW.fullmatch(self.window)
+        if found and found[3]:
+            return (0, int(found[3])) if 1 <= int(found[3]) <= MAX_WINDOW_ROWS else (0, 0)
+        seconds = float(found[1]) * SECONDS[found[2]] if found else 0.0
+        return (seconds, 0) if 0 < seconds <= 36500 * 86400 else (0, 0)
 
 
 @dataclass
@@ -508,6 +575,21 @@ class PlotLossConfig:
         self.out = self.out or f"plot_loss_{self.run_id}.png"
         _writable(self, "out", unwritable_image)
         return self
+
+
+def _check_model_name(name: str) -> None:
+    if not MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"model_name {name!r} is not allowed; give letters, digits, '_', '.', '-' or spaces, "
+                          "starting with a letter or digit")
+
+
+def _check_log_url(url: str, or_else: str) -> None:
+    if url and "://" not in url:
+        raise ConfigError(f"inference_log {url!r} is not allowed; give a database URL "
+                          f"(sqlite:///inference.db, postgresql+psycopg2://user@host/db), {or_else}")
+    if urllib.parse.urlsplit(url).password:
+        raise ConfigError("inference_log carries a password, which every user of this machine can read on a "
+                          "command line: leave it out (PGPASSWORD, ~/.pgpass)")
 
 
 def _choose(cfg, name: str, allowed) -> None:
@@ -564,7 +646,8 @@ def refuse_storage_password(storage: str) -> None:
 
 ENTRY_POINTS = {
     "main": PipelineConfig, "train": TrainConfig, "tune": TuneConfig, "register": RegisterConfig,
-    "evaluate": EvaluateConfig, "predict": PredictConfig, "serve": ServeConfig, "plot_loss": PlotLossConfig,
+    "evaluate": EvaluateConfig, "predict": PredictConfig, "serve": ServeConfig, "monitor": MonitorConfig,
+    "plot_loss": PlotLossConfig,
     "progressive": ProgressiveConfig,
 }
 

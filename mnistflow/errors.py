@@ -52,6 +52,12 @@ class Refused(StepError):
     verdict = "refused"
 
 
+class Breached(StepError):
+    """The monitor found a limit breached: drift, or live accuracy too low. Its run was logged."""
+    exit_code = 1
+    verdict = "breach"
+
+
 class StepFailed(StepError):
     """Work the step launched failed (a chained step, a tune worker); its own output says why."""
     exit_code = 1

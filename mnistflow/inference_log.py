@@ -7,12 +7,15 @@ in batches: a prediction never waits for the database. When the database is slow
 are dropped and counted (`dropped`), never a prediction. Any SQLAlchemy URL: SQLite by default,
 PostgreSQL on a shared server (its password in PGPASSWORD or ~/.pgpass, never in the URL).
 """
+import os
 import queue
 import threading
 import time
 
 import numpy as np
+from PIL import Image
 
+from mnistflow import images
 from mnistflow.errors import StepError
 
 TABLE = "predictions"
@@ -60,6 +63,23 @@ def features(ink: np.ndarray, model_input: np.ndarray) -> dict[str, float]:
     }
 
 
+def as_served(pixels: np.ndarray, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(FEATURES (N, 9), model inputs (N, 28, 28)) of (N, 28, 28) [0, 1] pixels sent to the serve
+    step as 28x28 PNGs would be: the reference a model's traffic is compared with."""
+    rows, inputs = [], []
+    for pixels_of_one in pixels:
+        ink = images.ink_of(Image.fromarray(np.round(pixels_of_one * 255).astype(np.uint8)))
+        inputs.append(images.fit(ink, dataset))
+        rows.append(list(features(ink, inputs[-1]).values()))
+    return np.array(rows, dtype=np.float64), np.stack(inputs)
+
+
+def default_url(registry_uri: str) -> str:
+    """The inference log's default: inference.db in the folder of a SQLite registry, else here."""
+    folder = os.path.dirname(registry_uri.removeprefix("sqlite:///")) if registry_uri.startswith("sqlite:///") else ""
+    return f"sqlite:///{os.path.join(folder, 'inference.db')}"
+
+
 def table(metadata):
     import sqlalchemy as sa
 
@@ -79,14 +99,22 @@ def table(metadata):
 
 
 class InferenceLog:
-    def __init__(self, url: str):
+    def __init__(self, url: str, create: bool = True):
+        """The log at `url`, its table made when `create`; else StepError when it has none."""
         import sqlalchemy as sa
 
+        database = sa.engine.make_url(url).database
+        if not create and url.startswith("sqlite") and not os.path.isfile(database or ""):
+            # Opening it would make an empty file.
+            raise StepError(f"{url} holds no inference log: no such file; give the serve step's inference_log")
         self.engine = sa.create_engine(url, **({"connect_args": {"timeout": 5}} if url.startswith("sqlite") else {}))
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", self.sqlite_settings)
         self.table = table(sa.MetaData())
-        self.table.metadata.create_all(self.engine)
+        if create:
+            self.table.metadata.create_all(self.engine)
+        elif not sa.inspect(self.engine).has_table(TABLE):
+            raise StepError(f"{url} holds no inference log; give the serve step's inference_log")
         self.columns = [column.name for column in self.table.columns if column.name not in ("label", "labelled_at")]
         marker = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"  # SQLite's, or psycopg2's
         self.insert = (f"INSERT INTO {TABLE} ({', '.join(self.columns)}) "
@@ -148,6 +176,19 @@ class InferenceLog:
             if time.monotonic() > deadline:
                 raise FeedbackError(f"no prediction with id {prediction_id!r} in the inference log", 404)
             time.sleep(0.1)
+
+    def window(self, model_name: str, seconds: float = 0, rows: int = 0):
+        """`model_name`'s predictions of the last `seconds`, or its newest `rows`: a pandas table."""
+        import pandas
+        import sqlalchemy as sa
+
+        query = sa.select(self.table).where(self.table.c.model_name == model_name)
+        if seconds:
+            query = query.where(self.table.c.time >= time.time() - seconds)
+        else:
+            query = query.order_by(self.table.c.time.desc()).limit(rows)
+        with self.engine.connect() as connection:
+            return pandas.read_sql(query, connection)
 
     def prune(self, keep_days: float) -> int:
         """Delete the rows older than `keep_days`; how many."""

@@ -24,7 +24,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from mnistflow import tracking
+from mnistflow import inference_log, tracking
 from mnistflow.data import DATASETS, Data
 from mnistflow.errors import ModelError, first_line
 from mnistflow.models import servable
@@ -34,6 +34,12 @@ PICKLED_FLAG = "allow_pickled_models"  # the flag (and MLproject parameter) of e
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's own check of pt2 archives
 MODEL = "model"  # the run's model: the one register, evaluate and serving take from a run
 CHECKPOINT = "checkpoint-"  # + the epoch: the net as it was at the end of that epoch (checkpoint_models=true)
+# What a model's traffic is compared with (mnistflow/monitoring.py): REFERENCE_PICTURES of its
+# validation pictures as the serve step sees them, with what the model answered, in the model's files.
+REFERENCE = "reference.csv"
+REFERENCE_PATH = f"extra_files/{REFERENCE}"
+REFERENCE_PICTURES = 2000
+_served = {}  # a split's digest -> its reference pictures as served: the same for each checkpoint
 
 
 def log(net: torch.nn.Module, data: Data, name: str = MODEL, step: int = 0) -> str:
@@ -52,18 +58,49 @@ def log(net: torch.nn.Module, data: Data, name: str = MODEL, step: int = 0) -> s
     example = data.pixels(data.test)[:5].numpy()
     with torch.no_grad():
         probabilities = model(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        model, name=name, step=step,
-        signature=infer_signature(example, probabilities),
-        input_example=example,
-        # Listed, not inferred: MLflow would import the model in a subprocess to infer them, for seconds.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                          f"numpy=={np.__version__}"],
-        # pt2 (torch.export) stores a traced graph: loading runs no pickled code and needs no
-        # mnistflow import, unlike the pickle format.
-        serialization_format="pt2",
-        metadata={"dataset": data.name, "classes": data.classes},  # what `foreign_kind` checks; names predictions
-    ).model_id
+    with tempfile.TemporaryDirectory() as folder:
+        reference_file = os.path.join(folder, REFERENCE)
+        reference(model, data).to_csv(reference_file, index=False, float_format="%.6g")
+        return mlflow.pytorch.log_model(
+            model, name=name, step=step, extra_files=[reference_file],
+            signature=infer_signature(example, probabilities),
+            input_example=example,
+            # Listed, not inferred: MLflow would import the model in a subprocess to infer them, for seconds.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                              f"numpy=={np.__version__}"],
+            # pt2 (torch.export) stores a traced graph: loading runs no pickled code and needs no
+            # mnistflow import, unlike the pickle format.
+            serialization_format="pt2",
+            metadata={"dataset": data.name, "classes": data.classes},  # what `foreign_kind` checks; names predictions
+        ).model_id
+
+
+def reference(model: torch.nn.Module, data: Data):
+    """The model's reference, a table: inference_log.FEATURES, class_index and confidence of
+    REFERENCE_PICTURES of the validation split (the training split when there is none), seeded."""
+    import pandas
+
+    split = data.val if len(data.val) else data.train
+    if split.digest not in _served:
+        which = np.sort(np.random.default_rng(0).permutation(len(split))[:REFERENCE_PICTURES])
+        _served[split.digest] = inference_log.as_served(data.pixels(split)[which].numpy()[:, 0], data.name)
+    features, inputs = _served[split.digest]
+    with torch.no_grad():
+        probabilities = model(torch.from_numpy(inputs[:, None])).numpy()
+    table = pandas.DataFrame(features, columns=list(inference_log.FEATURES))
+    table["class_index"], table["confidence"] = probabilities.argmax(1), probabilities.max(1)
+    return table
+
+
+def reference_of(uri: str):
+    """The reference table logged with the model at `uri`; None for a model logged without one."""
+    import pandas
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            return pandas.read_csv(mlflow.artifacts.download_artifacts(f"{uri}/{REFERENCE_PATH}", dst_path=folder))
+    except (MlflowException, OSError):
+        return None
 
 
 def with_checkpoint_models(net: torch.nn.Module, data: Data, log_metrics, steps_per_epoch: int):

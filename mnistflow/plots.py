@@ -175,3 +175,29 @@ def conditions(shown: list, title: str):
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def drift(reference, window, drifts: list, title: str):
+    """One panel per monitored column: its distribution in the reference and in the window, the
+    title red where it drifted. `drifts`: monitoring.Drift, one per column of the two tables."""
+    figure, axes = plt.subplots(3, 4, figsize=(13, 8.5))
+    for ax, found in zip(axes.flat, drifts):
+        expected, seen = reference[found.column].to_numpy(float), window[found.column].to_numpy(float)
+        if found.method == "Jensen-Shannon":  # few values: the share of each
+            values = np.union1d(expected, seen)
+            at = np.arange(len(values))
+            for offset, table, label in ((-0.2, expected, "reference"), (0.2, seen, "window")):
+                ax.bar(at + offset, (table[:, None] == values).mean(0), width=0.4, label=label)
+            ax.set_xticks(at, [f"{v:g}" for v in values], fontsize=7)
+        else:
+            bins = np.histogram_bin_edges(np.concatenate([expected, seen]), bins=30)
+            for table, label in ((expected, "reference"), (seen, "window")):
+                ax.hist(table, bins=bins, density=True, alpha=0.5, label=label)
+        ax.set_title(f"{found.column}: {found.score:.3g}", fontsize=9, color="tab:red" if found.drifted else "black")
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(drifts):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from mnistflow import data as datasets
-from mnistflow import logged_model, metrics, robustness, tracking
+from mnistflow import logged_model, metrics, monitoring, robustness, tracking
 from mnistflow.config import RegisterConfig
 from mnistflow.data import Data
 from mnistflow.errors import AccessError, ConfigError, NotFound, Refused, StoreError, first_line
@@ -113,6 +113,8 @@ def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     or may not be (see logged_model.download).
     """
     experiment = experiment_id()
+    if cfg.from_alias:
+        return prepare_version(cfg, data)
     if cfg.run_id:
         run = tracking.existing_run(cfg.run_id)
         models = logged_models(run.info.experiment_id)
@@ -128,6 +130,29 @@ def prepare(cfg: RegisterConfig, data: Data | None = None) -> Candidate:
     logged, checkpoint = models[run.info.run_id], ""
     if cfg.checkpoint_metric:
         logged, checkpoint = best_checkpoint(run, cfg.checkpoint_metric)
+    return candidate(run, logged, cfg, data, checkpoint)
+
+
+def prepare_version(cfg: RegisterConfig, data: Data | None) -> Candidate:
+    """The candidate when cfg.from_alias names it: the model of the version that alias holds."""
+    name = cfg.with_dataset(cfg.dataset or "mnist").model_name
+    version = champion(name, cfg.from_alias)
+    if version is None:
+        raise NotFound(f"{name}@{cfg.from_alias}: no such registered model or alias in {mlflow.get_tracking_uri()}")
+    # MLflow fills model_id when it registers a logged model by its models:/<id> URI, not by runs:/.
+    model_id = version.model_id or version.source.removeprefix("models:/")
+    if not model_id.startswith("m-"):
+        raise ConfigError(f"{name} version {version.version} (@{cfg.from_alias}) comes from files, not from a logged "
+                          "model to measure; give the run_id of its run instead")
+    print(f"{name}@{cfg.from_alias}: version {version.version}", flush=True)
+    run = tracking.existing_run(version.run_id)
+    return candidate(run, mlflow.get_logged_model(model_id),
+                     cfg.with_dataset(run.data.tags.get("dataset", cfg.dataset or "mnist")), data)
+
+
+def candidate(run, logged, cfg: RegisterConfig, data: Data | None, checkpoint: str = "") -> Candidate:
+    """The run's logged model `logged`, downloaded, checked and loaded, with its dataset's test split."""
+    dataset = cfg.dataset
     with tempfile.TemporaryDirectory() as tmp:
         local = logged_model.download(logged.model_uri, tmp, cfg.allow_pickled_models)
         size_mb = logged_model.size_mb(local)
@@ -309,6 +334,8 @@ def register(candidate: Candidate) -> Outcome:
         except BaseException:
             restore_aliases(cfg.model_name, before, [cfg.alias, previous_alias(cfg.alias)])
             raise
+        if cfg.from_alias:  # its canary ended in promotion
+            drop(cfg.model_name, cfg.from_alias, f"promoted by register onto @{cfg.alias}")
     outcome.promoted = True
     return outcome
 
@@ -386,6 +413,19 @@ def restore_aliases(name: str, before: dict, aliases: list[str]) -> None:
         else:
             client.delete_registered_model_alias(name, alias)
     print(f"aliases of {name} restored", flush=True)
+
+
+def drop(name: str, alias: str, why: str) -> str:
+    """Remove the alias, noting `why` on the version it held (the canary's end); that version."""
+    client = mlflow.MlflowClient()
+    version = champion(name, alias)
+    if version is None:
+        raise NotFound(f"{name}@{alias}: no such registered model or alias in {mlflow.get_tracking_uri()}")
+    with registry_calls(name):
+        client.delete_registered_model_alias(name, alias)
+        client.set_model_version_tag(name, version.version, monitoring.CANARY_TAG, why)
+    print(f"@{alias} removed from version {version.version}: {why}", flush=True)
+    return version.version
 
 
 def rollback(cfg: RegisterConfig) -> tuple[str, str]:

@@ -207,17 +207,23 @@ def preprocessed(image: Image.Image, dataset: str) -> np.ndarray:
         return np.zeros((images.FIELD, images.FIELD), dtype=np.float32)
 
 
-def inputs(data: Data, condition: str, n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(pixels (n, 1, 28, 28) float32 in [0, 1], labels (n,)): the chosen test images under the condition."""
+def pictures(data: Data, condition: str, n: int = 2000, seed: int = 0) -> tuple[list[Image.Image], np.ndarray]:
+    """(the pictures a user's files would hold, labels (n,)): the chosen test images under the condition."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; choose from {', '.join(CONDITIONS)}")
     which = chosen(data, n, seed)
-    originals = data.pixels(data.test)[which].numpy()
-    labels = data.test.labels[which].numpy()
-    if condition == CLEAN:
-        return originals, labels
     make, rng = CONDITIONS[condition], condition_rng(condition, seed)
-    changed = np.stack([preprocessed(make(image[0], rng), data.name) for image in originals])
+    return [make(image[0], rng) for image in data.pixels(data.test)[which].numpy()], data.test.labels[which].numpy()
+
+
+def inputs(data: Data, condition: str, n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (n, 1, 28, 28) float32 in [0, 1], labels (n,)): the chosen test images under the
+    condition, as the model gets them; `clean` without pictures or preprocessing."""
+    if condition == CLEAN:
+        which = chosen(data, n, seed)
+        return data.pixels(data.test)[which].numpy(), data.test.labels[which].numpy()
+    given, labels = pictures(data, condition, n, seed)
+    changed = np.stack([preprocessed(picture, data.name) for picture in given])
     return changed[:, None].astype(np.float32), labels
 
 

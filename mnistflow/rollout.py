@@ -31,8 +31,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
-from mnistflow import inference_log, keystore, nginx, serving
-from mnistflow.config import LOOPBACK_HOSTS
+from mnistflow import inference_log, keystore, monitoring, nginx, serving
+from mnistflow.config import LOOPBACK_HOSTS, ServeConfig
 from mnistflow.errors import ConfigError, NotFound, StepError, first_line
 
 WEBHOOK_PREFIX = "mnistflow-serve-"  # the names of the serve step's registry webhooks
@@ -57,6 +57,10 @@ http {{
     client_max_body_size {max_body};
     client_body_buffer_size {max_body};  # a request's pictures stay in memory, not in a temporary file
     include "{root}/upstream.conf";
+    # The canary: its share of the requests goes to the challenger's processes; requests with the
+    # same X-Split-Key to the same version, the others at random.
+    map $http_x_split_key $split_key {{ "" $request_id; default $http_x_split_key; }}
+    split_clients "$split_key" $model_pool {{ {canary_split}* models; }}
     server {{
         listen {listen};{tls}
         # nginx's own refusals as the model processes' are: one line of JSON.
@@ -79,7 +83,7 @@ http {{
             return 503 '{{"error": "no model process answered; try again"}}\n';
         }}
         location / {{
-            proxy_pass http://models;
+            proxy_pass http://$model_pool;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header {token_header} "";  # the step's own, never a client's
@@ -249,7 +253,7 @@ class KnownPictures:
 class Proxy:
     """nginx on host:port in front of one pool at a time; with a certificate and its key, https only."""
 
-    def __init__(self, listen: str, root: str, tls_cert: str = "", tls_key: str = ""):
+    def __init__(self, listen: str, root: str, tls_cert: str = "", tls_key: str = "", canary_share: float = 0):
         program = nginx.binary()
         if not program:
             raise ConfigError("the serve step needs nginx (apt-get install nginx-light)")
@@ -270,15 +274,18 @@ class Proxy:
         with open(config, "w") as f:
             f.write(CONFIG.format(user=f"user {user};\n" if os.geteuid() == 0 else "", root=root, temp=temp,
                                   listen=listen, tls=tls, max_body=serving.MAX_BODY_BYTES,
-                                  token_header=serving.TOKEN_HEADER))
+                                  token_header=serving.TOKEN_HEADER,
+                                  canary_split=f"{canary_share * 100:.2f}% challenger; " if canary_share else ""))
         self.command = [program, "-c", config, "-e", os.path.join(root, "error.log")]
         self.process = None
 
-    def point_at(self, ports) -> None:
-        """Send new requests to `ports`: a reload lets the requests in flight finish where they are."""
+    def point_at(self, ports, canary_ports=()) -> None:
+        """Send new requests to `ports`, the canary's share of them to `canary_ports` when given: a
+        reload lets the requests in flight finish where they are."""
         with open(os.path.join(self.root, "upstream.conf"), "w") as f:
-            servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=1s;\n" for port in ports)
-            f.write(f"upstream models {{\n{servers}    keepalive 16;\n}}\n")
+            for name, group in (("models", ports), ("challenger", canary_ports or ports)):
+                servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=1s;\n" for port in group)
+                f.write(f"upstream {name} {{\n{servers}    keepalive 16;\n}}\n")
         if self.process is None:
             parent = os.getpid()  # started before any thread of the step's: preexec_fn is safe here
             self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -327,10 +334,10 @@ class AliasWebhook:
 
     MAX_AGE_S = 300
 
-    def __init__(self, client, name: str, alias: str, address: str = "127.0.0.1:0"):
+    def __init__(self, client, name: str, aliases: tuple, address: str = "127.0.0.1:0"):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.client, self.name, self.alias = client, name, alias
+        self.client, self.name, self.aliases = client, name, aliases
         self.secret, self.moved = secrets.token_urlsafe(32), threading.Event()
         webhook = self
 
@@ -361,7 +368,7 @@ class AliasWebhook:
             self.webhook_id = client.create_webhook(
                 name=f"{WEBHOOK_PREFIX}{uuid.uuid4().hex[:8]}", url=url, secret=self.secret,
                 events=["model_version_alias.created", "model_version_alias.deleted"],
-                description=f"the serve step following {name}@{alias} (removed when it stops)").webhook_id
+                description=f"the serve step following {name}@{' and @'.join(aliases)} (removed when it stops)").webhook_id
         except Exception:
             self.server.shutdown()
             raise
@@ -377,7 +384,7 @@ class AliasWebhook:
             data = json.loads(body).get("data") or {}
         except (ValueError, AttributeError):
             return False
-        if data.get("name") == self.name and data.get("alias") == self.alias:
+        if data.get("name") == self.name and data.get("alias") in self.aliases:
             self.moved.set()
         return True
 
@@ -391,7 +398,7 @@ class AliasWebhook:
         self.server.shutdown()
 
 
-def alias_events(client, name: str, alias: str, poll_interval: float,
+def alias_events(client, name: str, aliases: tuple, poll_interval: float,
                  webhook_address: str = "") -> "tuple[AliasWebhook | None, str]":
     """(the webhook, how the alias is followed): by MLflow's registry webhooks where the tracking
     server takes them (one on this machine, or one elsewhere told `webhook_address`), else by
@@ -406,20 +413,10 @@ def alias_events(client, name: str, alias: str, poll_interval: float,
     if uri.hostname not in LOOPBACK_HOSTS and not webhook_address:
         return None, f"{polling} (for webhooks from a tracking server on another machine, give webhook_address)"
     try:
-        webhook = AliasWebhook(client, name, alias, webhook_address or "127.0.0.1:0")
+        webhook = AliasWebhook(client, name, aliases, webhook_address or "127.0.0.1:0")
         return webhook, f"by MLflow's registry webhooks, and {polling}"
     except MlflowException as exc:
         return None, f"{polling} (the tracking server took no webhook: {first_line(exc)})"
-
-
-def alias_version(client, name: str, alias: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        raise NotFound(f"{name}@{alias}: no such registered model or alias; promote a version with "
-                       "`mlflow run . -e register` first") from None
 
 
 def port_free(host: str, port: int | str) -> bool:
@@ -433,17 +430,27 @@ def port_free(host: str, port: int | str) -> bool:
     return True
 
 
-def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interval: float,
-          check_accuracy: float, data_dir: str, tls_cert: str = "", tls_key: str = "", api_keys_db: str = "",
-          webhook_address: str = "", log_url: str = "off", keep_days: float = 30) -> None:
-    """Serve models:/<name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias; over
-    https with `tls_cert` and `tls_key`, and to requests with a key from `api_keys_db` when given;
-    recording each prediction at `log_url` ("" = beside a SQLite registry, "off" = nowhere) for
-    `keep_days`."""
+def alias_version(client, name: str, alias: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        raise NotFound(f"{name}@{alias}: no such registered model or alias; promote a version with "
+                       "`mlflow run . -e register` first") from None
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Serve models:/<model_name>@<alias> on host:port until Ctrl-C or SIGTERM, following the alias,
+    with the version @<canary_alias> names, when there is one, taking canary_share of the requests
+    until it is promoted, removed, or breaches a canary limit (and is removed here); over https
+    with tls_cert and tls_key, to requests with a key from api_keys_db when given; recording each
+    prediction in inference_log ("" = beside a SQLite registry, "off" = nowhere) for keep_days."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
+    name, alias, api_keys_db = cfg.model_name, cfg.alias, cfg.api_keys_db
     if api_keys_db:
         try:
             keystore.check_store(api_keys_db)
@@ -452,91 +459,139 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
         api_keys_db = os.path.abspath(api_keys_db)
     client = mlflow.MlflowClient()
     version = alias_version(client, name, alias)
-    if not port_free(host, port):
-        raise ConfigError(f"port {port} on {host} is in use; give another port")
-    if webhook_address and not port_free(*webhook_address.rsplit(":", 1)):
-        raise ConfigError(f"webhook_address {webhook_address}: cannot listen there (the port is in use, or the "
+    if not port_free(cfg.host, cfg.port):
+        raise ConfigError(f"port {cfg.port} on {cfg.host} is in use; give another port")
+    if cfg.webhook_address and not port_free(*cfg.webhook_address.rsplit(":", 1)):
+        raise ConfigError(f"webhook_address {cfg.webhook_address}: cannot listen there (the port is in use, or the "
                           "host is not an address of this machine)")
-    log_url = "" if log_url == "off" else log_url or beside_the_registry(mlflow.get_registry_uri())
-    log = open_log(log_url, keep_days) if log_url else None
+    log_url = "" if cfg.inference_log == "off" else cfg.inference_log or inference_log.default_url(
+        mlflow.get_registry_uri())
+    log = open_log(log_url, cfg.keep_days) if log_url else None
     root = tempfile.mkdtemp(prefix="mnistflow-serve-")
     token = secrets.token_hex(16)
-    known = KnownPictures(data_dir)
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    url = f"{'https' if tls_cert else 'http'}://{listen}"
-    refused, pools = set(), []  # pools: every one started and not yet stopped, for Ctrl-C at any point
+    known = KnownPictures(cfg.data_dir)
+    listen = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+    url = f"{'https' if cfg.tls_cert else 'http'}://{listen}"
+    refused, ended, pools = set(), set(), []  # pools: every one started and not yet stopped, for Ctrl-C at any point
+    live = canary = None  # the pools answering: the alias's version, and the canary's
+    canary_since = 0.0
 
-    def new_pool(warm_uri: str = "") -> Pool:
-        pools.append(Pool(workers, root, token, api_keys_db, log_url, warm_uri))
+    def new_pool(count: int, warm_uri: str = "") -> Pool:
+        pools.append(Pool(count, root, token, api_keys_db, log_url, warm_uri))
         return pools[-1]
+
+    def drop(pool: Pool) -> None:
+        pool.stop()
+        pools.remove(pool)
 
     def checked(pool: Pool, version: str) -> bool:
         """Whether `pool` has loaded `version` and answers right; if not, one line, a tag, and the pool stopped."""
-        reason = pool.up() or pool.load(f"models:/{name}/{version}", version) or pool.check(known, check_accuracy)
+        reason = pool.up() or pool.load(f"models:/{name}/{version}", version) or pool.check(known, cfg.check_accuracy)
         if not reason:
             return True
-        pool.stop()
-        pools.remove(pool)
+        drop(pool)
         refused.add(version)
         say(f"refused version {version} of {name}: {reason}")
-        try:
-            client.set_model_version_tag(name, version, REFUSED_TAG, reason[:5000])
-        except MlflowException as exc:
-            say(f"cannot tag version {version} with {REFUSED_TAG}: {first_line(exc)}")
+        tag(version, REFUSED_TAG, reason)
         return False
+
+    def tag(version: str, key: str, value: str) -> None:
+        try:
+            client.set_model_version_tag(name, version, key, value[:5000])
+        except MlflowException as exc:
+            say(f"cannot tag version {version} with {key}: {first_line(exc)}")
+
+    def point() -> None:
+        proxy.point_at(live.processes, canary.processes if canary else ())
+
+    def follow_canary() -> None:
+        """Start, judge or end the canary, as @canary_alias and the inference log say."""
+        nonlocal canary, canary_since
+        try:
+            wanted = alias_version(client, name, cfg.canary_alias)
+        except NotFound:
+            wanted = None
+        if canary is not None and wanted != canary.version:
+            was, canary = canary, None
+            point()
+            drop(was)
+            print(f"canary of version {was.version} ended: @{cfg.canary_alias} "
+                  + (f"now names version {wanted}" if wanted else "was removed"), flush=True)
+        if canary is None and wanted and wanted != live.version and wanted not in refused | ended:
+            pool = new_pool(1)
+            if checked(pool, wanted):
+                canary, canary_since = pool, time.time()
+                point()
+                print(f"canary: version {wanted} (@{cfg.canary_alias}) takes {cfg.canary_share:.0%} of the requests "
+                      f"beside version {live.version}", flush=True)
+        if canary is not None and log is not None:
+            why = monitoring.canary_breach(log.window(name, seconds=time.time() - canary_since), live.version,
+                                           canary.version, cfg.canary_min_rows, cfg.canary_max_error_gap,
+                                           cfg.canary_max_latency_ms)
+            if why:
+                was, canary = canary, None
+                ended.add(was.version)
+                point()
+                drop(was)
+                client.delete_registered_model_alias(name, cfg.canary_alias)
+                tag(was.version, monitoring.CANARY_TAG, f"aborted by the serve step: {why}")
+                say(f"canary of version {was.version} aborted, @{cfg.canary_alias} removed: {why}")
 
     def stop_on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     proxy = webhook = None
+    aliases = (alias, cfg.canary_alias) if cfg.canary_share else (alias,)
     try:
-        proxy = Proxy(listen, root, tls_cert, tls_key)
-        live = new_pool()
+        proxy = Proxy(listen, root, cfg.tls_cert, cfg.tls_key, cfg.canary_share)
+        live = new_pool(cfg.workers)
         if not checked(live, version):
             raise StepError(f"version {version} of {name}@{alias} cannot be served (see the line above)")
-        proxy.point_at(live.processes)
+        point()
         proxy.wait_up(url)
-        webhook, following = alias_events(client, name, alias, poll_interval, webhook_address)
+        webhook, following = alias_events(client, name, aliases, cfg.poll_interval, cfg.webhook_address)
         keys = ", to requests with an API key (X-Api-Key)" if api_keys_db else ""
         recording = f"recording predictions in {log_url}" if log else "recording no predictions"
-        print(f"serving {name}@{alias} (version {version}) at {url}{keys} with {workers} model processes, "
-              f"following the alias {following}, {recording}; POST /predict takes pictures, /invocations arrays, "
-              "/feedback true labels; Ctrl-C stops", flush=True)
-        spare = new_pool(live.model_uri)  # the next version's processes, made ready while this one serves
-        next_look = next_prune = time.monotonic() + poll_interval
-        while True:  # every SUPERVISE_S: a dead process started again; the alias read when told or due
-            tick = min(SUPERVISE_S, poll_interval)
+        canary_note = (f"; @{cfg.canary_alias} takes {cfg.canary_share:.0%} of the requests as a canary"
+                       + ("" if log else " (its limits unwatched: the inference log is off)")) if cfg.canary_share else ""
+        print(f"serving {name}@{alias} (version {version}) at {url}{keys} with {cfg.workers} model processes, "
+              f"following the alias {following}, {recording}{canary_note}; POST /predict takes pictures, "
+              "/invocations arrays, /feedback true labels; Ctrl-C stops", flush=True)
+        spare = new_pool(cfg.workers, live.model_uri)  # the next version's processes, made ready while this one serves
+        next_look = next_prune = time.monotonic() + cfg.poll_interval
+        while True:  # every SUPERVISE_S: a dead process started again; the aliases read when told or due
+            tick = min(SUPERVISE_S, cfg.poll_interval)
             told = webhook.moved.wait(tick) if webhook else time.sleep(tick)
-            for port in live.restart_dead():
-                say(f"the model process on port {port} exited; started again")
+            for pool in (live, canary) if canary else (live,):
+                for port in pool.restart_dead():
+                    say(f"the model process on port {port} exited; started again")
             if log and time.monotonic() > next_prune:
                 next_prune = time.monotonic() + PRUNE_S
                 try:
-                    log.prune(keep_days)
+                    log.prune(cfg.keep_days)
                 except SQLAlchemyError as exc:  # serving goes on
                     say(f"cannot prune the inference log ({first_line(exc)})")
             if not told and time.monotonic() < next_look:
                 continue
             if told:
                 webhook.moved.clear()
-            next_look = time.monotonic() + poll_interval
+            next_look = time.monotonic() + cfg.poll_interval
             try:
                 wanted = alias_version(client, name, alias)
-            except (NotFound, MlflowException, OSError) as exc:
-                say(f"cannot read {name}@{alias} ({first_line(exc)}); version {live.version} keeps serving")
-                continue
-            if wanted == live.version or wanted in refused:
-                continue
-            green, spare = spare, None
-            green.restart_dead()  # a spare that died waiting is no fault of the version's
-            if checked(green, wanted):
-                proxy.point_at(green.processes)
-                blue, live = live, green
-                blue.stop()
-                pools.remove(blue)
-                print(f"serving {name}@{alias} version {wanted} (was {blue.version}) at {url}", flush=True)
-            spare = new_pool(live.model_uri)
+                if wanted != live.version and wanted not in refused:
+                    green, spare = spare, None
+                    green.restart_dead()  # a spare that died waiting is no fault of the version's
+                    if checked(green, wanted):
+                        blue, live = live, green
+                        point()
+                        drop(blue)
+                        print(f"serving {name}@{alias} version {wanted} (was {blue.version}) at {url}", flush=True)
+                    spare = new_pool(cfg.workers, live.model_uri)
+                if cfg.canary_share:
+                    follow_canary()
+            except (NotFound, MlflowException, SQLAlchemyError, OSError) as exc:
+                say(f"cannot read {name}'s aliases or log ({first_line(exc)}); version {live.version} keeps serving")
     except KeyboardInterrupt:
         print("serve: stopped", flush=True)
     finally:
@@ -548,12 +603,6 @@ def serve(name: str, alias: str, host: str, port: int, workers: int, poll_interv
         for pool in pools:
             pool.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def beside_the_registry(registry_uri: str) -> str:
-    """The inference log's default: inference.db in the folder of a SQLite registry, else here."""
-    folder = os.path.dirname(registry_uri.removeprefix("sqlite:///")) if registry_uri.startswith("sqlite:///") else ""
-    return f"sqlite:///{os.path.join(folder, 'inference.db')}"
 
 
 def open_log(url: str, keep_days: float) -> "inference_log.InferenceLog":

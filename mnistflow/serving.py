@@ -38,6 +38,7 @@ TOKEN_ENV = "MNISTFLOW_SERVE_TOKEN"  # what a POST /load must carry: only the se
 TOKEN_HEADER = "X-Serve-Token"  # where it carries it (the proxy drops it from what clients send)
 PARENT_ENV = "MNISTFLOW_SERVE_PARENT"  # the serve step's pid: a model process ends when it does
 KEYS_ENV = "MNISTFLOW_SERVE_KEYS"  # the tracking server's API key store: requests must carry a key from it
+OWN_CHECK = "mnistflow.own_check"  # in a request's scope: it carries the token, the step's check of a version
 OPEN_PATHS = ("/health", "/ping")  # liveness, for probes and the proxy: they tell nothing of the model
 MAX_BODY_BYTES = 10 * 1024 * 1024  # a request's pictures, all together
 MAX_PICTURES = 1000
@@ -130,14 +131,14 @@ def version_app(uri: str, log: "inference_log.InferenceLog | None" = None):
     dataset, classes = logged_model.trained_on(model) or "mnist", logged_model.class_names(model)
     app = scoring_server.init(model)
 
-    def answer(pictures: list[tuple[str, bytes]], started: float) -> dict:
+    def answer(pictures: list[tuple[str, bytes]], started: float, record: bool) -> dict:
         inks = [images.ink_of(images.decode(data, name), name) for name, data in pictures]
         inputs = np.stack([images.fit(ink, dataset) for ink in inks])
         probabilities = logged_model.probabilities(model, inputs[:, None])
         predictions = [{"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
                         "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)}}
                        for p in probabilities]
-        if log is not None:
+        if log is not None and record:
             now = time.time()
             latency_ms = (time.perf_counter() - started) * 1000
             for prediction, p, ink, model_input in zip(predictions, probabilities, inks, inputs):
@@ -163,7 +164,7 @@ def version_app(uri: str, log: "inference_log.InferenceLog | None" = None):
                 raise BadRequest(f"{len(pictures)} pictures; at most {MAX_PICTURES} per request are allowed", 413)
             if not pictures:
                 raise BadRequest(f"no pictures: {HOW}")
-            return await asyncio.to_thread(answer, pictures, started)
+            return await asyncio.to_thread(answer, pictures, started, OWN_CHECK not in request.scope)
         except (BadRequest, ImageError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))
 
@@ -209,8 +210,12 @@ class Process:
             return await self.lifespan(receive, send)
         if scope["type"] == "http" and scope["path"] == "/load" and scope["method"] == "POST":
             return await self.load(scope, receive, send)
-        if scope["type"] == "http" and (refusal := self.refusal(scope)):
-            return await respond(send, 401, {"error": refusal})
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            if refusal := self.refusal(scope["path"], headers):
+                return await respond(send, 401, {"error": refusal})
+            if self.has_token(headers):  # the step's check of a version: no user's traffic, not recorded
+                scope = {**scope, OWN_CHECK: True}
         if self.app is None:
             return await respond(send, 503, {"error": "no model loaded yet"})
         await self.app(scope, receive, send if scope["type"] != "http" else self.naming_the_version(send))
@@ -229,11 +234,10 @@ class Process:
             await send(message)
         return sending
 
-    def refusal(self, scope) -> str:
+    def refusal(self, path: str, headers: dict) -> str:
         """Why a request may not be answered ("" when it may): with a key store, each one but
         OPEN_PATHS carries an active API key, or the serve step's token (its check of a version)."""
-        headers = dict(scope["headers"])
-        if not self.keys or scope["path"] in OPEN_PATHS or self.has_token(headers):
+        if not self.keys or path in OPEN_PATHS or self.has_token(headers):
             return ""
         key = headers.get(keystore.HEADER.lower().encode())
         if key is None:

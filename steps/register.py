@@ -4,6 +4,8 @@
     python -m steps.register --run_id <id>            # a train run, or a tune parent (its best trial)
     python -m steps.register --dry_run true           # measure and report, change nothing
     python -m steps.register --rollback true          # @production back to the @previous version
+    python -m steps.register --from_alias challenger  # @production onto the canary's version, through the gate
+    python -m steps.register --drop_alias challenger  # end the canary
     mlflow run . -e register -P run_id=<id> --env-manager local
 
 The gate (test accuracy, p95 single-image latency, size, the worst class's recall) and the
@@ -24,6 +26,11 @@ def register(cfg: RegisterConfig) -> None:
     if cfg.rollback:  # moves an alias, in no run of its own: the one `mlflow run` opened says so
         target, version = registry.rollback(cfg)
         tracking.describe_launcher(f"rollback-{target}", f"rolled {target} back to version {version}")
+        return
+    if cfg.drop_alias:  # the same
+        name = cfg.with_dataset(cfg.dataset or "mnist").model_name
+        version = registry.drop(name, cfg.drop_alias, "removed by register (drop_alias)")
+        tracking.describe_launcher(f"drop-{name}@{cfg.drop_alias}", f"removed @{cfg.drop_alias} from version {version}")
         return
     outcome = registry.gate_and_promote(cfg)
     if outcome.refused:  # a dry run that would be refused

@@ -16,9 +16,7 @@ from mnistflow.config import ServeConfig
 def serve(cfg: ServeConfig) -> None:
     from mnistflow import rollout  # here: --help and a bad flag answer without loading MLflow
 
-    rollout.serve(cfg.model_name, cfg.alias, cfg.host, cfg.port, cfg.workers, cfg.poll_interval,
-                  cfg.check_accuracy, cfg.data_dir, cfg.tls_cert, cfg.tls_key, cfg.api_keys_db,
-                  cfg.webhook_address, cfg.inference_log, cfg.keep_days)
+    rollout.serve(cfg)
 
 
 def main(argv=None) -> None:

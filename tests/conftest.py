@@ -153,6 +153,41 @@ def sigint_as_in_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def registry_of(root, trainings: list[tuple[str, str]], registered: list[int]) -> tuple[str, list[str]]:
+    """A SQLite store in the folder `root` with the experiment EXPERIMENT and a 1-epoch train run
+    for each (data directory, max_train_samples) of `trainings`; the runs of `registered` (indices,
+    in order, a run again for another version of it) as versions 1, 2, … of MNIST_CNN. (Its URI,
+    the run ids.)"""
+    from steps import train
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    runs = []
+    with steps_in_this_process(uri):
+        for data_dir, samples in trainings:
+            train.main(["--data_dir", data_dir, "--epochs", "1", "--max_train_samples", samples, "--augment",
+                        "shift", "--system_metrics", "false"])
+            runs.append(mlflow.last_active_run().info.run_id)
+        for index in registered:
+            mlflow.register_model(f"runs:/{runs[index]}/model", "MNIST_CNN")
+    return uri, runs
+
+
+@contextlib.contextmanager
+def steps_in_this_process(uri: str):
+    """Steps' main() called here log to the store at `uri`, in the experiment EXPERIMENT, as
+    `python -m steps.<step>` would; as before, after."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        env.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
 def readme_line(start: str, doc: str = "README.md") -> str:
     """The one line of README.md (or `doc`) that starts with `start`: the tests run the commands users copy."""
     [line] = [line.strip() for line in open(os.path.join(ROOT, doc)) if line.startswith(start)]

@@ -13,8 +13,8 @@ LAYERS = [
     (["cli"], "around each step: flags → access check → work → one-line error"),
     (["pipeline", "workers", "slurm", "rollout"], "what the steps do: the chain, tune's workers (local, Slurm), "
                                                   "versions behind nginx"),
-    (["tuning", "registry", "plot_loss", "serving"], "a study's trials, the gated registry, loss plots, "
-                                                     "a model process"),
+    (["tuning", "registry", "plot_loss", "serving", "monitoring"], "a study's trials, the gated registry, loss plots, "
+                                                                   "a model process, the monitor's judgement"),
     (["robustness", "logged_model", "tensorboard_log", "inference_log"], "robustness, the one logged model form, "
                                                                         "event files, what was served"),
     (["report", "checkpoints", "tracking"], "test reports, checkpoints, runs (step_run opens each)"),

@@ -22,7 +22,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.command import Command
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import EXPERIMENT, free_port, require, step_env, wait_until_up
+from conftest import EXPERIMENT, free_port, require, step_env, steps_in_this_process, wait_until_up
 from mnistflow import tuning
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -47,21 +47,14 @@ def run_the_steps(uri: str, experiment_id: str, data_dir: str, root) -> Logged:
     machine) and plot_loss."""
     from steps import plot_loss, register, train, tune
 
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        env.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-        env.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        try:
-            train.main(["--data_dir", data_dir, "--epochs", "1", "--batch_size", "64"])
-            train_id = mlflow.last_active_run().info.run_id
-            tune.main(["--data_dir", data_dir, "--n_trials", "2", "--epochs", "1", "--pruner", "none",
-                       "--storage", f"sqlite:///{root / 'optuna.db'}"])
-            register.main(["--run_id", train_id, "--data_dir", data_dir, "--min_accuracy", "0.01",
-                           "--recall_margin", "1", "--max_latency_ms", "100000", "--min_robust_accuracy", "0"])
-            plot_loss.main(["--run_id", train_id, "--out", str(root / "plot_loss.png")])
-        finally:
-            mlflow.set_tracking_uri(None)
+    with steps_in_this_process(uri):
+        train.main(["--data_dir", data_dir, "--epochs", "1", "--batch_size", "64"])
+        train_id = mlflow.last_active_run().info.run_id
+        tune.main(["--data_dir", data_dir, "--n_trials", "2", "--epochs", "1", "--pruner", "none",
+                   "--storage", f"sqlite:///{root / 'optuna.db'}"])
+        register.main(["--run_id", train_id, "--data_dir", data_dir, "--min_accuracy", "0.01",
+                       "--recall_margin", "1", "--max_latency_ms", "100000", "--min_robust_accuracy", "0"])
+        plot_loss.main(["--run_id", train_id, "--out", str(root / "plot_loss.png")])
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([experiment_id])
     [study] = [run for run in runs if "study_name" in run.data.tags]

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import (EXPERIMENT, ROOT, free_port, readme_line, refused_step, require, run_step,
+from conftest import (ROOT, free_port, readme_line, refused_step, registry_of, require, run_step,
                       sigint_as_in_a_terminal, step_env, wait_until)
 import netns_recorder
 from bench.load import Load
@@ -61,25 +61,13 @@ class Registry:
 def registry(tmp_path_factory, tiny_data) -> Registry:
     require_real_mnist()
     from mnistflow import data as datasets
-    from steps import train
 
     root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    # good: real MNIST, as versions 1 and 2; wrong: the tiny data, whose labels say where a patch
+    # is, which a real digit does not
+    uri, _ = registry_of(root, [(REAL_DATA, "5000"), (tiny_data, "600")], [0, 0, 1])
     client = mlflow.MlflowClient(uri)
-    client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
-    runs = {}
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        env.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-        env.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        # good: real MNIST; wrong: the tiny data, whose labels say where a patch is, which a real digit does not
-        for kind, data_dir, samples in (("good", REAL_DATA, "5000"), ("wrong", tiny_data, "600")):
-            train.main(["--data_dir", data_dir, "--epochs", "1", "--max_train_samples", samples, "--augment", "shift"])
-            runs[kind] = mlflow.last_active_run().info.run_id
-        versions = {kind: str(mlflow.register_model(f"runs:/{run}/model", NAME).version)
-                    for kind, run in (("v1", runs["good"]), ("v2", runs["good"]), ("wrong", runs["wrong"]))}
-        mlflow.set_tracking_uri(None)
+    versions = {"v1": "1", "v2": "2", "wrong": "3"}
     broken = root / "broken-model"
     broken.mkdir()
     (broken / "MLmodel").write_text("not: [a model\n")
@@ -612,7 +600,7 @@ def test_the_webhook_receiver_takes_only_fresh_deliveries_signed_with_its_secret
     # One left by a serve step that was killed (SIGKILL: no clean-up), at a port where nothing listens.
     client.create_webhook(name=f"{rollout.WEBHOOK_PREFIX}killed", url=f"http://127.0.0.1:{free_port()}/alias",
                           events=["model_version_alias.created"])
-    webhook = rollout.AliasWebhook(client, NAME, "production")
+    webhook = rollout.AliasWebhook(client, NAME, ("production", "challenger"))
     assert [w.name for w in client.list_webhooks()] == [client.get_webhook(webhook.webhook_id).name]
     url = client.get_webhook(webhook.webhook_id).url
     try:
