@@ -216,8 +216,9 @@ def log_figures(cfg, versions: list[Version], rows, references: dict, log_metric
         for v in versions:
             if v.drift:
                 figure = plots.drift(references[v.version], rows[rows["version"] == v.version], v.drift,
-                                     f"{cfg.model_name} version {v.version}: {v.rows} predictions of {window_text(cfg)} "
-                                     "against its reference")
+                                     f"{cfg.model_name} version {v.version}: {v.rows} of its predictions (window="
+                                     f"{cfg.window}) against its reference; red: drifted (limits "
+                                     f"{', '.join(f'{method} {limit}' for method, limit in LIMITS.items())})")
                 path = os.path.join(folder, f"drift_v{v.version}.png")
                 plots.save(figure, path)
                 plots.close(figure)
