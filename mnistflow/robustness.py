@@ -105,14 +105,18 @@ def stretched(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return picture(image).resize(size, Image.Resampling.BILINEAR)
 
 
-def on_paper(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Dark ink on a page lit from one side: brightness falls from LIGHT_PAPER to SHADOW across
+def lighting(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A page's brightness under light from one side: falling from LIGHT_PAPER to SHADOW across
     it, in a random direction."""
     angle = rng.uniform(0, 2 * np.pi)
-    rows, cols = np.indices(image.shape) / (max(image.shape) - 1) - 0.5
+    rows, cols = np.indices(shape) / (max(shape) - 1) - 0.5
     along = np.cos(angle) * cols + np.sin(angle) * rows  # in [-0.71, 0.71]
-    light = LIGHT_PAPER + (SHADOW - LIGHT_PAPER) * (along - along.min()) / (along.max() - along.min())
-    return light * (1 - image * (1 - INK_ON_PAPER))
+    return LIGHT_PAPER + (SHADOW - LIGHT_PAPER) * (along - along.min()) / (along.max() - along.min())
+
+
+def on_paper(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dark ink on a page lit from one side."""
+    return lighting(image.shape, rng) * (1 - image * (1 - INK_ON_PAPER))
 
 
 def paper_light(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -151,13 +155,76 @@ def compressed(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
 PHOTO_SIZE = 84
 
 
-def photo(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """A phone photo of a digit on paper: larger, lit unevenly, slightly out of focus, noisy, a
-    colour JPEG. Each effect milder than in its own condition, as they add up."""
-    large = pixels_of(picture(image).resize((PHOTO_SIZE, PHOTO_SIZE), Image.Resampling.BILINEAR))
+def photographed(page: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A phone's photo of a page, (H, W) grey or (H, W, 3) colour brightness: slightly out of
+    focus, noisy, a colour JPEG. Each effect milder than in its own condition, as they add up."""
     blur = ImageFilter.GaussianBlur(BLUR_RADIUS / 2 * PHOTO_SIZE / images.FIELD)
-    page = pixels_of(picture(on_paper(large, rng)).filter(blur))
-    return jpeg(picture(with_noise(page, rng, NOISE_STD / 2)).convert("RGB"), 2 * JPEG_QUALITY)
+    focused = np.asarray(picture(page).filter(blur), dtype=np.float32) / 255.0
+    return jpeg(picture(with_noise(focused, rng, NOISE_STD / 2)).convert("RGB"), 2 * JPEG_QUALITY)
+
+
+def enlarged(image: np.ndarray) -> np.ndarray:
+    return pixels_of(picture(image).resize((PHOTO_SIZE, PHOTO_SIZE), Image.Resampling.BILINEAR))
+
+
+def photo(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A phone photo of a digit on paper: larger, lit unevenly, slightly out of focus, noisy, a colour JPEG."""
+    return photographed(on_paper(enlarged(image), rng), rng)
+
+
+# Paper with printed lines, as PHOTO_SIZE pictures where the digit is about 60 pixels tall. Colours
+# are RGB brightness; printed lines, ink and graphite each let through a share of the light.
+PAPER_RGB = np.array([0.97, 0.97, 0.95])
+RULING_RGB = np.array([0.62, 0.72, 0.92])  # the pale blue of notebook lines: about 0.73 grey
+BOX_RGB = np.array([0.25, 0.25, 0.3])      # a form's printed box, as dark as the pen
+PEN_RGB = np.array([0.1, 0.12, 0.4])       # blue-black ballpoint
+PENCIL_RGB = np.array([0.3, 0.3, 0.32])    # graphite, laid down PENCIL of the way ...
+PENCIL = 0.6
+GRAIN = 0.35                               # ... less up to this share where the paper's grain skips it
+RULED_SPACING = (54, 66)   # a line every digit's height or so, one under the digit
+SQUARE_SIDE = (26, 36)     # 5 mm squares: a digit about two squares tall
+BOX_INSET = (2, 6)         # the box's sides from the picture's edges (the photo is cropped to the box)
+
+
+def printed_lines(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """(PHOTO_SIZE, PHOTO_SIZE): 1 where a printed line of `kind` (ruled, squared, boxed) lies, else 0."""
+    lines = np.zeros((PHOTO_SIZE, PHOTO_SIZE), dtype=np.float32)
+    width = int(rng.integers(1, 3))
+    if kind == "ruled":
+        spacing, baseline = int(rng.integers(*RULED_SPACING)), int(rng.integers(68, 76))  # the digit sits on it
+        for row in range(baseline % spacing, PHOTO_SIZE, spacing):
+            lines[row:row + width] = 1
+    elif kind == "squared":
+        side = int(rng.integers(*SQUARE_SIDE))
+        top, left = rng.integers(0, side, 2)
+        for extra in range(width):
+            lines[top + extra::side] = 1
+            lines[:, left + extra::side] = 1
+    else:
+        top, left, bottom, right = rng.integers(*BOX_INSET, 4)
+        lines[top:PHOTO_SIZE - bottom, left:PHOTO_SIZE - right] = 1
+        lines[top + 2:PHOTO_SIZE - bottom - 2, left + 2:PHOTO_SIZE - right - 2] = 0
+    return lines
+
+
+def on_printed_lines(kind: str, tool: str):
+    """The digit written in `tool` (pen or pencil) on paper with printed lines of `kind`,
+    photographed. Pencil strokes are thinner (eroded by one 28x28 pixel's third), paler and grainy."""
+    line_rgb = BOX_RGB if kind == "boxed" else RULING_RGB
+
+    def written(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
+        lines = printed_lines(kind, rng)[..., None]
+        ink = enlarged(image)
+        if tool == "pencil":
+            ink = pixels_of(picture(ink).filter(ImageFilter.MinFilter(3)))
+            ink = ink * PENCIL * (1 - GRAIN * rng.random(ink.shape))
+            ink_rgb = PENCIL_RGB
+        else:
+            ink_rgb = PEN_RGB
+        ink = ink[..., None]
+        page = PAPER_RGB * (1 - lines * (1 - line_rgb / PAPER_RGB)) * (1 - ink * (1 - ink_rgb / PAPER_RGB))
+        return photographed(page * (lighting(ink.shape[:2], rng) / LIGHT_PAPER)[..., None], rng)
+    return written
 
 
 # name -> the picture a user's file would hold. The order fixes each condition's seed: append new ones.
@@ -179,9 +246,13 @@ CONDITIONS = {
     "noise": noisy,
     "jpeg": compressed,
     "photo": photo,
+    **{f"{kind}_{tool}": on_printed_lines(kind, tool) for kind in ("ruled", "squared", "boxed")
+       for tool in ("pen", "pencil")},
 }
-# A garment has no stroke width, and its proportions tell its class (a stretched shirt is a dress).
-NOT_FOR_CLOTHES = {"thick_28", "thin_28", "thick_84", "thin_84", "aspect"}
+# A garment has no stroke width, its proportions tell its class (a stretched shirt is a dress), and
+# nobody draws one on lined paper.
+NOT_FOR_CLOTHES = {"thick_28", "thin_28", "thick_84", "thin_84", "aspect",
+                   *(name for name in CONDITIONS if name.startswith(("ruled_", "squared_", "boxed_")))}
 
 
 def conditions_for(dataset: str) -> list[str]:

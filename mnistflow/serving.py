@@ -11,7 +11,8 @@ MLflow's own routes answer as under `mlflow models serve` (`/invocations` takes 
 (N, 1, 28, 28) arrays; `/ping`, `/health`, `/version`). `POST /predict` takes pictures (PNG,
 JPEG, ...), either as a file upload (`curl -F picture=@digit.png`, any number of files) or as
 JSON `{"pictures": ["<base64>", ...]}`, brings each to the MNIST convention as the predict step
-does, and answers per picture its class, its probabilities and an id; every response names the
+does, and answers per picture its class, its probabilities and an id, or {"error": ...} for a
+picture that cannot be read or shows no digit (a request where no picture can be answered is a 400); every response names the
 version that answered in the header X-Model-Version. A bad request gets a 4xx with one line of
 JSON, {"error": "..."}, and the process goes on serving. With a key store (MNISTFLOW_SERVE_KEYS),
 every request but /health and /ping must carry an active API key in X-Api-Key.
@@ -132,16 +133,25 @@ def version_app(uri: str, log: "inference_log.InferenceLog | None" = None):
     app = scoring_server.init(model)
 
     def answer(pictures: list[tuple[str, bytes]], started: float, record: bool) -> dict:
-        inks = [images.ink_of(images.decode(data, name), name) for name, data in pictures]
-        inputs = np.stack([images.fit(ink, dataset) for ink in inks])
+        """Each picture's prediction, or {"error": ...} for one that cannot be read or shows no
+        digit; ImageError when no picture can be answered."""
+        def ink_in(_, picture: tuple[str, bytes]):
+            name, data = picture
+            return images.ink_of(images.decode(data, name), name)
+
+        inks, unanswered = images.each(ink_in, dict(enumerate(pictures)))
+        if not inks:
+            raise ImageError(unanswered[0])
+        inputs = np.stack([images.fit(ink, dataset) for ink in inks.values()])
         probabilities = logged_model.probabilities(model, inputs[:, None])
-        predictions = [{"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
+        answered = {i: {"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
                         "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)}}
-                       for p in probabilities]
+                    for i, p in zip(inks, probabilities)}
+        predictions = [answered[i] if i in answered else {"error": unanswered[i]} for i in range(len(pictures))]
         if log is not None and record:
             now = time.time()
             latency_ms = (time.perf_counter() - started) * 1000
-            for prediction, p, ink, model_input in zip(predictions, probabilities, inks, inputs):
+            for prediction, p, ink, model_input in zip(answered.values(), probabilities, inks.values(), inputs):
                 log.record({"id": prediction["id"], "time": now, "model_name": model_name, "version": version,
                             "latency_ms": latency_ms, "class_index": int(p.argmax()), "confidence": float(p.max()),
                             **inference_log.features(ink, model_input)})

@@ -14,7 +14,7 @@ import os
 
 from mnistflow import cli
 from mnistflow.config import PredictConfig
-from mnistflow.errors import OutputError
+from mnistflow.errors import ImageError, OutputError
 
 
 def write_payload(path: str, inputs) -> None:
@@ -32,31 +32,39 @@ def predict(cfg: PredictConfig) -> None:
 
     from mnistflow import images, logged_model, plots, tracking
 
-    originals = [images.read(path) for path in cfg.images]
+    # A picture that cannot be read or shows no digit gets its own line; the others are answered.
+    originals, unanswered = images.each(lambda path, _: images.read(path), dict.fromkeys(cfg.images))
+    if not originals:
+        raise ImageError(next(iter(unanswered.values())))
     model = logged_model.load(cfg.model_uri, cfg.allow_pickled_models)
     # Made as the model's training images were: digits into 20x20 at full brightness, garments filling the field.
     dataset = logged_model.trained_on(model) or "mnist"
-    inputs = np.stack([images.to_mnist(image, path, dataset) for image, path in zip(originals, cfg.images)])[:, None]
-
-    probs = logged_model.probabilities(model, inputs)
-    names = logged_model.class_names(model)
-    predictions = []
-    for path, p in zip(cfg.images, probs):
-        top = np.argsort(p)[::-1][:cfg.top]
-        predictions.append(f"{path}: {names[top[0]]}  (" + ", ".join(f"{names[k]} {p[k]:.4f}" for k in top) + ")")
-        print(predictions[-1], flush=True)
-    if cfg.plot:
-        figure = plots.predictions(originals, inputs, probs, names, [os.path.basename(p) for p in cfg.images])
+    inputs, blank = images.each(lambda path, image: images.to_mnist(image, path, dataset), originals)
+    unanswered.update(blank)
+    names, lines = logged_model.class_names(model), {path: f"{why} (not answered)" for path, why in unanswered.items()}
+    if inputs:
+        batch = np.stack(list(inputs.values()))[:, None]
+        probs = logged_model.probabilities(model, batch)
+        for path, p in zip(inputs, probs):
+            top = np.argsort(p)[::-1][:cfg.top]
+            lines[path] = f"{path}: {names[top[0]]}  (" + ", ".join(f"{names[k]} {p[k]:.4f}" for k in top) + ")"
+    predictions = [lines[path] for path in cfg.images]
+    print("\n".join(predictions), flush=True)
+    if cfg.plot and inputs:
+        figure = plots.predictions([originals[path] for path in inputs], batch, probs, names,
+                                   [os.path.basename(path) for path in inputs])
         try:
             plots.save(figure, cfg.plot)
         finally:
             plots.close(figure)
         print(f"wrote {cfg.plot}")
-    if cfg.payload:
-        write_payload(cfg.payload, inputs)
+    if cfg.payload and inputs:
+        write_payload(cfg.payload, batch)
         print(f"wrote {cfg.payload} ({len(inputs)} images) for POST /invocations")
     tracking.describe_launcher(f"predict-{len(cfg.images)}-images",
                                f"classified with {cfg.model_uri}:\n\n" + "\n".join(f"- {line}" for line in predictions))
+    if unanswered:
+        raise ImageError(f"{len(unanswered)} of {len(lines)} pictures not answered: {', '.join(unanswered)}")
 
 
 def main(argv=None) -> None:

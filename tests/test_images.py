@@ -1,5 +1,6 @@
 """images.to_mnist on pictures unlike MNIST's clean scans: what a photo or a coarse scan adds is undone."""
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 
 from mnistflow import images
@@ -46,3 +47,41 @@ def test_a_garments_shading_is_kept():
     assert 0.4 < pixels[14, 14] / pixels[14, 8] < 0.6  # as in the picture, not both brought to full brightness
     digit_like = images.to_mnist(Image.fromarray(np.round(garment * 255).astype(np.uint8)))
     assert digit_like[14, 8] == 1.0  # the same picture read as a digit: strokes at full brightness
+
+
+def lined(ink: np.ndarray, lines: str, pencil: bool = False) -> Image.Image:
+    """Dark ink (paler and unevenly laid down in pencil) on 120x120 paper with pale printed lines:
+    "ruled" (one under the digit), "squared", or a dark "boxed" frame near the edges."""
+    drawn = np.zeros((120, 120), dtype=np.float32)
+    drawn[30:30 + ink.shape[0], 40:40 + ink.shape[1]] = ink
+    if pencil:
+        drawn *= 0.5 * (1 - 0.3 * np.random.default_rng(0).random(drawn.shape))
+    printed = np.zeros_like(drawn)
+    if lines == "ruled":
+        printed[[0, 1, 50, 51, 90, 91, 119]] = 0.25  # one along the top edge, one through the digit
+    elif lines == "squared":
+        printed[5::24] = printed[:, 7::24] = 0.25
+    else:
+        printed[4:116, 4:116] = 0.8
+        printed[6:114, 6:114] = 0
+    return Image.fromarray(np.round(0.95 * (1 - printed) * (1 - 0.85 * drawn) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("lines", ["ruled", "squared", "boxed"])
+@pytest.mark.parametrize("pencil", [False, True])
+def test_printed_lines_and_a_forms_box_are_taken_away_and_the_strokes_they_cross_kept(lines, pencil):
+    on_lines = images.to_mnist(lined(digit(), lines, pencil))
+    alone = images.to_mnist(page(digit()))
+    def extent(pixels):
+        rows, cols = np.nonzero(pixels > images.INK)
+        return np.array([rows.min(), rows.max(), cols.min(), cols.max()])
+    assert np.abs(extent(on_lines) - extent(alone)).max() <= 1  # the 7 alone fills the box, no line beside it
+    assert np.corrcoef(on_lines.ravel(), alone.ravel())[0, 1] > 0.75  # where a line ran along a stroke, it thins
+
+
+def test_a_one_drawn_from_edge_to_edge_is_not_taken_for_a_printed_line():
+    one = np.zeros((60, 60), dtype=np.float32)
+    one[:, 28:33] = 1.0
+    pixels = images.to_mnist(Image.fromarray(np.round(one * 255).astype(np.uint8)))
+    rows, cols = np.nonzero(pixels > images.INK)
+    assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 <= 3

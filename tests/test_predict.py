@@ -161,16 +161,41 @@ def test_mlflow_run_predict_takes_several_images_in_one_parameter(registry_store
     (png_of_size(10_000, 10_000), "refused, Image size (100000000 pixels) exceeds limit of 89478485 pixels"),
     (png_of_size(20_000, 20_000), "refused, Image size (400000000 pixels) exceeds limit of 178956970 pixels"),
 ])
-def test_predict_bad_image_is_one_line_and_exit_2(registry_store, tmp_path, capsys, content, message):
+def test_predict_bad_image_is_reported_on_its_line_the_others_answered_and_exit_2(registry_store, tmp_path, capsys,
+                                                                                 content, message):
     bad = tmp_path / "bad.png"
     if content is not None:
         bad.write_bytes(content)
+    good = write_pngs(tmp_path)
     with pytest.raises(SystemExit) as exited:
-        predict.main(["--model_uri", f"runs:/{registry_store.good}/model", "--images", write_pngs(tmp_path)[0], str(bad)])
+        predict.main(["--model_uri", f"runs:/{registry_store.good}/model", "--images", good[0], str(bad), good[1]])
     out = capsys.readouterr()
     assert exited.value.code == 2
-    assert out.err.startswith(f"predict: error: {bad}: {message}") and out.err.count("\n") == 1
+    assert out.err == f"predict: error: 1 of 3 pictures not answered: {bad}\n"
+    first, second, third = out.out.splitlines()
+    assert re.match(rf"{good[0]}: \d - \w+  \(", first) and re.match(rf"{good[1]}: \d - \w+  \(", third)
+    assert second.startswith(f"{bad}: {message}") and second.endswith("(not answered)")
+    with pytest.raises(SystemExit) as exited:  # alone, it is the one line, before any model is loaded
+        predict.main(["--model_uri", "models:/Nope@production", "--images", str(bad)])
+    out = capsys.readouterr()
+    assert exited.value.code == 2 and out.err.startswith(f"predict: error: {bad}: {message}") and out.err.count("\n") == 1
     assert out.out == ""
+
+
+def test_a_blank_page_in_a_batch_is_reported_for_itself(registry_store, tmp_path, capsys):
+    good = write_pngs(tmp_path)
+    blank = tmp_path / "blank.png"
+    Image.new("L", (60, 60), 250).save(blank)
+    payload = tmp_path / "payload.json"
+    with pytest.raises(SystemExit) as exited:
+        predict.main(["--model_uri", f"runs:/{registry_store.good}/model", "--images", str(blank), *good,
+                      "--payload", str(payload)])
+    out = capsys.readouterr()
+    assert exited.value.code == 2 and out.err == f"predict: error: 1 of 3 pictures not answered: {blank}\n"
+    lines = out.out.splitlines()
+    assert lines[0] == f"{blank}: no digit found; the image is blank (not answered)"
+    assert all(re.match(rf"{path}: \d - \w+  \(", line) for line, path in zip(lines[1:3], good))
+    assert np.array(json.loads(payload.read_text())["inputs"]).shape == (2, 1, 28, 28)  # the answered ones
 
 
 def test_predict_unknown_model_is_one_line_and_exit_2(registry_store, tmp_path):

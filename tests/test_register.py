@@ -291,7 +291,8 @@ def test_through_a_tracking_server_the_version_is_linked_to_its_model_once(tiny_
 
 def test_a_champion_that_cannot_be_read_stops_the_step(untrained, tiny_data, tmp_path, capsys):
     champion_run, challenger_run = untrained
-    assert call(capsys, "--model_name", "Unread", "--run_id", champion_run, "--data_dir", tiny_data, *ANY_MODEL)[0] == 0
+    code, out, err = call(capsys, "--model_name", "Unread", "--run_id", champion_run, "--data_dir", tiny_data, *ANY_MODEL)
+    assert code == 0, out + err
     db = tmp_path / "mlflow.db"
 
     # The registry's tables cannot be read: a store error, not "no champion yet".

@@ -16,7 +16,8 @@ from test_predict import digit
 
 CONDITIONS = list(robustness.CONDITIONS)
 BENCH = os.path.join(ROOT, "bench", "robustness.py")
-RANDOM = {"rotate_15", "shear", "off_centre", "aspect", "paper_light", "noise", "photo"}
+LINED = [name for name in CONDITIONS if name.startswith(("ruled_", "squared_", "boxed_"))]
+RANDOM = {"rotate_15", "shear", "off_centre", "aspect", "paper_light", "noise", "photo", *LINED}
 
 
 def seven() -> np.ndarray:
@@ -94,7 +95,27 @@ def test_clothes_get_no_stroke_width_or_proportions():
     assert robustness.conditions_for("mnist") == CONDITIONS
     clothes = robustness.conditions_for("fashion_mnist")
     assert "clean" in clothes and "photo" in clothes
-    assert not {"thick_28", "thin_84", "aspect"} & set(clothes)
+    assert not {"thick_28", "thin_84", "aspect", *LINED} & set(clothes)
+
+
+def test_digits_on_lined_paper_are_written_in_pen_and_pencil_and_photographed():
+    assert LINED == [f"{kind}_{tool}" for kind in ("ruled", "squared", "boxed") for tool in ("pen", "pencil")]
+    for name in LINED:
+        picture = made(name)
+        assert picture.mode == "RGB" and picture.size == (84, 84) and picture.format == "JPEG"
+    rng = np.random.default_rng(0)
+    ruled, squared, boxed = (robustness.printed_lines(kind, rng) for kind in ("ruled", "squared", "boxed"))
+    full_rows, full_cols = (lambda lines: np.nonzero(lines.all(1))[0]), (lambda lines: np.nonzero(lines.all(0))[0])
+    assert len(full_rows(ruled)) >= 1 and len(full_cols(ruled)) == 0 and ruled.sum() == 84 * len(full_rows(ruled))
+    assert 2 <= len(full_rows(squared)) and 2 <= len(full_cols(squared))  # 84 pixels, a square every 26 to 36
+    assert len(full_rows(boxed)) == len(full_cols(boxed)) == 0 and boxed[10:74, 10:74].sum() == 0  # a frame
+    assert boxed[:8].sum(0)[10:74].min() == 2 and boxed[:, -8:].sum(1)[10:74].min() == 2  # two pixels wide
+    grey = {name: robustness.pixels_of(made(name)) for name in LINED}
+    # Pencil: paler than pen, and uneven (the paper's grain), on the same digit and page.
+    assert grey["ruled_pencil"].min() > grey["ruled_pen"].min() + 0.15
+    colour = np.asarray(made("ruled_pen"), dtype=np.float32)
+    strokes = colour[grey["ruled_pen"] < 0.3]
+    assert (strokes[:, 2] > strokes[:, 0] + 0.05 * 255).mean() > 0.5  # blue ink
 
 
 def test_inputs_are_the_same_test_images_under_each_condition(tiny_data):

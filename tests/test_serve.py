@@ -207,6 +207,21 @@ def test_each_prediction_is_logged_and_takes_its_true_label_once(registry, serve
     assert logged(served, ids)[ids[0]]["label"] == registry.labels[0]  # unchanged
 
 
+def test_a_blank_picture_in_a_request_gets_an_error_of_its_own_and_the_others_are_answered(registry, served):
+    blank = io.BytesIO()
+    Image.new("L", (40, 40), 250).save(blank, format="PNG")
+    files = [("0.png", registry.pictures[0]), ("blank.png", blank.getvalue()), ("1.png", registry.pictures[1])]
+    status, _, answer = post(f"{served.url}/predict", *upload(files))
+    assert status == 200
+    first, empty, second = answer["predictions"]
+    assert empty == {"error": "blank.png: no digit found; the image is blank"}
+    classes = list(first["probabilities"])
+    assert [classes.index(p["class"]) for p in (first, second)] == [registry.labels[0], registry.labels[1]]
+    assert set(logged(served, [first["id"], second["id"]])) == {first["id"], second["id"]}
+    status, _, alone = post(f"{served.url}/predict", *upload(files[1:2]))  # nothing to answer: the request is refused
+    assert status == 400 and json.loads(alone) == {"error": "blank.png: no digit found; the image is blank"}
+
+
 @pytest.mark.parametrize("body, status, error", [
     ({"id": "0" * 32, "label": 1}, 404, "no prediction with id '00000000000000000000000000000000'"),
     ({"id": "any", "label": 10}, 400, "label 10 is not allowed; give a class index from 0 to 9 or a class name"),
