@@ -190,6 +190,7 @@ PROBES = [
     step("predict", "--images <an empty file>", *MODEL, args=("--images", "{tmp}/empty.png"),
          files=(("empty.png", ""),)),
     step("predict", "no --images", *MODEL, args=()),
+    *(step("predict", bad, *MODEL, "--images", "{png}") for bad in ("--one_digit maybe", "--abstain 2")),
     step("predict", "--model_uri models:/Nope@production", "--images", "{png}"),
 
     # The serve step: flags, and a model that is not registered (nothing is started for either).
@@ -316,6 +317,10 @@ PROBES = [
     *(script("bench/robustness.py", bad, *MODEL, "--n", "20") for bad in (
         "--plot {tmp}/cond.txt", "--plot /dev/full", "--seed -1", "--n 0")),
     script("bench/robustness.py", "--model_uri models:/Nope@production"),
+    *(script("bench/read_numbers.py", bad, *MODEL, "--n", "2") for bad in ("--n 0", "--seed -1")),
+    script("bench/read_numbers.py", "--model_uri models:/Nope@production"),
+    *(script("bench/abstain.py", bad, *MODEL, "--n", "2") for bad in ("--n 0", "--seed -1")),
+    script("bench/abstain.py", "--model_uri models:/Nope@production"),
     *(script("bench/server_load.py", bad, "--seconds", "1", "--rounds", "1", "--clients", "1")
       for bad in ("--clients 0", "--rounds 0", "--seconds 0")),
     script("bench/drift.py", "--n 10"),

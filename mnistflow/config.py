@@ -416,6 +416,10 @@ class PredictConfig:
                             "input the model saw, its class probabilities; empty = none")
     payload: str = setting("", "a JSON file to write: the inputs as a body for the model server's `/invocations`; "
                                "empty = none")
+    one_digit: bool = setting(False, "read each picture as one digit, where by default a number's digits are "
+                                     "read left to right (garments are always read whole)")
+    abstain: bool = setting(True, "answer `unsure` where the model's confidence is below the threshold logged "
+                                  "with it (chosen on its validation pictures); `false`: always its best guess")
     allow_pickled_models: bool = like(RegisterConfig, "allow_pickled_models")
 
     def validate(self) -> "PredictConfig":

@@ -39,6 +39,11 @@ CHECKPOINT = "checkpoint-"  # + the epoch: the net as it was at the end of that 
 REFERENCE = "reference.csv"
 REFERENCE_PATH = f"extra_files/{REFERENCE}"
 REFERENCE_PICTURES = 2000
+# The confidence (the largest class probability) below which the model answers "unsure": the
+# ABSTAIN_SHARE quantile of its confidence on the reference's validation pictures, as served, in
+# the model's metadata under ABSTAIN_KEY (Hendrycks & Gimpel's maximum-softmax baseline).
+ABSTAIN_KEY = "abstain_below"
+ABSTAIN_SHARE = 0.02
 _served = {}  # a split's digest -> its reference pictures as served: the same for each checkpoint
 
 
@@ -60,7 +65,8 @@ def log(net: torch.nn.Module, data: Data, name: str = MODEL, step: int = 0) -> s
         probabilities = model(torch.from_numpy(example)).numpy()
     with tempfile.TemporaryDirectory() as folder:
         reference_file = os.path.join(folder, REFERENCE)
-        reference(model, data).to_csv(reference_file, index=False, float_format="%.6g")
+        table = reference(model, data)
+        table.to_csv(reference_file, index=False, float_format="%.6g")
         return mlflow.pytorch.log_model(
             model, name=name, step=step, extra_files=[reference_file],
             signature=infer_signature(example, probabilities),
@@ -71,7 +77,9 @@ def log(net: torch.nn.Module, data: Data, name: str = MODEL, step: int = 0) -> s
             # pt2 (torch.export) stores a traced graph: loading runs no pickled code and needs no
             # mnistflow import, unlike the pickle format.
             serialization_format="pt2",
-            metadata={"dataset": data.name, "classes": data.classes},  # what `foreign_kind` checks; names predictions
+            # The dataset and classes are what `foreign_kind` checks, and name predictions.
+            metadata={"dataset": data.name, "classes": data.classes,
+                      ABSTAIN_KEY: round(float(np.quantile(table["confidence"], ABSTAIN_SHARE)), 4)},
         ).model_id
 
 
@@ -218,6 +226,11 @@ def load(uri: str, allow_pickled: bool = False):
 def trained_on(model) -> str | None:
     """The dataset the model was trained on, as mnistflow's models say; None for others."""
     return (model.metadata.metadata or {}).get("dataset")
+
+
+def abstain_threshold(model) -> float:
+    """The confidence below which the model answers "unsure" (ABSTAIN_KEY); 0 for a model logged without one."""
+    return float((model.metadata.metadata or {}).get(ABSTAIN_KEY, 0.0))
 
 
 def class_names(model) -> list[str]:

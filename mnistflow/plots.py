@@ -73,23 +73,35 @@ def misclassified(images, labels: np.ndarray, preds: np.ndarray, classes: list[s
     return figure
 
 
-def predictions(originals, inputs: np.ndarray, probs: np.ndarray, classes: list[str], titles: list[str]):
-    """One row per image: the file as given, the 28x28 input the model saw, its class probabilities."""
-    figure, axes = plt.subplots(len(inputs), 3, figsize=(10, 2.2 * len(inputs)), squeeze=False,
+def predictions(originals, readings: list, classes: list[str], titles: list[str], abstain: bool = True):
+    """One row per picture: the file as given, the 28x28 inputs the model saw (one per digit
+    read), and the class probabilities of a single digit or the confidence of each of a number's."""
+    figure, axes = plt.subplots(len(readings), 3, figsize=(10, 2.2 * len(readings)), squeeze=False,
                                 gridspec_kw={"width_ratios": [1, 1, 3]})
-    for row, (original, pixels, p, title) in enumerate(zip(originals, inputs, probs, titles)):
+    for row, (original, reading, title) in enumerate(zip(originals, readings, titles)):
         given, seen, bars = axes[row]
         given.imshow(original.convert("RGBA"))  # transparent parts show as the white page
         given.set_title(title, fontsize=8)
-        seen.imshow(pixels[0], cmap="gray", vmin=0, vmax=1)
-        seen.set_title("model input (28x28)", fontsize=8)
+        seen.imshow(np.hstack(list(reading.inputs)), cmap="gray", vmin=0, vmax=1)
+        seen.set_title(f"model input{'s' if len(reading.inputs) > 1 else ''} (28x28)", fontsize=8)
         for ax in (given, seen):
             ax.axis("off")
-        bars.barh(range(len(classes)), p, color=["tab:orange" if k == p.argmax() else "tab:blue" for k in range(len(p))])
-        bars.set_yticks(range(len(classes)), classes, fontsize=7)
+        probabilities = reading.probabilities
+        if len(probabilities) == 1:  # a digit: every class's probability
+            values, labels, best = probabilities[0], classes, int(probabilities[0].argmax())
+        else:  # a number: each digit's confidence
+            values, labels, best = probabilities.max(1), [str(int(p.argmax())) for p in probabilities], -1
+        colours = ["tab:red" if abstain and value < reading.abstain_below and (best < 0 or k == best)
+                   else "tab:orange" if k == best else "tab:blue" for k, value in enumerate(values)]
+        bars.barh(range(len(values)), values, color=colours)
+        bars.set_yticks(range(len(values)), labels, fontsize=7)
         bars.set_xlim(0, 1)
         bars.invert_yaxis()
-        bars.set_title(f"predicted {classes[p.argmax()]} ({p.max():.3f})", fontsize=8)
+        threshold = abstain and reading.abstain_below
+        if threshold:
+            bars.axvline(threshold, color="tab:red", linestyle="--", linewidth=1)
+        bars.set_title(f"read {reading.answer(classes, abstain)}"
+                       + (f"; dashed: unsure below {threshold:.3f}" if threshold else ""), fontsize=8)
     figure.tight_layout()
     return figure
 

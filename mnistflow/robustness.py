@@ -321,3 +321,39 @@ def examples(data: Data, seed: int = 0) -> list[tuple[str, Image.Image, np.ndarr
         given = CONDITIONS[condition](image, condition_rng(condition, seed))
         shown.append((condition, given, image if condition == CLEAN else preprocessed(given, data.name)))
     return shown
+
+
+# Numbers as a hand writes them (bench/read_numbers.py): test digits side by side, a row or two up
+# or down, with gaps between their bounding boxes, in 28x28 pixels, of one of these kinds.
+GAPS = {"spaced": (2, 6), "touching": (-2, -1), "overlapping": (-5, -3)}
+PAGE_BRIGHTNESS = 0.95  # the paper; ink takes 85 % of it
+
+
+def compose(digits: list[np.ndarray], gaps: list[int], rng: np.random.Generator) -> Image.Image:
+    """28x28 [0, 1] digits (light on black) cropped to their ink and set side by side `gaps`
+    apart, each a row or two up or down, as dark ink on a light page."""
+    crops = []
+    for digit in digits:
+        cols = np.nonzero((digit > 0.1).any(0))[0]
+        crops.append(digit[:, cols.min():cols.max() + 1])
+    width = sum(crop.shape[1] for crop in crops) + sum(gaps) + 16
+    page = np.zeros((images.FIELD + 8, width), dtype=np.float32)
+    left = 8
+    for crop, gap in zip(crops, [*gaps, 0]):
+        top = 4 + int(rng.integers(-2, 3))
+        window = page[top:top + images.FIELD, left:left + crop.shape[1]]
+        np.maximum(window, crop, out=window)  # overlapping strokes: the darker ink shows
+        left += crop.shape[1] + gap
+    return Image.fromarray(np.round(PAGE_BRIGHTNESS * (1 - 0.85 * page) * 255).astype(np.uint8))
+
+
+def numbers(data: Data, length: int, spacing: str, n: int, seed: int) -> list[tuple[Image.Image, str]]:
+    """n (picture, the number's digits) of `length` test digits with `spacing` between them."""
+    rng = np.random.default_rng([seed, length, list(GAPS).index(spacing)])
+    pixels, labels = data.pixels(data.test).numpy()[:, 0], data.test.labels.numpy()
+    made = []
+    for _ in range(n):
+        which = rng.integers(0, len(labels), length)
+        gaps = [int(rng.integers(GAPS[spacing][0], GAPS[spacing][1] + 1)) for _ in range(length - 1)]
+        made.append((compose(list(pixels[which]), gaps, rng), "".join(str(d) for d in labels[which])))
+    return made

@@ -11,8 +11,11 @@ MLflow's own routes answer as under `mlflow models serve` (`/invocations` takes 
 (N, 1, 28, 28) arrays; `/ping`, `/health`, `/version`). `POST /predict` takes pictures (PNG,
 JPEG, ...), either as a file upload (`curl -F picture=@digit.png`, any number of files) or as
 JSON `{"pictures": ["<base64>", ...]}`, brings each to the MNIST convention as the predict step
-does, and answers per picture its class, its probabilities and an id, or {"error": ...} for a
-picture that cannot be read or shows no digit (a request where no picture can be answered is a 400); every response names the
+does, and answers per picture its class, its probabilities, an id, whether the model is unsure
+(its confidence below the threshold logged with it) and, for a digit model, the number read
+(digits left to right, "?" for an unsure one) with each digit's class and confidence; or
+{"error": ...} for a picture that cannot be read or shows no digit (a request where no picture
+can be answered is a 400); every response names the
 version that answered in the header X-Model-Version. A bad request gets a 4xx with one line of
 JSON, {"error": "..."}, and the process goes on serving. With a key store (MNISTFLOW_SERVE_KEYS),
 every request but /health and /ping must carry an active API key in X-Api-Key.
@@ -30,7 +33,7 @@ import uuid
 
 import numpy as np
 
-from mnistflow import images, inference_log, keystore, logged_model
+from mnistflow import images, inference_log, keystore, logged_model, reading
 from mnistflow.errors import ImageError, StepError, first_line
 
 MODEL_ENV = "MNISTFLOW_SERVE_MODEL"  # models:/<name>/<version>: the one version this process serves
@@ -130,6 +133,7 @@ def version_app(uri: str, log: "inference_log.InferenceLog | None" = None):
     model_name = uri.removeprefix("models:/").rsplit("/", 1)[0]
     # Pictures made as the model's training images were (as the predict step does).
     dataset, classes = logged_model.trained_on(model) or "mnist", logged_model.class_names(model)
+    abstain_below = logged_model.abstain_threshold(model)
     app = scoring_server.init(model)
 
     def answer(pictures: list[tuple[str, bytes]], started: float, record: bool) -> dict:
@@ -145,8 +149,14 @@ def version_app(uri: str, log: "inference_log.InferenceLog | None" = None):
         inputs = np.stack([images.fit(ink, dataset) for ink in inks.values()])
         probabilities = logged_model.probabilities(model, inputs[:, None])
         answered = {i: {"id": uuid.uuid4().hex, "class": classes[int(p.argmax())],
-                        "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)}}
+                        "probabilities": {name: round(float(value), 6) for name, value in zip(classes, p)},
+                        "unsure": bool(p.max() < abstain_below)}
                     for i, p in zip(inks, probabilities)}
+        if dataset == "mnist":  # the picture read as a number too: its digits left to right
+            for i, found in zip(inks, reading.read(model, list(inks.values()))):
+                answered[i]["number"] = found.number()
+                answered[i]["digits"] = [{"class": int(p.argmax()), "confidence": round(float(p.max()), 6)}
+                                         for p in found.probabilities]
         predictions = [answered[i] if i in answered else {"error": unanswered[i]} for i in range(len(pictures))]
         if log is not None and record:
             now = time.time()

@@ -15,8 +15,8 @@ LAYERS = [
                                                   "versions behind nginx"),
     (["tuning", "registry", "plot_loss", "serving", "monitoring"], "a study's trials, the gated registry, loss plots, "
                                                                    "a model process, the monitor's judgement"),
-    (["robustness", "logged_model", "tensorboard_log", "inference_log"], "robustness, the one logged model form, "
-                                                                        "event files, what was served"),
+    (["reading", "robustness", "logged_model", "tensorboard_log", "inference_log"],
+     "numbers read, robustness, the one logged model form, event files, what was served"),
     (["report", "checkpoints", "tracking"], "test reports, checkpoints, runs (step_run opens each)"),
     (["train", "plots", "metrics", "images"], "fit (the loop, no MLflow), figures, scores, pictures"),
     (["models", "augment", "data"], "the nets, augmentation, the datasets"),

@@ -143,6 +143,12 @@ def test_pictures_get_their_class_probabilities_an_id_and_the_version(registry, 
     assert sum(f == label for f, label in zip(found, registry.labels)) >= 8, (found, registry.labels)
     assert len({p["id"] for p in answer["predictions"]}) == len(files)
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-3 for p in answer["predictions"])
+    # Each picture read as a number too (one digit here), and whether the model is unsure of it.
+    for p in answer["predictions"]:
+        assert isinstance(p["unsure"], bool) and re.fullmatch(r"[0-9?]+", p["number"])
+        assert [digit["class"] for digit in p["digits"]] == [int(d) if d != "?" else digit["class"]
+                                                            for d, digit in zip(p["number"], p["digits"])]
+    assert sum(p["number"] == str(label) for p, label in zip(answer["predictions"], registry.labels)) >= 7
     # The same pictures as base64 in JSON get the same classes.
     body = json.dumps({"pictures": [base64.b64encode(p).decode() for p in registry.pictures]}).encode()
     status, _, again = post(f"{served.url}/predict", body, "application/json")
