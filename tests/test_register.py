@@ -250,6 +250,8 @@ def test_a_failed_check_is_a_refusal_even_for_the_model_in_production(registry_s
 def untrained(store, tiny_data) -> list[str]:
     """Two runs of a fresh store, each with an untrained model logged as the train step logs one."""
     data = datasets.load("mnist", tiny_data)
+    # Seeded: an untrained net scores 0 to 0.19 here, by its random weights (seed 0 gives 0).
+    torch.manual_seed(1)  # accuracies 0.11 and 0.095
     ids = []
     for _ in range(2):
         with mlflow.start_run() as run:
