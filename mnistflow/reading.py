@@ -142,6 +142,6 @@ def read(model, inks: list[np.ndarray], dataset: str = "mnist", one_digit: bool 
             for n, (total, used) in list(tilings.get(i, {}).items()):
                 if total + confidence[k] > tilings.setdefault(j, {}).get(n + 1, (-np.inf,))[0]:
                     tilings[j][n + 1] = (total + confidence[k], used + [k])
-        whole = tilings[max(j for _, j, _ in found)]
-        chosen[picture] += max(whole.items(), key=lambda item: item[1][0] + BONUS * item[0])[1][1]
+        across = tilings[max(j for _, j, _ in found)]  # the tilings of the whole stroke, by count of pieces
+        chosen[picture] += max(across.items(), key=lambda item: item[1][0] + BONUS * item[0])[1][1]
     return [Reading(probabilities[chosen[p]], inputs[chosen[p]], threshold) for p in range(len(inks))]
