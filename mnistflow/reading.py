@@ -48,9 +48,12 @@ class Reading:
                        for p in self.probabilities)
 
     def answer(self, classes: list[str], abstain: bool = True) -> str:
-        """The class of a single digit, or the number read; "unsure" where the model is."""
+        """The class of a single digit, or the number read; "unsure" where the model is unsure of
+        every digit (no number then: a garment cut in two is no two-digit number)."""
+        if abstain and (self.probabilities.max(1) < self.abstain_below).all():
+            return UNSURE
         if len(self.probabilities) == 1:
-            return UNSURE if abstain and self.unsure else classes[int(self.probabilities[0].argmax())]
+            return classes[int(self.probabilities[0].argmax())]
         return self.number(abstain) + (f" ({UNSURE})" if abstain and self.unsure else "")
 
     def describe(self, classes: list[str], top: int = 3, abstain: bool = True) -> str:

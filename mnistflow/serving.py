@@ -15,9 +15,9 @@ does, and answers per picture its class, its probabilities, an id, whether the m
 (its confidence below the threshold logged with it) and, for a digit model, the number read
 (digits left to right, "?" for an unsure one) with each digit's class and confidence; or
 {"error": ...} for a picture that cannot be read or shows no digit (a request where no picture
-can be answered is a 400); every response names the
-version that answered in the header X-Model-Version. A bad request gets a 4xx with one line of
-JSON, {"error": "..."}, and the process goes on serving. With a key store (MNISTFLOW_SERVE_KEYS),
+can be answered is a 400); every response names the version that answered in the header
+X-Model-Version. A bad request gets a 4xx with one line of JSON, {"error": "..."}, and the
+process goes on serving. With a key store (MNISTFLOW_SERVE_KEYS),
 every request but /health and /ping must carry an active API key in X-Api-Key.
 """
 import asyncio

@@ -90,6 +90,8 @@ def test_unsure_digits_are_marked_and_the_best_guess_is_kept_on_request():
     digit = reading.Reading(doubtful[None], np.zeros((1, 28, 28)), abstain_below=0.5)
     assert digit.describe(classes, top=2).startswith("unsure  (7 - k7 0.3700, ")
     assert digit.answer(classes, abstain=False) == "7 - k7"
+    nothing_sure = reading.Reading(np.stack([doubtful, doubtful]), np.zeros((2, 28, 28)), abstain_below=0.5)
+    assert nothing_sure.answer(classes) == "unsure" and nothing_sure.number() == "??"
     never = reading.Reading(doubtful[None], np.zeros((1, 28, 28)), abstain_below=0.0)  # logged without a threshold
     assert not never.unsure and never.answer(classes) == "7 - k7"
 
