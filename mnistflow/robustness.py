@@ -209,7 +209,7 @@ def printed_lines(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 def on_printed_lines(kind: str, tool: str):
     """The digit written in `tool` (pen or pencil) on paper with printed lines of `kind`,
-    photographed. Pencil strokes are thinner (eroded by one 28x28 pixel's third), paler and grainy."""
+    photographed. Pencil strokes are thinner (a third of a 28x28 pixel off each side), paler and grainy."""
     line_rgb = BOX_RGB if kind == "boxed" else RULING_RGB
 
     def written(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
