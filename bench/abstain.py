@@ -25,9 +25,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mnistflow import data as datasets
 from mnistflow import images, logged_model, reading, robustness
-from mnistflow.config import SEEDS
 from mnistflow.errors import DataError, ImageError, ModelError
 from mnistflow.flags import OneLineParser
+
+import picture_flags  # bench/picture_flags.py
 
 DEFAULT_MODEL = "models:/MNIST_CNN@production"
 SHARES = (0.005, 0.01, 0.02, 0.05)  # validation quantiles compared with the model's own
@@ -39,14 +40,9 @@ LETTERS = "ACDEFHJKLMNPRTUVWXYacdefhijkmnprtuvwxy"  # no O I l S Z B G b g q: th
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(prog="abstain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_uri", "--model-uri", default=DEFAULT_MODEL)
-    parser.add_argument("--n", type=int, default=1000, help="pictures of each kind")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", "--data-dir", default="")
+    picture_flags.add(parser, 1000, "pictures of each kind")
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"--n {args.n} is not allowed; it must be >= 1")
-    if not 0 <= args.seed < SEEDS:
-        parser.error(f"--seed {args.seed} is not allowed; it must be in [0, {SEEDS - 1}]")
+    picture_flags.check(parser, args)
     return args
 
 
@@ -104,18 +100,18 @@ def main(argv=None) -> None:
     thresholds = {f"{100 * share:g} % of validation": float(np.quantile(reference["confidence"], share))
                   for share in SHARES}
     thresholds[f"the model's ({100 * logged_model.ABSTAIN_SHARE:g} %)"] = own
-    measured = {f"{kind} ({len(pictures)})": read(model, pictures)
+    readings = {f"{kind} ({len(pictures)})": read(model, pictures)
                 for kind, pictures in kinds(args, mnist, fashion).items()}
-    answered = next(iter(measured.values()))[1]  # the MNIST test digits'
+    (digits, answered), *_ = readings.values()  # the first kind: MNIST test digits
     wrong = answered != mnist.test.labels[robustness.chosen(mnist, args.n, args.seed)].numpy().astype(str)
-    measured = {kind: values for kind, (values, _) in measured.items()}
+    measured = {kind: confidences for kind, (confidences, _) in readings.items()}
     print(f"abstaining by {args.model_uri}, {args.n} pictures per kind (seed {args.seed}), "
           f"{socket.gethostname()}, {datetime.date.today().isoformat()}\n")
     print("| threshold | confidence | " + " | ".join(measured) + " | wrong digits withheld |")
     print("| --- " * (len(measured) + 3) + "|")
     for name, threshold in thresholds.items():
         shares = [f"{100 * np.mean(values < threshold):.1f} %" for values in measured.values()]
-        caught = np.mean(next(iter(measured.values()))[wrong] < threshold) if wrong.any() else float("nan")
+        caught = np.mean(digits[wrong] < threshold) if wrong.any() else float("nan")
         print(f"| {name} | {threshold:.3f} | " + " | ".join(shares) + f" | {100 * caught:.0f} % of {wrong.sum()} |")
 
 

@@ -23,25 +23,22 @@ from PIL import Image
 
 from mnistflow import data as datasets
 from mnistflow import images, logged_model, reading, robustness
-from mnistflow.config import SEEDS
 from mnistflow.errors import DataError, ModelError
 from mnistflow.flags import OneLineParser
+
+import picture_flags  # bench/picture_flags.py
 
 DEFAULT_MODEL = "models:/MNIST_CNN@production"
 LENGTHS = range(2, 7)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(prog="read_numbers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="read_numbers", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_uri", "--model-uri", default=DEFAULT_MODEL)
-    parser.add_argument("--n", type=int, default=500, help="numbers per length and spacing")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", "--data-dir", default="")
+    picture_flags.add(parser, 500, "numbers per length and spacing")
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"--n {args.n} is not allowed; it must be >= 1")
-    if not 0 <= args.seed < SEEDS:
-        parser.error(f"--seed {args.seed} is not allowed; it must be in [0, {SEEDS - 1}]")
+    picture_flags.check(parser, args)
     return args
 
 
@@ -67,7 +64,8 @@ def main(argv=None) -> None:
             read = read_numbers(model, [picture for picture, _ in made])
             results[spacing, length] = np.mean([got == truth for got, (_, truth) in zip(read, made)])
     which = np.random.default_rng(args.seed).choice(len(data.test), size=min(args.n * 4, len(data.test)), replace=False)
-    singles = [Image.fromarray(np.round(digit * 255).astype(np.uint8)) for digit in data.pixels(data.test).numpy()[which, 0]]
+    singles = [Image.fromarray(np.round(digit * 255).astype(np.uint8))
+               for digit in data.pixels(data.test).numpy()[which, 0]]
     one = np.mean([len(found) == 1 for found in read_numbers(model, singles)])
     print(f"numbers read by {args.model_uri}, {args.n} per length and spacing (seed {args.seed}), "
           f"{socket.gethostname()}, {datetime.date.today().isoformat()}; {time.perf_counter() - start:.1f} s\n")
@@ -75,5 +73,7 @@ def main(argv=None) -> None:
     for length in LENGTHS:
         print(f"{length:<8}" + "".join(f"{100 * results[spacing, length]:>12.1f}%" for spacing in robustness.GAPS))
     print(f"\nsingle test digits read as one digit: {100 * one:.1f}% of {len(singles)}")
+
+
 if __name__ == "__main__":
     main()

@@ -21,9 +21,10 @@ from typing import NoReturn
 
 from mnistflow import data as datasets
 from mnistflow import logged_model, plots, robustness
-from mnistflow.config import SEEDS
 from mnistflow.errors import DataError, ModelError, OutputError
 from mnistflow.flags import OneLineParser, parse_bool, unwritable_image
+
+import picture_flags  # bench/picture_flags.py
 
 DEFAULT_MODEL = "models:/MNIST_CNN@production"
 
@@ -32,18 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(prog="robustness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_uri", "--model-uri", dest="model_uris", action="append", default=[],
                         help=f"a model to score; give it again for more (default {DEFAULT_MODEL})")
-    parser.add_argument("--n", type=int, default=2000, help="test images per condition")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", "--data-dir", default="")
+    picture_flags.add(parser, 2000, "test images per condition")
     parser.add_argument("--plot", default="", help="write a PNG of one test image under every condition")
     parser.add_argument(f"--{logged_model.PICKLED_FLAG}", type=parse_bool, default=False,
                         help="load models mnistflow did not log (they may run code on load)")
     args = parser.parse_args(argv)
     args.model_uris = args.model_uris or [DEFAULT_MODEL]
-    if args.n < 1:
-        parser.error(f"--n {args.n} is not allowed; it must be >= 1")
-    if not 0 <= args.seed < SEEDS:
-        parser.error(f"--seed {args.seed} is not allowed; it must be in [0, {SEEDS - 1}]")
+    picture_flags.check(parser, args)
     if unwritable_image(args.plot):
         parser.error(f"--plot {args.plot}: cannot write this file ({unwritable_image(args.plot)})")
     return args
